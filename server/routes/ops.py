@@ -1,0 +1,36 @@
+"""Operational endpoints: liveness, readiness, Prometheus metrics. Never behind the API key."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from server.engine import EngineState
+from server.metrics import render_latest
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health", summary="Liveness: the process is up and its engine has not died")
+async def health(request: Request) -> JSONResponse:
+    engine: EngineState = request.app.state.engine
+    if not engine.alive:
+        return JSONResponse({"status": "dead", "error": engine.error}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/ready", summary="Readiness: the engine is up and serving")
+async def ready(request: Request) -> JSONResponse:
+    engine: EngineState = request.app.state.engine
+    if not engine.ready or not engine.alive:
+        return JSONResponse({"status": "starting" if engine.alive else "dead"}, status_code=503)
+    return JSONResponse({
+        "status": "ready",
+        "unfinished_requests": engine.client.get_num_unfinished_requests(),
+    })
+
+
+@router.get("/metrics", summary="Prometheus metrics (vLLM's and fluxserve's)")
+async def metrics() -> Response:
+    body, content_type = render_latest()
+    return Response(content=body, media_type=content_type)
