@@ -87,7 +87,8 @@ def serve(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     _prepare_metrics_dir()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO,
+                        format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "serve":
         serve(args)

@@ -20,7 +20,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--flux-mode", choices=["auto", "full", "sparse", "layers"], default="full",
                        help="Default Flux routing for requests that send no `flux` field.")
     group.add_argument("--flux-sparse-layers", type=str, default=None,
-                       help="Comma-separated layer indices that run sparse (with --flux-mode layers).")
+                       help="Comma-separated layer indices that run sparse "
+                            "(with --flux-mode layers).")
     group.add_argument("--flux-sink", type=int, default=None,
                        help="Default attention-sink tokens of sparse layers (default 128, or the "
                             "checkpoint's sink_size).")

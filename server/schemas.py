@@ -22,7 +22,7 @@ KV_POLICY_DESCRIPTION = "fluxserve: per-request KV-eviction policy applied after
 
 def _check_token_limits(req: ChatCompletionRequest | CompletionRequest) -> None:
     for name in ("max_tokens", "max_completion_tokens"):
-        value = getattr(req, name, None)
+        value = vars(req).get(name)  # not getattr: max_tokens warns as deprecated
         if value is not None and value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
 
