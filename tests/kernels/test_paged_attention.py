@@ -1,0 +1,271 @@
+"""Paged attention: Triton kernels (interpreted on CPU) vs the float32 reference, and the
+reference vs a brute-force float64 implementation of the mask formula."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from kvcache_builder import TOL, build_paged_kv, needs_triton, rel_err
+
+from attention_backends import ops
+from attention_backends import reference as ref
+
+
+def _i32(xs):
+    return None if xs is None else torch.tensor(xs, dtype=torch.int32)
+
+
+def _make_inputs(seed, dtype, hq, hkv, d, bs, seqs, kept_end=None, gap_end=None):
+    """seqs: list of (seq_len, q_len). Returns (paged, q, query_start_loc)."""
+    gen = torch.Generator().manual_seed(seed)
+    lens = [length for length, _ in seqs]
+    paged = build_paged_kv(lens, hkv, d, bs, dtype, gen, kept_end, gap_end)
+    q_lens = [ql for _, ql in seqs]
+    q = torch.randn(sum(q_lens), hq, d, generator=gen).to(dtype)
+    qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0).tolist()), dtype=torch.int32)
+    return paged, q, qsl
+
+
+def _run_both(paged, q, qsl, scale, masks, calibration=None, **tuning):
+    out = torch.full_like(q, float("nan"))
+    got, hits = ops.paged_attention(q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl,
+                                    scale, calibration=calibration, out=out, **masks, **tuning)
+    assert got.data_ptr() == out.data_ptr()
+    want, want_hits = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table,
+                                              paged.seq_lens, qsl, scale,
+                                              calibration=calibration, **masks)
+    assert not torch.isnan(got).any(), "output not fully written (or a stale slot was read)"
+    assert not torch.isnan(want).any()
+    return got, hits, want, want_hits
+
+
+def _check(got, want, dtype):
+    err = rel_err(got, want)
+    assert err < TOL[dtype], f"relative error {err:.2e} >= {TOL[dtype]:.0e}"
+
+
+SMALL_TILES = {"prefill_config": {"block_m": 16, "block_n": 16},
+               "decode_config": {"block_n": 16}}
+
+# (dtype, hq, hkv, d, bs, seqs [(seq_len, q_len)], tuning)
+DENSE_CASES = [
+    # GQA 1: q_len up to 64 goes to the decode kernel, 100 to prefill
+    (torch.bfloat16, 2, 2, 64, 16, [(37, 1), (64, 1), (70, 40), (130, 100), (33, 3)],
+     SMALL_TILES),
+    # GQA 4, head_dim 128, fp16, blocks of 32, real tile sizes
+    (torch.float16, 8, 2, 128, 32, [(64, 1), (45, 45), (90, 30), (33, 3), (1, 1)], {}),
+    # GQA 8, ends off block boundaries, chunked prefill with a cached prefix
+    (torch.bfloat16, 8, 1, 64, 16, [(37, 1), (81, 50), (48, 48), (50, 2), (17, 9)],
+     SMALL_TILES),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", range(len(DENSE_CASES)))
+def test_dense_mixed_batch(case):
+    dtype, hq, hkv, d, bs, seqs, tuning = DENSE_CASES[case]
+    paged, q, qsl = _make_inputs(100 + case, dtype, hq, hkv, d, bs, seqs)
+    got, _, want, _ = _run_both(paged, q, qsl, 1 / math.sqrt(d), {}, **tuning)
+    _check(got, want, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("num_splits", [1, 3, 16])
+def test_decode_split_counts(num_splits):
+    """Split-KV decode: one split (no reduce), several, and more splits than KV tiles."""
+    dtype = torch.bfloat16
+    seqs = [(150, 1), (16, 1), (77, 2), (5, 1)]
+    paged, q, qsl = _make_inputs(200 + num_splits, dtype, 8, 2, 64, 16, seqs)
+    got, _, want, _ = _run_both(paged, q, qsl, 0.1, {}, max_query_len=2,
+                                decode_config={"block_n": 16, "num_splits": num_splits})
+    _check(got, want, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("mask_interior", [False, True])
+def test_sink_window(mask_interior):
+    dtype = torch.bfloat16
+    seqs = [(120, 1), (100, 60), (40, 40), (90, 3), (70, 1), (66, 20)]
+    masks = {
+        "sink": _i32([4, 8, 0, 16, 3, 0]),
+        # window >= length, window of 1 (self only), sink larger than the window hole...
+        "window": _i32([16, 40, 64, 1, 200, 0]),
+    }
+    paged, q, qsl = _make_inputs(300 + mask_interior, dtype, 8, 2, 64, 16, seqs)
+    tuning = {"prefill_config": {"block_m": 16, "block_n": 16, "mask_interior": mask_interior},
+              "decode_config": {"block_n": 16}}
+    got, _, want, _ = _run_both(paged, q, qsl, 0.125, masks, **tuning)
+    _check(got, want, dtype)
+
+
+@needs_triton
+def test_gap_is_never_read():
+    """Gap slots are NaN (partial blocks) and freed blocks' stale entries point at a NaN block."""
+    dtype = torch.float16
+    seqs = [(90, 1), (100, 3), (70, 1), (64, 1), (120, 24), (48, 1)]
+    kept_end = [20, 16, 0, 0, 30, 7]
+    gap_end = [75, 97, 0, 0, 80, 47]
+    masks = {"kept_end": _i32(kept_end), "gap_end": _i32(gap_end),
+             "sink": _i32([0, 4, 0, 2, 4, 0]), "window": _i32([0, 10, 0, 8, 40, 0])}
+    paged, q, qsl = _make_inputs(400, dtype, 8, 2, 64, 16, seqs, kept_end, gap_end)
+    assert torch.isnan(paged.kv_cache[paged.block_table[0, 2]]).all()  # a freed block
+    got, _, want, _ = _run_both(paged, q, qsl, 0.125, masks, **SMALL_TILES)
+    _check(got, want, dtype)
+
+
+@needs_triton
+def test_empty_visible_row_is_zero():
+    """A query inside the gap with a window of 1 sees nothing: its output is 0."""
+    dtype = torch.bfloat16
+    seqs = [(40, 2), (30, 1)]
+    kept_end, gap_end = [0, 10], [45, 12]
+    masks = {"kept_end": _i32(kept_end), "gap_end": _i32(gap_end),
+             "window": _i32([1, 0]), "sink": _i32([0, 0])}
+    paged, q, qsl = _make_inputs(500, dtype, 4, 2, 64, 16, seqs, kept_end, gap_end)
+    got, _, want, _ = _run_both(paged, q, qsl, 0.125, masks, **SMALL_TILES)
+    assert torch.equal(got[:2], torch.zeros_like(got[:2]))
+    assert torch.equal(want[:2], torch.zeros_like(want[:2]))
+    _check(got[2:], want[2:], dtype)
+
+
+def _calibration(gen, q, qsl, num_seqs, hq, d, hit_heads, enabled, dtype):
+    """q_ref equals each sequence's first query on ``hit_heads`` (cos 1) and is random on the
+    other heads (cos ~ 0). One head of the first sequence has nothing evicted (lse -inf)."""
+    q_ref = torch.randn(num_seqs, hq, d, generator=gen).to(dtype)
+    for s in range(num_seqs):
+        q_ref[s, hit_heads] = q[int(qsl[s]), hit_heads]
+    lse_e = torch.randn(num_seqs, hq, generator=gen) * 2 + 3
+    lse_e[0, hit_heads[0]] = float("-inf")
+    return ops.Calibration(
+        q_ref=q_ref,
+        o_e=torch.randn(num_seqs, hq, d, generator=gen),
+        lse_e=lse_e,
+        enabled=torch.tensor(enabled, dtype=torch.bool),
+        tau=0.5,
+    )
+
+
+@needs_triton
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_calibration(num_splits):
+    dtype, hq, hkv, d = torch.bfloat16, 8, 2, 64
+    seqs = [(80, 1), (60, 1), (100, 2), (90, 20), (50, 1)]
+    kept_end, gap_end = [16, 20, 10, 30, 0], [60, 50, 90, 70, 0]
+    masks = {"kept_end": _i32(kept_end), "gap_end": _i32(gap_end)}
+    paged, q, qsl = _make_inputs(600 + num_splits, dtype, hq, hkv, d, 16, seqs, kept_end,
+                                 gap_end)
+    gen = torch.Generator().manual_seed(601)
+    hit_heads = [0, 3, 5]
+    calib = _calibration(gen, q, qsl, len(seqs), hq, d, hit_heads,
+                         [True, False, True, True, True], dtype)
+    tuning = {"prefill_config": {"block_m": 16, "block_n": 16},
+              "decode_config": {"block_n": 16, "num_splits": num_splits}}
+    got, hits, want, want_hits = _run_both(paged, q, qsl, 0.125, masks, calib, **tuning)
+    _check(got, want, dtype)
+    assert hits.dtype == torch.bool and hits.shape == (q.shape[0], hq)
+    assert torch.equal(hits, want_hits)
+    # the first token of every enabled sequence hits on exactly the hit heads
+    for s, on in enumerate(calib.enabled.tolist()):
+        row = hits[int(qsl[s])]
+        assert row[hit_heads].all().item() == on
+        assert not row[[1, 2, 4, 6, 7]].any()
+    # calibration changed the hit rows (except where lse_e is -inf), and only them
+    plain, _ = ops.paged_attention(q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl,
+                                   0.125, **masks, **tuning)
+    changed = (got.float() - plain.float()).abs().amax(-1) > 1e-2
+    expect = hits.clone()
+    expect[0, hit_heads[0]] = False
+    assert torch.equal(changed, expect)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _brute_force(q, logical, seqs, scale, sink, window, kept_end, gap_end, calib):
+    """float64, one (token, head) at a time, straight from the mask formula."""
+    t_total, hq, d = q.shape
+    hkv = logical[0].shape[1]
+    g = hq // hkv
+    out = torch.zeros(t_total, hq, d, dtype=torch.float64)
+    t = 0
+    for s, (length, q_len) in enumerate(seqs):
+        kv = logical[s].to(torch.float64)
+        for i in range(q_len):
+            p = length - q_len + i
+            vis = torch.tensor([
+                j <= p and (j < kept_end[s] or j >= gap_end[s])
+                and (window[s] <= 0 or j < sink[s] or j > p - window[s])
+                for j in range(length)
+            ])
+            for h in range(hq):
+                k, v = kv[:, h // g, :d], kv[:, h // g, d:]
+                qv = q[t, h].to(torch.float64)
+                if vis.any():
+                    sc = (k[vis] @ qv) * scale
+                    lse = torch.logsumexp(sc, 0)
+                    o = torch.softmax(sc, 0) @ v[vis]
+                else:
+                    lse, o = torch.tensor(float("-inf"), dtype=torch.float64), torch.zeros(d)
+                if calib is not None and bool(calib.enabled[s]):
+                    qr = calib.q_ref[s, h].to(torch.float64)
+                    if float(qv @ qr / (qv.norm() * qr.norm())) >= calib.tau:
+                        le = calib.lse_e[s, h].to(torch.float64)
+                        oe = calib.o_e[s, h].to(torch.float64)
+                        m = max(float(lse), float(le))
+                        w1, w2 = math.exp(float(lse) - m), math.exp(float(le) - m)
+                        o = (o * w1 + oe * w2) / (w1 + w2)
+                out[t, h] = o
+            t += 1
+    return out
+
+
+@pytest.mark.parametrize("with_calib", [False, True])
+def test_reference_vs_bruteforce(with_calib):
+    dtype, hq, hkv, d, bs = torch.float32, 4, 2, 16, 8
+    seqs = [(30, 1), (27, 10), (19, 19), (40, 2), (24, 1)]
+    sink, window = [2, 0, 3, 4, 0], [5, 0, 7, 50, 1]
+    kept_end, gap_end = [9, 0, 0, 12, 3], [20, 0, 0, 38, 20]
+    paged, q, qsl = _make_inputs(700 + with_calib, dtype, hq, hkv, d, bs, seqs, kept_end,
+                                 gap_end)
+    calib = None
+    if with_calib:
+        gen = torch.Generator().manual_seed(702)
+        calib = _calibration(gen, q, qsl, len(seqs), hq, d, [0, 2], [True] * 4 + [False],
+                             dtype)
+    masks = {"sink": _i32(sink), "window": _i32(window), "kept_end": _i32(kept_end),
+             "gap_end": _i32(gap_end)}
+    want, hits = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens,
+                                         qsl, 0.3, calibration=calib, **masks)
+    brute = _brute_force(q, paged.logical, seqs, 0.3, sink, window, kept_end, gap_end, calib)
+    assert rel_err(want, brute) < 1e-5
+    if with_calib:
+        assert hits.any() and not hits.all()
+
+
+def test_reference_dense_matches_sdpa():
+    """Dense causal reference on one contiguous prefill equals torch SDPA."""
+    gen = torch.Generator().manual_seed(800)
+    hq, hkv, d, length = 4, 2, 32, 50
+    paged = build_paged_kv([length], hkv, d, 16, torch.float32, gen)
+    q = torch.randn(length, hq, d, generator=gen)
+    qsl = torch.tensor([0, length], dtype=torch.int32)
+    got, hits = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens,
+                                        qsl, 1 / math.sqrt(d))
+    assert hits is None
+    kv = paged.logical[0]
+    k = kv[:, :, :d].repeat_interleave(hq // hkv, 1).transpose(0, 1)
+    v = kv[:, :, d:].repeat_interleave(hq // hkv, 1).transpose(0, 1)
+    want = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k, v,
+                                                            is_causal=True).transpose(0, 1)
+    assert rel_err(got, want) < 1e-5
+
+
+def test_cpu_tensors_use_reference_without_force(monkeypatch):
+    monkeypatch.delenv("FLUXSERVE_FORCE_TRITON", raising=False)
+    paged, q, qsl = _make_inputs(900, torch.float32, 4, 2, 16, 8, [(20, 3)])
+    got, _ = ops.paged_attention(q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl, 0.2)
+    want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl,
+                                      0.2)
+    assert torch.equal(got, want)
