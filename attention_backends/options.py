@@ -31,7 +31,8 @@ class FluxOptions(BaseModel):
     # None = the model's default: a Flux checkpoint's ``sink_size`` / ``local_window_size`` (or a
     # standalone router's config), else 128 / 2048 as in the paper's released runs.
     sink: int | None = Field(
-        default=None, ge=0, le=1 << 20, description="Attention-sink tokens kept (None: model default)."
+        default=None, ge=0, le=1 << 20,
+        description="Attention-sink tokens kept (None: model default).",
     )
     window: int | None = Field(
         default=None, ge=1, le=1 << 24, description="Local window in tokens (None: model default)."

@@ -1,0 +1,128 @@
+"""Per-step Flux routing metadata, shared by the CPU and the GPU attention backends.
+
+``build_flux_batch`` turns the batch the model runner published (request ids in batch order,
+prompt lengths, tokens computed so far) and the request registry into a ``FluxBatch``:
+
+- ``sparse [num_layers, num_rows]`` bool: the decision of every (layer, request) pair; rows of
+  ``auto`` requests being routed in this step start False and are filled by the routers during
+  the forward, each layer before its attention runs.
+- ``sink`` / ``window [num_rows]`` int32: the request's SA shape (used where ``sparse``).
+- ``route_rows``: the rows routed in this step, with their query-token span in the batch.
+
+A row beyond the published batch (padding, dummy/profile runs) is full attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from attention_backends.request_state import FluxRegistry, FluxRequestState
+
+
+@dataclass
+class RouteRow:
+    row: int
+    req_id: str
+    q_start: int
+    q_len: int
+
+
+@dataclass
+class FluxBatch:
+    req_ids: list[str | None]
+    states: list[FluxRequestState | None]
+    sparse: torch.Tensor  # [L, R] bool, CPU
+    sink: torch.Tensor  # [R] int32, CPU
+    window: torch.Tensor  # [R] int32, CPU
+    route_rows: list[RouteRow]
+    num_layers: int
+    prompt_done: list[bool] = field(default_factory=list)  # prompt completes in this step
+    # KV eviction (kv_policies): per row, the plan (None: untouched) and the policy dict;
+    # kept_end/gap_end [R] int32 are set on rows compressed in an earlier step (else 0, 0).
+    kv_plans: list = field(default_factory=list)
+    kv_policies: list = field(default_factory=list)
+    kept_end: torch.Tensor | None = None
+    gap_end: torch.Tensor | None = None
+    # rows whose prompt completes in this step and that have a plan:
+    # (row, first token, end token in the batch, rows of the chunk up to the last prompt query)
+    compress_rows: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+    def layer_sparse(self, layer: int) -> torch.Tensor:
+        return self.sparse[layer]
+
+    def any_sparse(self, layer: int) -> bool:
+        return bool(self.sparse[layer].any())
+
+    def layer_window(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sink, window)`` int32 on ``device`` for this layer: window 0 (= full) on FA rows."""
+        w = torch.where(self.sparse[layer], self.window, torch.zeros_like(self.window))
+        s = torch.where(self.sparse[layer], self.sink, torch.zeros_like(self.sink))
+        return s.to(device), w.to(device)
+
+
+def build_flux_batch(num_rows: int, query_start_loc_cpu: torch.Tensor,
+                     registry: FluxRegistry, num_layers: int,
+                     extra_args_of=None, block_size: int | None = None) -> FluxBatch:
+    """Build the step's routing metadata.
+
+    ``extra_args_of(req_id) -> dict | None`` returns a request's ``SamplingParams.extra_args``
+    (the runner's request table); it is asked once per request, the first time it is seen.
+    """
+    rows = registry.batch or []
+    qsl = query_start_loc_cpu.tolist()
+    req_ids: list[str | None] = []
+    states: list[FluxRequestState | None] = []
+    sparse = torch.zeros(num_layers, num_rows, dtype=torch.bool)
+    sink = torch.zeros(num_rows, dtype=torch.int32)
+    window = torch.zeros(num_rows, dtype=torch.int32)
+    route_rows: list[RouteRow] = []
+    prompt_done: list[bool] = []
+    kv_plans: list = [None] * num_rows
+    kv_pols: list = [None] * num_rows
+    kept_end = torch.zeros(num_rows, dtype=torch.int32)
+    gap_end = torch.zeros(num_rows, dtype=torch.int32)
+    compress_rows: list[tuple[int, int, int, int]] = []
+    for i in range(num_rows):
+        if i >= len(rows) or rows[i] is None:
+            req_ids.append(None)
+            states.append(None)
+            prompt_done.append(False)
+            continue
+        r = rows[i]
+        extra = extra_args_of(r.req_id) if extra_args_of else None
+        st = registry.resolve(r.req_id, extra, r.prompt_len, num_layers)
+        req_ids.append(r.req_id)
+        states.append(st)
+        q_len = qsl[i + 1] - qsl[i]
+        done = r.num_computed < r.prompt_len <= r.num_computed + q_len
+        prompt_done.append(done)
+        if done and st.prefill_done_at is None:
+            st.prompt_done_pending = True
+        if block_size and extra and extra.get("kv_policy"):
+            plan = _eviction_plan(extra["kv_policy"], r.prompt_len, block_size)
+            if plan is not None:
+                kv_plans[i], kv_pols[i] = plan, extra["kv_policy"]
+                if r.num_computed >= r.prompt_len:
+                    kept_end[i], gap_end[i] = plan.kept_end, plan.gap_end
+                elif done:
+                    compress_rows.append((i, qsl[i], qsl[i + 1], r.prompt_len - r.num_computed))
+        sink[i] = st.sink
+        window[i] = st.window
+        if st.sparse is not None:
+            sparse[:, i] = st.sparse
+        elif q_len > 0:
+            route_rows.append(RouteRow(i, r.req_id, qsl[i], q_len))
+    has_kv = any(p is not None for p in kv_plans)
+    return FluxBatch(req_ids, states, sparse, sink, window, route_rows, num_layers, prompt_done,
+                     kv_plans, kv_pols, kept_end if has_kv else None,
+                     gap_end if has_kv else None, compress_rows)
+
+
+def _eviction_plan(policy: dict, prompt_len: int, block_size: int):
+    try:
+        from kv_policies.plan import eviction_plan
+    except ImportError:
+        return None
+    return eviction_plan(policy, prompt_len, block_size)

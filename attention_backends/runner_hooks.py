@@ -1,0 +1,191 @@
+"""Hooks on vLLM's V1 model runner (CPU uses it; on GPU we pin it: VLLM_USE_V2_MODEL_RUNNER=0).
+
+Three wrapped methods, each calling the original unchanged:
+
+- ``_update_states``: release the Flux state of finished/aborted requests, close the prefill
+  timers of requests whose prompt completed last step.
+- ``_build_attention_metadata``: publish the batch (request ids in batch order, prompt lengths,
+  computed tokens) so that our metadata builder can attach per-request routing.
+- ``load_model``: for a stock model started with a standalone router
+  (``additional_config={"flux_router": PATH}``), load the router and install routing.
+
+Installed by ``attention_backends.plugin.register()`` in every process; idempotent.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.util
+import logging
+import sys
+import time
+
+from attention_backends import metrics
+from attention_backends.request_state import BatchRow, get_registry
+
+logger = logging.getLogger(__name__)
+
+_MARK = "_fluxserve_wrapped"
+
+
+def _wrap(cls, name: str, make):
+    orig = getattr(cls, name)
+    if getattr(orig, _MARK, False):
+        return
+    wrapped = functools.wraps(orig)(make(orig))
+    setattr(wrapped, _MARK, True)
+    setattr(cls, name, wrapped)
+
+
+def _release_finished(runner, scheduler_output) -> None:
+    reg = get_registry()
+    now = time.monotonic()
+    # Requests whose prompt completed in the previous step: their prefill ends here.
+    for st in reg.states.values():
+        if st.prefill_done_at is None and st.prompt_done_pending:
+            st.prefill_done_at = now
+            metrics.observe_prefill(st, now - st.created)
+    kv_release = _kv_release_hook()
+    for req_id in getattr(scheduler_output, "finished_req_ids", ()) or ():
+        st = reg.release(req_id)
+        if st is not None:
+            metrics.observe_finished(st, now)
+        if kv_release is not None:
+            kv_release(req_id)
+
+
+def _kv_release_hook():
+    try:
+        from kv_policies.runtime import get_runtime
+    except Exception:
+        return None
+    try:
+        return get_runtime().release
+    except Exception:
+        return None
+
+
+def _publish_batch(runner) -> None:
+    ib = runner.input_batch
+    rows: list[BatchRow | None] = []
+    for i, req_id in enumerate(ib.req_ids):
+        st = runner.requests.get(req_id) if req_id is not None else None
+        if st is None:
+            rows.append(None)
+            continue
+        rows.append(BatchRow(req_id, st.num_prompt_tokens, int(ib.num_computed_tokens_cpu[i])))
+    get_registry().set_batch(rows)
+    get_registry().extra_args_of = lambda rid: _extra_args(runner, rid)
+
+
+def _extra_args(runner, req_id: str) -> dict | None:
+    st = runner.requests.get(req_id)
+    sp = getattr(st, "sampling_params", None) if st is not None else None
+    return getattr(sp, "extra_args", None) if sp is not None else None
+
+
+def _load_standalone_router(runner) -> None:
+    cfg = getattr(runner.vllm_config, "additional_config", None) or {}
+    reg = get_registry()
+    default = cfg.get("flux_default") if isinstance(cfg, dict) else None
+    if default:
+        reg.default_options = dict(default)
+    path = cfg.get("flux_router") if isinstance(cfg, dict) else None
+    if not path:
+        return
+    if reg.has_router:
+        logger.warning("flux_router %s ignored: the checkpoint ships its own routers", path)
+        return
+    from attention_backends.router import load_router_file
+    from attention_backends.routing import attach_routers, install_routing
+
+    routers, spec = load_router_file(path)
+    dev = next(runner.model.parameters()).device
+    routers = {i: r.to(dev) for i, r in routers.items()}
+    attach_routers(runner.model, routers)
+    n = install_routing(runner.model)
+    if n != len(routers):
+        raise ValueError(f"flux_router {path}: {len(routers)} routers for a {n}-layer model")
+    reg.set_routers(routers, spec)
+    logger.info("Loaded Flux router %s (%d layers, pool %d)", path, n, spec.pool_size)
+
+
+_RUNNER_MODULES = ("vllm.v1.worker.gpu_model_runner", "vllm.v1.worker.cpu_model_runner")
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``_install_now`` right after vLLM's model-runner modules are imported.
+
+    Importing the runner costs seconds; only worker processes do it, so the API and
+    engine-core processes never pay for it on our account.
+    """
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in _RUNNER_MODULES:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return None
+        orig_exec = spec.loader.exec_module
+
+        def exec_module(module):
+            orig_exec(module)
+            _install_now()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+_FINDER: _AfterImport | None = None
+
+
+def install() -> None:
+    """Install the hooks now if the runner is imported, else right after it is."""
+    global _FINDER
+    if any(m in sys.modules for m in _RUNNER_MODULES):
+        _install_now()
+    if _FINDER is None:
+        _FINDER = _AfterImport()
+        sys.meta_path.insert(0, _FINDER)
+
+
+def _install_now() -> None:
+    if "vllm.v1.worker.gpu_model_runner" not in sys.modules:
+        return  # imported first by the CPU runner's own import of it; done when that finishes
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    def make_update(orig):
+        def _update_states(self, scheduler_output, *a, **kw):
+            _release_finished(self, scheduler_output)
+            return orig(self, scheduler_output, *a, **kw)
+        return _update_states
+
+    def make_build(orig):
+        def _build_attention_metadata(self, *a, **kw):
+            _publish_batch(self)
+            try:
+                return orig(self, *a, **kw)
+            finally:
+                get_registry().set_batch(None)
+        return _build_attention_metadata
+
+    def make_load(orig):
+        def load_model(self, *a, **kw):
+            out = orig(self, *a, **kw)
+            _load_standalone_router(self)
+            return out
+        return load_model
+
+    _wrap(GPUModelRunner, "_update_states", make_update)
+    _wrap(GPUModelRunner, "_build_attention_metadata", make_build)
+    _wrap(GPUModelRunner, "load_model", make_load)
+    cpu = sys.modules.get("vllm.v1.worker.cpu_model_runner")
+    runner_cls = getattr(cpu, "CPUModelRunner", None)
+    # CPUModelRunner overrides load_model: wrap its own too (once its module has run).
+    if runner_cls is not None and "load_model" in runner_cls.__dict__:
+        _wrap(runner_cls, "load_model", make_load)
