@@ -96,6 +96,10 @@ class KVPolicyRuntime:
         from attention_backends import ops
 
         state = self._states.get(req_id)
+        if state is not None and layer_idx in state.compressed_layers:
+            # This layer is compressed again: a recompute after preemption whose release we
+            # did not see. Start over rather than mix two evictions.
+            state = None
         if state is None or state.plan != plan:
             state = RequestKVState(plan=plan, policy=impl.name, tau=float(opts["tau"]))
             self._states[req_id] = state
