@@ -1,0 +1,206 @@
+"""Unit tests (no engine): router vs an independent reference, router files, per-step metadata,
+and the shared attention step (the GPU backend's forward) on CPU tensors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from attention_backends.metadata import build_flux_batch
+from attention_backends.options import FluxOptions
+from attention_backends.request_state import BatchRow, FluxRegistry
+from attention_backends.router import (
+    FluxRouter,
+    RouterSpec,
+    load_router_file,
+    pooled_sum,
+    router_available,
+    split_router_state,
+)
+from tests.flux.reference import reference_router_sparse
+from tests.flux.tiny_models import HEAD_DIM, NUM_LAYERS, make_router, router_tensors
+
+
+def _routers_from(tensors) -> dict[int, FluxRouter]:
+    out = {}
+    for layer, sd in split_router_state(tensors).items():
+        r = FluxRouter(HEAD_DIM)
+        r.load_state_dict(sd)
+        out[layer] = r
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 7, 16, 20, 31, 32, 33, 500])
+def test_router_matches_reference(n):
+    tensors = router_tensors(seed=3)
+    routers = _routers_from(tensors)
+    g = torch.Generator().manual_seed(n)
+    pool = 16
+    seen = set()
+    for trial in range(8):
+        q = torch.randn(n, 4, HEAD_DIM, generator=g) * (1 + trial)
+        for layer in range(NUM_LAYERS):
+            s, c = pooled_sum(q, pool)
+            ours = bool(routers[layer].decide_sparse((s / c)[None])[0])
+            ref, margin = reference_router_sparse(tensors, layer, q, pool)
+            if margin > 1e-4:  # float32 vs float64: only exact ties may differ
+                assert ours == ref, (n, trial, layer)
+            seen.add(ours)
+    assert seen == {True, False}, "random routers should produce both decisions"
+
+
+def test_tensor_parallel_feature_reduction():
+    """Each rank sums its heads; the summed features divided by the total count equal the
+    single-rank feature, so every rank takes the same decision."""
+    q = torch.randn(300, 8, HEAD_DIM)
+    s_full, c_full = pooled_sum(q, 150)
+    s0, c0 = pooled_sum(q[:, :4], 150)
+    s1, c1 = pooled_sum(q[:, 4:], 150)
+    torch.testing.assert_close((s0 + s1) / (c0 * 2), s_full / c_full)
+    assert c0 == c1
+
+
+def test_one_output_router():
+    r = FluxRouter(8, num_outputs=1)
+    with torch.no_grad():
+        for m in r.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.zero_()
+                m.bias.zero_()
+        r.cls_router_head_agnostic[4].bias.fill_(1.0)
+    assert not bool(r.decide_sparse(torch.zeros(1, 8))[0])  # positive logit: full
+    r.cls_router_head_agnostic[4].bias.data.fill_(-1.0)
+    assert bool(r.decide_sparse(torch.zeros(1, 8))[0])
+
+
+def test_router_file_roundtrip_and_availability(tmp_path):
+    d = make_router(tmp_path / "router")
+    routers, spec = load_router_file(d)
+    assert sorted(routers) == list(range(NUM_LAYERS))
+    assert (spec.pool_size, spec.sink, spec.window, spec.num_outputs) == (16, 8, 32, 2)
+    assert router_available(None, d)
+    assert router_available(None, d / "router.safetensors")
+    assert not router_available(None, tmp_path / "missing")
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    assert not router_available(model, None)
+    (model / "config.json").write_text(json.dumps({"architectures": ["PawQwen3ForCausalLM"]}))
+    assert router_available(model, None)
+
+
+def test_spec_from_checkpoint_config():
+    spec = RouterSpec.from_config({"pool_size": 150, "sink_size": 0, "local_window_size": 4096,
+                                   "use_softmax": False})
+    assert (spec.pool_size, spec.sink, spec.window, spec.num_outputs) == (150, 0, 4096, 1)
+    assert RouterSpec.from_config({}).num_outputs == 2
+
+
+def test_flux_options():
+    assert FluxOptions().mode == "full"
+    with pytest.raises(ValueError):
+        FluxOptions(mode="layers")
+    with pytest.raises(ValueError):
+        FluxOptions(mode="sparse", sparse_layers=[1])
+    with pytest.raises(ValueError):
+        FluxOptions(mode="auto", extra=1)
+
+
+def _registry(with_router: bool) -> FluxRegistry:
+    reg = FluxRegistry()
+    if with_router:
+        reg.set_routers(_routers_from(router_tensors()), RouterSpec(16, 8, 32, 2))
+    return reg
+
+
+def test_metadata_modes_and_routing_rows():
+    reg = _registry(with_router=True)
+    extra = {
+        "a": None,  # plain vLLM request: full
+        "b": {"flux": {"mode": "sparse", "sink": 4, "window": 16}},
+        "c": {"flux": {"mode": "layers", "sparse_layers": [1, 3, 9]}},
+        "d": {"flux": {"mode": "auto"}},
+    }
+    reg.set_batch([BatchRow("a", 10, 0), BatchRow("b", 100, 0), BatchRow("c", 50, 0),
+                   BatchRow("d", 300, 0)])
+    qsl = torch.tensor([0, 10, 110, 160, 288], dtype=torch.int32)
+    fb = build_flux_batch(5, torch.cat([qsl, qsl[-1:]]), reg, NUM_LAYERS, extra.get)
+    assert fb.req_ids == ["a", "b", "c", "d", None]  # row 4: padding
+    assert fb.sparse[:, 0].tolist() == [False] * 4
+    assert fb.sparse[:, 1].tolist() == [True] * 4
+    assert fb.sparse[:, 2].tolist() == [False, True, False, True]
+    assert fb.sink[1] == 4 and fb.window[1] == 16
+    assert fb.sink[3] == 8 and fb.window[3] == 32  # auto: the router's config defaults
+    assert [(r.row, r.q_start, r.q_len) for r in fb.route_rows] == [(3, 160, 128)]
+    assert fb.prompt_done == [True, True, True, False, False]
+    sink, window = fb.layer_window(1, torch.device("cpu"))
+    assert window.tolist() == [0, 16, 32, 0, 0]  # layer 1: b (sparse), c (listed); d pending
+    # Routing this step fixes the decision; the next chunk and decode reuse it.
+    for layer in range(NUM_LAYERS):
+        reg.record_decision("d", layer, layer % 2 == 0, NUM_LAYERS)
+    reg.set_batch([BatchRow("d", 300, 128)])
+    fb2 = build_flux_batch(1, torch.tensor([0, 128], dtype=torch.int32), reg, NUM_LAYERS,
+                           extra.get)
+    assert fb2.route_rows == []
+    assert fb2.sparse[:, 0].tolist() == [True, False, True, False]
+    reg.release("d")
+    assert "d" not in reg.states
+
+
+def test_auto_without_router_runs_full():
+    reg = _registry(with_router=False)
+    reg.set_batch([BatchRow("x", 400, 0)])
+    fb = build_flux_batch(1, torch.tensor([0, 400], dtype=torch.int32), reg, NUM_LAYERS,
+                          lambda r: {"flux": {"mode": "auto"}})
+    assert fb.route_rows == [] and not bool(fb.sparse.any())
+    assert reg.states["x"].mode == "full"
+
+
+def _dense_masked(q, k, v, pos, sink, window, scale):
+    g = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(g, 1)
+    v = v.repeat_interleave(g, 1)
+    j = torch.arange(k.shape[0])[None]
+    vis = j <= pos[:, None]
+    if window > 0:
+        vis &= (j < sink) | (j > pos[:, None] - window)
+    s = torch.einsum("thd,shd->hts", q, k) * scale
+    s = s.masked_fill(~vis[None], float("-inf"))
+    return torch.einsum("hts,shd->thd", torch.softmax(s, -1), v)
+
+
+def test_gpu_backend_step_on_cpu_tensors():
+    """The CUSTOM backend's KV write + attention with a FluxBatch, run on CPU tensors (the
+    ops dispatch to the float32 reference), against a dense masked reference."""
+    from types import SimpleNamespace
+
+    from attention_backends.backend_gpu import FluxGPUMetadata
+    from attention_backends.flux_attention import run_attention, write_kv
+
+    torch.manual_seed(0)
+    hq, hkv, d, bs = 4, 2, 16, 8
+    lens = [40, 5]  # request 0: prefill chunk of 40; request 1: prefill of 5
+    kv_cache = torch.zeros(16, hkv, bs, 2 * d)
+    block_table = torch.tensor([[3, 7, 1, 9, 4, 0], [5, 2, 0, 0, 0, 0]], dtype=torch.int32)
+    slots = [int(block_table[0, p // bs]) * bs + p % bs for p in range(40)]
+    slots += [int(block_table[1, p // bs]) * bs + p % bs for p in range(5)]
+    t = sum(lens)
+    q, k, v = torch.randn(t, hq, d), torch.randn(t, hkv, d), torch.randn(t, hkv, d)
+    write_kv(k, v, kv_cache, torch.tensor(slots))
+    reg = _registry(with_router=False)
+    reg.set_batch([BatchRow("s", 40, 0), BatchRow("f", 5, 0)])
+    qsl = torch.tensor([0, 40, 45], dtype=torch.int32)
+    fb = build_flux_batch(2, qsl, reg, 2, {"s": {"flux": {"mode": "sparse", "sink": 3,
+                                                          "window": 7}}, "f": None}.get)
+    md = FluxGPUMetadata(t, 40, 40, qsl, torch.tensor(lens, dtype=torch.int32), block_table,
+                         torch.tensor(slots), fb)
+    layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
+    out = torch.empty(t, hq, d)
+    run_attention(layer, q, kv_cache, md.flux, md.query_start_loc, md.seq_lens, md.block_table,
+                  md.num_actual_tokens, d ** -0.5, out)
+    ref0 = _dense_masked(q[:40], k[:40], v[:40], torch.arange(40), 3, 7, d ** -0.5)
+    ref1 = _dense_masked(q[40:], k[40:], v[40:], torch.arange(5), 0, 0, d ** -0.5)
+    torch.testing.assert_close(out[:40], ref0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[40:], ref1, rtol=1e-4, atol=1e-5)
