@@ -38,6 +38,11 @@ DECODE_SECONDS = Histogram(
     "Per request: decode time measured in the worker, by flux mode.", ["mode"],
     buckets=_TIME_BUCKETS,
 )
+PLUGIN_LOADS = Counter(
+    "fluxserve:plugin_loads",
+    "Times the fluxserve vLLM plugin registered itself, by process (API, engine core, worker).",
+    ["process"],
+)
 REQUESTS = Counter("fluxserve:flux_requests", "Requests seen by the Flux backend, by mode.",
                    ["mode"])
 

@@ -49,3 +49,13 @@ def register() -> None:
     if kv_engine is not None and hasattr(kv_engine, "register"):
         kv_engine.register()
     _DONE = True
+    _record_load()
+
+
+def _record_load() -> None:
+    # Evidence of where the plugin ran (vLLM names its processes, e.g. EngineCore, VllmWorker-0).
+    import multiprocessing
+
+    from attention_backends.metrics import PLUGIN_LOADS
+
+    PLUGIN_LOADS.labels(multiprocessing.current_process().name).inc()
