@@ -106,6 +106,9 @@ def test_compressed_logits_match_reference(llm, ref, policy):
         logits, stats = ref.logits(prompt, list(out.token_ids), policy)
         assert stats["near_tau"] == 0  # no hit decision sits on the threshold
         _assert_logits_match(out, logits)
+        # The comparison can tell eviction from no eviction.
+        dense, _ = ref.logits(prompt, list(out.token_ids), None)
+        assert (torch.log_softmax(dense, -1) - torch.log_softmax(logits, -1)).abs().max() > 5 * TOL
 
 
 def test_calidrop_with_flux_sparse_layers_matches_reference(llm, ref):
@@ -139,17 +142,18 @@ def test_preempted_compressed_request_recomputes(llm, scheduler, ref):
     policy = {"name": "calidrop", "budget": 64, "window": 8, "tau": -1.0}
     prompt = _prompt(500, 41)
     engine = llm.llm_engine
-    engine.add_request("preempt-me", TokensPrompt(prompt_token_ids=prompt), _params(12, policy))
+    rid = engine.add_request("preempt-me", TokensPrompt(prompt_token_ids=prompt),
+                             _params(12, policy))  # the engine's internal request id
     k = 5
     preempted = False
     outputs = []
     while engine.has_unfinished_requests():
         outputs += engine.step()
-        req = scheduler.requests.get("preempt-me")
+        req = scheduler.requests.get(rid)
         if not preempted and req is not None and req.num_output_tokens == k:
             mgr = scheduler._kv_policy_managers[0]
-            plan = mgr.plans["preempt-me"][0]
-            nulls = sum(b.is_null for b in mgr.req_to_blocks["preempt-me"])
+            plan = mgr.plans[rid][0]
+            nulls = sum(b.is_null for b in mgr.req_to_blocks[rid])
             assert nulls == len(plan.freed_blocks) > 0  # gap freed
             scheduler.running.remove(req)
             scheduler._preempt_request(req, time.monotonic())
@@ -164,8 +168,9 @@ def test_preempted_compressed_request_recomputes(llm, scheduler, ref):
     lp = torch.log_softmax(torch.cat([logits_a[:k], logits_b[k:]]), -1)
     for i, (tok, lps) in enumerate(zip(toks, final.logprobs, strict=True)):
         assert abs(lps[tok].logprob - float(lp[i, tok])) < TOL, i
-    assert get_runtime().state_of("preempt-me") is None
     assert not scheduler._kv_policy_managers[0].plans
+    _generate(llm, [_prompt(8, 0)], _params(1))  # delivers the last finished ids to the worker
+    assert get_runtime().state_of(rid) is None
 
 
 # ----------------------------------------------------------------------------- memory
@@ -214,6 +219,7 @@ def test_compression_runs_4x_more_long_requests_at_once(llm, scheduler):
     assert plain[0] <= n and plain[1] <= n, plain  # the pool holds N uncompressed at a time
 
     freed_before = _metric(llm, "fluxserve:kv_blocks_freed_total")
+    checks_before = _metric(llm, "fluxserve:calibration_checks_total")
     policy = {"name": "calidrop", "budget": 64, "window": 8}
     comp = _run_and_watch(llm, scheduler, prompts, _params(LONG_MAX_TOKENS, policy, logprobs=None))
     assert comp[0] >= 4 * n and comp[1] >= 4 * n, comp
@@ -221,6 +227,11 @@ def test_compression_runs_4x_more_long_requests_at_once(llm, scheduler):
     assert _metric(llm, "fluxserve:kv_blocks_freed_total") - freed_before == \
         per_request * len(prompts)
     assert scheduler.kv_policy_stats()["num_free_blocks"] == start_free
+    _generate(llm, [_prompt(8, 0)], _params(1))  # the worker releases (and flushes) the last
+    checks = _metric(llm, "fluxserve:calibration_checks_total") - checks_before
+    assert checks >= len(prompts) * (LONG_MAX_TOKENS - 1) * 4  # decode tokens x layers (x heads)
+    assert _metric(llm, "fluxserve:calibration_hits_total") <= _metric(
+        llm, "fluxserve:calibration_checks_total")
     print(f"\npeak running: uncompressed {plain[0]}, calidrop {comp[0]} (N={n}); "
           f"peak kv usage {plain[3]:.2f} vs {comp[3]:.2f}")
 
@@ -242,4 +253,6 @@ def test_no_block_leak_after_1000_requests(llm, scheduler):
     end = scheduler.kv_policy_stats()
     assert end["num_free_blocks"] == start["num_free_blocks"] == NUM_BLOCKS - 1
     assert end["num_plans"] == 0 and end["num_running"] == 0
+    # The worker learns of the last finished requests with the next step.
+    _generate(llm, [_prompt(8, 0)], _params(1))
     assert get_runtime().num_requests() == 0
