@@ -71,6 +71,13 @@ def _apply_platform_defaults(args) -> None:
         args.kv_cache_memory_bytes = CPU_DEFAULT_KV_CACHE_BYTES
 
 
+def _apply_flux_router(args) -> None:
+    if args.flux_router:
+        # additional_config reaches every engine process; the worker loads the router from it.
+        args.additional_config = {**(args.additional_config or {}),
+                                  "flux_router": os.path.abspath(args.flux_router)}
+
+
 def serve(args) -> None:
     import uvicorn
 
@@ -79,6 +86,7 @@ def serve(args) -> None:
 
     smoke = _resolve_model(args)
     _apply_platform_defaults(args)
+    _apply_flux_router(args)
     settings = ServerSettings.from_args(args, smoke_test_model=smoke)
     app = build_app(args, settings)
     uvicorn.run(app, host=args.host or "0.0.0.0", port=args.port,

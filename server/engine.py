@@ -16,6 +16,8 @@ from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from kv_policies import engine as kv_engine
+
 logger = logging.getLogger("fluxserve.engine")
 
 
@@ -31,6 +33,18 @@ class EngineState:
         return self.error is None and not (self.client is not None and self.client.errored)
 
 
+def install_extensions(vllm_config) -> None:
+    """Wire fluxserve's engine-side pieces that are chosen by configuration, not by the plugin."""
+    scheduler = vllm_config.scheduler_config
+    if scheduler.scheduler_cls is None:
+        # The KV-policy scheduler hands each request's eviction plan to the KV-cache manager,
+        # which frees the evicted blocks; requests without a policy schedule exactly as before.
+        scheduler.scheduler_cls = kv_engine.scheduler_cls(bool(scheduler.async_scheduling))
+    else:
+        logger.warning("custom --scheduler-cls %s: kv_policy eviction will not free KV blocks",
+                       scheduler.scheduler_cls)
+
+
 async def start_engine(app: FastAPI, args: argparse.Namespace) -> None:
     """Build the AsyncLLM (engine core in its own process) and vLLM's OpenAI serving state."""
     state: EngineState = app.state.engine
@@ -40,6 +54,7 @@ async def start_engine(app: FastAPI, args: argparse.Namespace) -> None:
         # Both calls block for seconds (config loading; engine-core start and profiling):
         # run them off the event loop so /health keeps answering meanwhile.
         vllm_config = await asyncio.to_thread(engine_args.create_engine_config, usage)
+        install_extensions(vllm_config)
         state.client = await asyncio.to_thread(
             AsyncLLM.from_vllm_config,
             vllm_config=vllm_config,
