@@ -13,6 +13,7 @@ float32.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -346,13 +347,18 @@ def _prefill_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
+@functools.lru_cache(maxsize=8)
+def _sms_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _sms_of(device.index if device.index is not None else torch.cuda.current_device())
     return 4  # interpreter: a few splits, so the split/reduce path is exercised
 
 
-DEFAULT_DECODE = {"block_n": 64, "num_warps": 4, "num_stages": 3}
+DEFAULT_DECODE = {"block_n": 64, "num_warps": 4, "num_stages": 3, "waves": 2}
 DEFAULT_PREFILL = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3,
                    "mask_interior": False}
 
@@ -403,7 +409,7 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
     bn = dcfg["block_n"]
     num_splits = dcfg.get("num_splits")
     if num_splits is None:
-        target = 2 * _num_sms(dev)
+        target = dcfg["waves"] * _num_sms(dev)
         num_splits = triton.cdiv(target, num_seqs * hkv)
         num_splits = min(num_splits, triton.cdiv(max_seq_len, 4 * bn), 128)
     num_splits = max(1, int(num_splits))

@@ -6,6 +6,8 @@ the prompt slots ``[0, prompt_len)``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -174,9 +176,14 @@ def _scatter_rows_kernel(kv_ptr, row_ptr, tmp_ptr, budget, stride_kb, stride_kh,
 # ----------------------------------------------------------------------------- launchers
 
 
+@functools.lru_cache(maxsize=8)
+def _sms_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _sms_of(device.index if device.index is not None else torch.cuda.current_device())
     return 4
 
 
