@@ -9,6 +9,8 @@ Three wrapped methods, each calling the original unchanged:
 - ``load_model``: for a stock model started with a standalone router
   (``additional_config={"flux_router": PATH}``), load the router and install routing.
 
+It also installs the prefix-cache salting of ``prefix_cache`` (API process).
+
 Installed by ``attention_backends.plugin.register()`` in every process; idempotent.
 """
 
@@ -112,17 +114,29 @@ def _load_standalone_router(runner) -> None:
 
 
 _RUNNER_MODULES = ("vllm.v1.worker.gpu_model_runner", "vllm.v1.worker.cpu_model_runner")
+_INPUT_MODULE = "vllm.v1.engine.input_processor"
+
+
+def _install_prefix_cache_salt() -> None:
+    if _INPUT_MODULE in sys.modules and hasattr(sys.modules[_INPUT_MODULE], "InputProcessor"):
+        from attention_backends import prefix_cache
+
+        prefix_cache.install()
+
+
+_AFTER = {m: (lambda: _install_now()) for m in _RUNNER_MODULES}
+_AFTER[_INPUT_MODULE] = _install_prefix_cache_salt
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Runs ``_install_now`` right after vLLM's model-runner modules are imported.
+    """Runs our installers right after the vLLM modules they patch are imported.
 
-    Importing the runner costs seconds; only worker processes do it, so the API and
+    Importing the model runner costs seconds; only worker processes do it, so the API and
     engine-core processes never pay for it on our account.
     """
 
     def find_spec(self, fullname, path, target=None):
-        if fullname not in _RUNNER_MODULES:
+        if fullname not in _AFTER:
             return None
         sys.meta_path.remove(self)
         try:
@@ -135,7 +149,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             orig_exec(module)
-            _install_now()
+            _AFTER[fullname]()
 
         spec.loader.exec_module = exec_module
         return spec
@@ -149,6 +163,7 @@ def install() -> None:
     global _FINDER
     if any(m in sys.modules for m in _RUNNER_MODULES):
         _install_now()
+    _install_prefix_cache_salt()
     if _FINDER is None:
         _FINDER = _AfterImport()
         sys.meta_path.insert(0, _FINDER)

@@ -204,3 +204,17 @@ def test_gpu_backend_step_on_cpu_tensors():
     ref1 = _dense_masked(q[40:], k[40:], v[40:], torch.arange(5), 0, 0, d ** -0.5)
     torch.testing.assert_close(out[:40], ref0, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out[40:], ref1, rtol=1e-4, atol=1e-5)
+
+
+def test_prefix_cache_salt():
+    from attention_backends.prefix_cache import flux_cache_salt, salted
+
+    assert flux_cache_salt(None, "r1") is None
+    assert flux_cache_salt({"mode": "full"}, "r1") is None
+    a = flux_cache_salt({"mode": "layers", "sparse_layers": [3, 1], "sink": None,
+                         "window": None}, "r1")
+    assert a == flux_cache_salt({"mode": "layers", "sparse_layers": [1, 3]}, "r2")
+    assert a != flux_cache_salt({"mode": "sparse"}, "r1")
+    assert flux_cache_salt({"mode": "auto"}, "r1") != flux_cache_salt({"mode": "auto"}, "r2")
+    assert salted("user", "ours") == "user|ours" and salted(None, "ours") == "ours"
+    assert salted("user", None) == "user"
