@@ -25,7 +25,7 @@ SPARSE_LAYER_FRACTION = Histogram(
 )
 ROUTER_SECONDS = Histogram(
     "fluxserve:router_time_seconds",
-    "Per step: time spent routing (pooling, all-reduce, router MLPs) over all layers' calls.",
+    "Per routed layer and step: pooling, TP all-reduce and router MLPs of the pending requests.",
     buckets=(1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5),
 )
 PREFILL_SECONDS = Histogram(

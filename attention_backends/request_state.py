@@ -85,7 +85,13 @@ class FluxRegistry:
         if st is not None:
             return st
         raw = (extra_args or {}).get(EXTRA_ARGS_KEY) or self.default_options
-        opts = FluxOptions.model_validate(raw) if raw else FluxOptions()
+        try:
+            opts = FluxOptions.model_validate(raw) if raw else FluxOptions()
+        except ValueError as e:
+            # The server validates; a malformed dict from a plain vLLM caller must not take the
+            # worker down: run the request with full attention.
+            logger.warning("request %s: invalid flux options (%s); running full", req_id, e)
+            opts = FluxOptions()
         mode = opts.mode
         if mode == "auto" and not self.has_router:
             # The server rejects this with a 400; plain vLLM callers get full attention.

@@ -218,3 +218,9 @@ def test_prefix_cache_salt():
     assert flux_cache_salt({"mode": "auto"}, "r1") != flux_cache_salt({"mode": "auto"}, "r2")
     assert salted("user", "ours") == "user|ours" and salted(None, "ours") == "ours"
     assert salted("user", None) == "user"
+
+
+def test_invalid_options_run_full():
+    reg = _registry(with_router=True)
+    st = reg.resolve("bad", {"flux": {"mode": "layers"}}, 10, NUM_LAYERS)
+    assert st.mode == "full" and not bool(st.sparse.any())
