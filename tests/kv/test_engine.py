@@ -198,15 +198,20 @@ def _run_and_watch(llm, scheduler, prompts, params):
     return peak_running, peak_metric_running, min_free, max(usage)
 
 
-def _metric(llm, name: str) -> float:
+def _metric(llm, name: str, **labels) -> float:
     from prometheus_client import REGISTRY
 
     total = 0.0
     for fam in REGISTRY.collect():
         for s in fam.samples:
-            if s.name == name:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 total += s.value
     return total
+
+
+def _bytes_per_request(llm, policy: str) -> tuple[float, float]:
+    return (_metric(llm, "fluxserve:kv_bytes_per_request_sum", policy=policy),
+            _metric(llm, "fluxserve:kv_bytes_per_request_count", policy=policy))
 
 
 def test_compression_runs_4x_more_long_requests_at_once(llm, scheduler):
@@ -215,13 +220,20 @@ def test_compression_runs_4x_more_long_requests_at_once(llm, scheduler):
     start_free = scheduler.kv_policy_stats()["num_free_blocks"]
     assert start_free == NUM_BLOCKS - 1
 
+    b0 = _bytes_per_request(llm, "none")
     plain = _run_and_watch(llm, scheduler, prompts, _params(LONG_MAX_TOKENS, logprobs=None))
+    b1 = _bytes_per_request(llm, "none")
     assert plain[0] <= n and plain[1] <= n, plain  # the pool holds N uncompressed at a time
 
     freed_before = _metric(llm, "fluxserve:kv_blocks_freed_total")
     checks_before = _metric(llm, "fluxserve:calibration_checks_total")
     policy = {"name": "calidrop", "budget": 64, "window": 8}
+    c0 = _bytes_per_request(llm, "calidrop")
     comp = _run_and_watch(llm, scheduler, prompts, _params(LONG_MAX_TOKENS, policy, logprobs=None))
+    c1 = _bytes_per_request(llm, "calidrop")
+    plain_bytes = (b1[0] - b0[0]) / (b1[1] - b0[1])
+    comp_bytes = (c1[0] - c0[0]) / (c1[1] - c0[1])
+    assert comp_bytes * 8 < plain_bytes, (comp_bytes, plain_bytes)
     assert comp[0] >= 4 * n and comp[1] >= 4 * n, comp
     per_request = LONG_PROMPT // BLOCK_SIZE - 64 // BLOCK_SIZE
     assert _metric(llm, "fluxserve:kv_blocks_freed_total") - freed_before == \
@@ -233,7 +245,8 @@ def test_compression_runs_4x_more_long_requests_at_once(llm, scheduler):
     assert _metric(llm, "fluxserve:calibration_hits_total") <= _metric(
         llm, "fluxserve:calibration_checks_total")
     print(f"\npeak running: uncompressed {plain[0]}, calidrop {comp[0]} (N={n}); "
-          f"peak kv usage {plain[3]:.2f} vs {comp[3]:.2f}")
+          f"peak kv usage {plain[3]:.2f} vs {comp[3]:.2f}; "
+          f"KV bytes per request {plain_bytes:.0f} vs {comp_bytes:.0f}")
 
 
 def test_no_block_leak_after_1000_requests(llm, scheduler):
