@@ -46,12 +46,18 @@ def build_parser():
     return parser
 
 
+def parse_args(argv: list[str]):
+    args = build_parser().parse_args(argv)
+    # vLLM's parser turns `--model X` into the positional model tag; keep one place for it.
+    if getattr(args, "model_tag", None) and not args.model:
+        args.model = args.model_tag
+    return args
+
+
 def _resolve_model(args) -> bool:
     """Fill in the model; returns True when it is the embedded smoke-test model."""
     from server.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 
-    if args.model_tag and not args.model:
-        args.model = args.model_tag
     if args.model:
         return False
     args.model = str(ensure_default_model())
@@ -65,6 +71,12 @@ def _resolve_model(args) -> bool:
 def _apply_platform_defaults(args) -> None:
     from vllm.platforms import current_platform
 
+    if current_platform.is_cuda():
+        # fluxserve's GPU attention backend (Triton kernels) is vLLM's CUSTOM slot, and its
+        # per-request routing hooks target the V1 model runner.
+        if args.attention_backend is None:
+            args.attention_backend = "CUSTOM"
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     if current_platform.is_cpu() and args.kv_cache_memory_bytes is None \
             and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         # vLLM's CPU default reserves 92% of the NUMA node for KV, which fails on small hosts.
@@ -97,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     _prepare_metrics_dir()
     logging.basicConfig(level=logging.INFO,
                         format="%(levelname)s %(asctime)s %(name)s: %(message)s")
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "serve":
         serve(args)
 

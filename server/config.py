@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from attention_backends.options import FluxOptions
+from attention_backends.router import router_available
 from kv_policies.options import POLICY_NAMES, KVPolicyOptions
 
 API_KEY_ENV = "FLUXSERVE_API_KEY"
-FLUX_ARCHITECTURES = ("PawLlamaForCausalLM", "PawQwen3ForCausalLM")
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -61,21 +59,12 @@ class ServerSettings:
             flux_kwargs["window"] = args.flux_window
         kv = KVPolicyOptions(name=args.kv_policy, budget=args.kv_budget, window=args.kv_window,
                              pool_kernel=args.kv_pool_kernel, tau=args.kv_tau)
-        router = bool(args.flux_router) or is_flux_checkpoint(args.model)
+        router = router_available(args.model, args.flux_router)
+        if args.flux_router and not router:
+            raise SystemExit(f"--flux-router {args.flux_router}: no router weights found there")
         if args.flux_mode == "auto" and not router:
             raise SystemExit("--flux-mode auto needs a Flux router: serve a Flux checkpoint "
                              "or pass --flux-router PATH")
         return cls(api_keys=tuple(keys), default_flux=FluxOptions(**flux_kwargs),
                    default_kv_policy=kv, router_available=router,
                    smoke_test_model=smoke_test_model)
-
-
-def is_flux_checkpoint(model: str | None) -> bool:
-    """A released Flux checkpoint names one of the authors' architectures in its config."""
-    if not model:
-        return False
-    config = Path(model) / "config.json"
-    if not config.is_file():
-        return False
-    architectures = json.loads(config.read_text()).get("architectures") or []
-    return any(a in FLUX_ARCHITECTURES for a in architectures)
