@@ -66,7 +66,8 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
                     window: Tensor | None = None, kept_end: Tensor | None = None,
                     gap_end: Tensor | None = None, calibration: Calibration | None = None,
                     out: Tensor | None = None, max_query_len: int | None = None,
-                    max_seq_len: int | None = None, decode_config: dict | None = None,
+                    max_seq_len: int | None = None, max_kv_tokens: int | None = None,
+                    decode_config: dict | None = None,
                     prefill_config: dict | None = None) -> tuple[Tensor, Tensor | None]:
     """Varlen paged attention with sink/window/gap masks and optional calibration.
 
@@ -83,9 +84,11 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
 
     Returns ``(out [T, Hq, D] in q.dtype, calib_hits [T, Hq] bool or None)``.
 
-    Optional tuning (Triton path only, ignored on CPU): ``max_query_len`` and ``max_seq_len``
-    (host ints; saves a device sync and sizes the split-KV grid), ``decode_config`` /
-    ``prefill_config`` (block sizes, warps, stages, ``num_splits``).
+    Optional tuning (Triton path only, ignored on CPU), host ints that save device syncs and size
+    the split-KV grid: ``max_query_len``, ``max_seq_len``, ``max_kv_tokens`` (an upper bound on
+    the keys any sequence sees, e.g. ``sink + window + q_len`` for SA or ``budget + decoded`` for
+    compressed KV; defaults to ``max_seq_len``); ``decode_config`` / ``prefill_config`` (block
+    sizes, warps, stages, ``num_splits``).
     """
     t_total, hq, d = q.shape
     hkv = kv_cache.shape[1]
@@ -108,7 +111,8 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
         seq_lens.to(torch.int32).contiguous(), query_start_loc.to(torch.int32).contiguous(),
         scale, _as_i32(sink, n, dev), _as_i32(window, n, dev), _as_i32(kept_end, n, dev),
         _as_i32(gap_end, n, dev), calibration, out, max_query_len=max_query_len,
-        max_seq_len=max_seq_len, decode_config=decode_config, prefill_config=prefill_config)
+        max_seq_len=max_seq_len, max_kv_tokens=max_kv_tokens, decode_config=decode_config,
+        prefill_config=prefill_config)
 
 
 def snapkv_scores(q_obs: Tensor, kv_cache: Tensor, block_row: Tensor, prompt_len: int,

@@ -103,16 +103,16 @@ def _load_kv_tile(kv_ptr, bt_row_ptr, kvh, n0, lo, hi, stride_kb, stride_kh, str
 @triton.jit
 def _attend_tile(q, k, v, offs_n, jvalid, pos, m_i, l_i, acc, sink, window, scale_log2,
                  APPLY_MASK: tl.constexpr):
-    qk = _mma(q, tl.trans(k)) * scale_log2
+    qk = _mma(q, tl.trans(k))  # raw scores; the scale is folded into the exponent (FMA)
     if APPLY_MASK:
         j = offs_n[None, :]
         p = pos[:, None]
         vis = jvalid[None, :] & (j <= p) & ((window <= 0) | (j < sink) | (j > p - window))
         qk = tl.where(vis, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
-    pr = tl.exp2(qk - m_safe[:, None])
+    pr = tl.exp2(qk * scale_log2 - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(pr, 1)
     acc = acc * alpha[:, None] + _mma(pr.to(v.dtype), v)
     return m_new, l_i, acc
@@ -148,6 +148,35 @@ def _finish(o, lse2, q, s, t_abs, h_r, row_ok, out_ptr, hits_ptr, stride_ot, str
     o_ptrs = out_ptr + t_abs.to(tl.int64)[:, None] * stride_ot + h_r[:, None] * stride_oh \
         + offs_d[None, :]
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _finish_row(o, lse2, q, s, t_abs, h, out_ptr, hits_ptr, stride_ot, stride_oh, qref_ptr,
+                oe_ptr, lsee_ptr, en_ptr, tau, HQ: tl.constexpr, D: tl.constexpr,
+                HAS_CALIB: tl.constexpr):
+    """``_finish`` for a single (token, head) row: o [D] normalised, lse2 scalar (log2)."""
+    offs_d = tl.arange(0, D)
+    if HAS_CALIB:
+        en = tl.load(en_ptr + s)
+        qf = q.to(tl.float32)
+        cal_off = (s * HQ + h).to(tl.int64)
+        qref = tl.load(qref_ptr + cal_off * D + offs_d).to(tl.float32)
+        num = tl.sum(qf * qref, 0)
+        den = tl.sqrt(tl.sum(qf * qf, 0) * tl.sum(qref * qref, 0))
+        cos = num / tl.maximum(den, 1e-12)
+        hit = (cos >= tau) & (en != 0)
+        lse_e2 = tl.load(lsee_ptr + cal_off) * 1.4426950408889634
+        o_e = tl.load(oe_ptr + cal_off * D + offs_d)
+        mm = tl.maximum(lse2, lse_e2)
+        mm = tl.where(mm == float("-inf"), 0.0, mm)
+        w1 = tl.exp2(lse2 - mm)
+        w2 = tl.exp2(lse_e2 - mm)
+        den2 = w1 + w2
+        merged = (o * w1 + o_e * w2) / tl.where(den2 > 0, den2, 1.0)
+        o = tl.where(hit, merged, o)
+        tl.store(hits_ptr + t_abs.to(tl.int64) * HQ + h, hit.to(tl.int8))
+    tl.store(out_ptr + t_abs.to(tl.int64) * stride_ot + h * stride_oh + offs_d,
+             o.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -221,45 +250,43 @@ def _decode_reduce_kernel(
     q_ptr, qsl_ptr, out_ptr, hits_ptr, part_o_ptr, part_lse_ptr,
     qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau,
     stride_qt, stride_qh, stride_ot, stride_oh, num_splits, q_thr,
-    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-    HAS_CALIB: tl.constexpr,
+    HQ: tl.constexpr, D: tl.constexpr, SPLIT_CHUNK: tl.constexpr, HAS_CALIB: tl.constexpr,
 ):
+    """One program per (sequence, q head, query token): merge the split partials."""
     s = tl.program_id(0)
-    kvh = tl.program_id(1)
+    h = tl.program_id(1)
+    t_rel = tl.program_id(2)
     q_start = tl.load(qsl_ptr + s)
     q_len = tl.load(qsl_ptr + s + 1) - q_start
-    if (q_len <= 0) | (q_len > q_thr):
+    if (q_len > q_thr) | (t_rel >= q_len):
         return
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    t_rel = offs_m // G
-    h_r = kvh * G + offs_m % G
-    row_ok = t_rel < q_len
     t_abs = q_start + t_rel
-    part0 = (t_abs.to(tl.int64) * HQ + h_r) * num_splits
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for sp in range(0, num_splits):
-        lse = tl.load(part_lse_ptr + part0 + sp, mask=row_ok, other=float("-inf"))
-        o = tl.load(part_o_ptr + (part0 + sp)[:, None] * D + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)
-        m_new = tl.maximum(m_i, lse)
+    offs_c = tl.arange(0, SPLIT_CHUNK)
+    offs_d = tl.arange(0, D)
+    part0 = (t_abs.to(tl.int64) * HQ + h) * num_splits
+    m_i = tl.max(tl.full([SPLIT_CHUNK], float("-inf"), tl.float32), 0)
+    l_i = tl.sum(tl.zeros([SPLIT_CHUNK], tl.float32), 0)
+    acc = tl.zeros([D], tl.float32)
+    for c0 in range(0, num_splits, SPLIT_CHUNK):
+        ok = c0 + offs_c < num_splits
+        lse = tl.load(part_lse_ptr + part0 + c0 + offs_c, mask=ok, other=float("-inf"))
+        o = tl.load(part_o_ptr + (part0 + c0 + offs_c)[:, None] * D + offs_d[None, :],
+                    mask=ok[:, None], other=0.0)
+        m_new = tl.maximum(m_i, tl.max(lse, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         w = tl.exp2(lse - m_safe)
-        l_i = l_i * alpha + w
-        acc = acc * alpha[:, None] + o * w[:, None]
+        l_i = l_i * alpha + tl.sum(w, 0)
+        acc = acc * alpha + tl.sum(o * w[:, None], 0)
         m_i = m_new
     has = l_i > 0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    o = acc / tl.where(has, l_i, 1.0)
     lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    q = tl.zeros([BLOCK_M, D], tl.float32)
+    q = tl.zeros([D], tl.float32)
     if HAS_CALIB:
-        q = tl.load(q_ptr + t_abs.to(tl.int64)[:, None] * stride_qt + h_r[:, None] * stride_qh
-                    + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    _finish(o, lse2, q, s, t_abs, h_r, row_ok, out_ptr, hits_ptr, stride_ot, stride_oh,
-            qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau, HQ, D, HAS_CALIB)
+        q = tl.load(q_ptr + t_abs.to(tl.int64) * stride_qt + h * stride_qh + offs_d)
+    _finish_row(o, lse2, q, s, t_abs, h, out_ptr, hits_ptr, stride_ot, stride_oh, qref_ptr,
+                oe_ptr, lsee_ptr, en_ptr, tau, HQ, D, HAS_CALIB)
 
 
 @triton.jit
@@ -270,9 +297,16 @@ def _prefill_kernel(
     num_seqs, grid_tiles,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    HAS_CALIB: tl.constexpr, MASK_INTERIOR: tl.constexpr,
+    HAS_CALIB: tl.constexpr, MASK_MODE: tl.constexpr,
 ):
-    h = tl.program_id(0)
+    """One program per (KV head, tile of BLOCK_M // G query tokens): its BLOCK_M rows are those
+    tokens x the G q heads sharing the KV head, so each KV tile is loaded once per group.
+
+    MASK_MODE 0: tiles wholly inside the visible region skip the mask arithmetic; 1: every tile
+    is masked; 2: no tile is masked (timing experiments only: wrong on boundary tiles).
+    """
+    TOK: tl.constexpr = BLOCK_M // G
+    kvh = tl.program_id(0)
     # heaviest (latest) tiles first: launch order is grid order
     tile = grid_tiles - 1 - tl.program_id(1)
     if tile >= tl.load(cu_tiles_ptr + num_seqs):
@@ -285,7 +319,7 @@ def _prefill_kernel(
         lo_s = tl.where(right, mid, lo_s)
         hi_s = tl.where(right, hi_s, mid)
     s = lo_s
-    m0 = (tile - tl.load(cu_tiles_ptr + s)) * BLOCK_M
+    m0 = (tile - tl.load(cu_tiles_ptr + s)) * TOK
     q_start = tl.load(qsl_ptr + s)
     q_len = tl.load(qsl_ptr + s + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + s)
@@ -294,19 +328,19 @@ def _prefill_kernel(
     window = tl.load(window_ptr + s)
     kept_end = tl.load(kept_ptr + s)
     gap_end = tl.load(gap_ptr + s)
-    kvh = h // G
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    t_rel = m0 + offs_m
-    row_ok = t_rel < q_len
+    t_rel = m0 + offs_m // G
+    h_r = kvh * G + offs_m % G
+    row_ok = (offs_m < TOK * G) & (t_rel < q_len)
     t_abs = q_start + t_rel
     pos = ctx + t_rel
-    h_r = tl.full([BLOCK_M], 0, tl.int32) + h
-    q = tl.load(q_ptr + t_abs.to(tl.int64)[:, None] * stride_qt + h * stride_qh
+    q = tl.load(q_ptr + t_abs.to(tl.int64)[:, None] * stride_qt + h_r[:, None] * stride_qh
                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     p_lo = ctx + m0
-    p_hi = ctx + tl.minimum(m0 + BLOCK_M, q_len)
+    p_hi = ctx + tl.minimum(m0 + TOK, q_len)
+    p_max = p_hi - 1
 
     a1, b1, a2, b2, end = _visible_intervals(p_lo, p_hi, sink, window, kept_end, gap_end)
     n1 = _n_tiles(0, a1, BLOCK_N)
@@ -318,14 +352,16 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     bt_row = bt_ptr + s.to(tl.int64) * stride_bt
-    p_max = p_hi - 1
     for vt in range(0, n_tot):
         n0, lo, hi = _tile_at(vt, n1, n2, a1, b1, a2, b2, end, BLOCK_N)
         k, v, offs_n, jvalid = _load_kv_tile(kv_ptr, bt_row, kvh, n0, lo, hi, stride_kb,
                                              stride_kh, stride_ks, BLOCK_N, D, PAGE)
-        if MASK_INTERIOR:
+        if MASK_MODE == 1:
             m_i, l_i, acc = _attend_tile(q, k, v, offs_n, jvalid, pos, m_i, l_i, acc, sink,
                                          window, scale_log2, True)
+        elif MASK_MODE == 2:
+            m_i, l_i, acc = _attend_tile(q, k, v, offs_n, jvalid, pos, m_i, l_i, acc, sink,
+                                         window, scale_log2, False)
         else:
             n_last = n0 + BLOCK_N - 1
             inside = (n0 >= lo) & (n_last < hi) & (n_last <= p_lo)
@@ -358,14 +394,28 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: a few splits, so the split/reduce path is exercised
 
 
-DEFAULT_DECODE = {"block_n": 64, "num_warps": 4, "num_stages": 3, "waves": 2}
-DEFAULT_PREFILL = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3,
-                   "mask_interior": False}
+# split_tiles: KV tiles per split of the decode kernel (many short splits: no wave-quantisation
+# tail, and one long sequence fills the GPU); the partials cost 2 x 512 B per (token, head, split).
+DEFAULT_DECODE = {"block_n": 32, "num_warps": 2, "num_stages": 4, "split_tiles": 8}
+DEFAULT_PREFILL = {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3,
+                   "mask_mode": 0}
+MAX_SPLITS = 256
+SPLIT_CHUNK = 32
+
+
+def decode_splits(kv_tokens: int, block_n: int, split_tiles: int, programs: int,
+                  sms: int) -> int:
+    """Splits per (sequence, KV head): about ``split_tiles`` KV tiles each, and at least two
+    programs per SM when there are enough tiles (a single long sequence fills the GPU)."""
+    tiles = triton.cdiv(kv_tokens, block_n)
+    n = max(triton.cdiv(tiles, split_tiles), min(tiles, triton.cdiv(2 * sms, programs)))
+    return max(1, min(MAX_SPLITS, n))
 
 
 def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, scale, sink,
                            window, kept_end, gap_end, calibration, out, *, max_query_len=None,
-                           max_seq_len=None, decode_config=None, prefill_config=None):
+                           max_seq_len=None, max_kv_tokens=None, decode_config=None,
+                           prefill_config=None):
     """Launch the decode and/or prefill kernels. Mask tensors must be int32 [num_seqs]."""
     t_total, hq, d = q.shape
     _, hkv, page, d2 = kv_cache.shape
@@ -393,6 +443,8 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item())
     if max_seq_len is None:
         max_seq_len = block_table.shape[1] * page
+    if max_kv_tokens is None:
+        max_kv_tokens = max_seq_len
     scale_log2 = float(scale) * LOG2E
     strides = (q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1),
                kv_cache.stride(2), block_table.stride(0), out.stride(0), out.stride(1))
@@ -404,14 +456,13 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
     pcfg = dict(DEFAULT_PREFILL, **(prefill_config or {}))
 
     # decode kernel: sequences with 1 <= q_len <= q_thr
-    dec_rows = min(max_query_len, q_thr) * g
-    block_m = max(16, triton.next_power_of_2(dec_rows))
+    max_q_dec = min(max_query_len, q_thr)
+    block_m = max(16, triton.next_power_of_2(max_q_dec * g))
     bn = dcfg["block_n"]
     num_splits = dcfg.get("num_splits")
     if num_splits is None:
-        target = dcfg["waves"] * _num_sms(dev)
-        num_splits = triton.cdiv(target, num_seqs * hkv)
-        num_splits = min(num_splits, triton.cdiv(max_seq_len, 4 * bn), 128)
+        num_splits = decode_splits(min(max_kv_tokens, max_seq_len), bn, dcfg["split_tiles"],
+                                   num_seqs * hkv, _num_sms(dev))
     num_splits = max(1, int(num_splits))
     final = num_splits == 1
     if final:
@@ -427,27 +478,28 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
         FINAL=final, num_warps=dcfg["num_warps"], num_stages=dcfg["num_stages"],
     )
     if not final:
-        _decode_reduce_kernel[(num_seqs, hkv)](
+        _decode_reduce_kernel[(num_seqs, hq, max_q_dec)](
             q, query_start_loc, out, hits_u8, part_o, part_lse, qref, o_e, lse_e, en, tau,
             strides[0], strides[1], strides[6], strides[7], num_splits, q_thr,
-            HQ=hq, G=g, D=d, BLOCK_M=block_m, HAS_CALIB=has_calib, num_warps=4,
+            HQ=hq, D=d, SPLIT_CHUNK=SPLIT_CHUNK, HAS_CALIB=has_calib, num_warps=4,
         )
 
     # prefill kernel: sequences with q_len > q_thr
     if max_query_len > q_thr:
-        bm = pcfg["block_m"]
+        bm = max(pcfg["block_m"], triton.next_power_of_2(g))
+        tok = bm // g
         q_lens = query_start_loc[1:] - query_start_loc[:-1]
-        tiles = torch.where(q_lens > q_thr, (q_lens + bm - 1) // bm, torch.zeros_like(q_lens))
+        tiles = torch.where(q_lens > q_thr, (q_lens + tok - 1) // tok, torch.zeros_like(q_lens))
         cu_tiles = torch.zeros(num_seqs + 1, dtype=torch.int32, device=dev)
         cu_tiles[1:] = torch.cumsum(tiles, 0)
-        grid_tiles = triton.cdiv(t_total, bm) + num_seqs
+        grid_tiles = triton.cdiv(t_total, tok) + num_seqs
         steps = max(1, math.ceil(math.log2(num_seqs + 1)) + 1)
-        _prefill_kernel[(hq, grid_tiles)](
+        _prefill_kernel[(hkv, grid_tiles)](
             q, kv_cache, block_table, seq_lens, query_start_loc, cu_tiles, sink, window,
             kept_end, gap_end, out, hits_u8, qref, o_e, lse_e, en, tau, scale_log2, *strides,
             num_seqs, grid_tiles,
             HQ=hq, G=g, D=d, PAGE=page, BLOCK_M=bm, BLOCK_N=pcfg["block_n"],
-            SEARCH_STEPS=steps, HAS_CALIB=has_calib, MASK_INTERIOR=pcfg["mask_interior"],
+            SEARCH_STEPS=steps, HAS_CALIB=has_calib, MASK_MODE=pcfg["mask_mode"],
             num_warps=pcfg["num_warps"], num_stages=pcfg["num_stages"],
         )
     hits = hits_u8.view(torch.bool) if has_calib else None

@@ -59,6 +59,8 @@ DENSE_CASES = [
     # GQA 8, ends off block boundaries, chunked prefill with a cached prefix
     (torch.bfloat16, 8, 1, 64, 16, [(37, 1), (81, 50), (48, 48), (50, 2), (17, 9)],
      SMALL_TILES),
+    # GQA 3: a group does not divide the row tile
+    (torch.bfloat16, 6, 2, 64, 16, [(50, 1), (70, 30), (33, 33), (40, 4)], SMALL_TILES),
 ]
 
 
@@ -72,11 +74,11 @@ def test_dense_mixed_batch(case):
 
 
 @needs_triton
-@pytest.mark.parametrize("num_splits", [1, 3, 16])
+@pytest.mark.parametrize("num_splits", [1, 3, 40])
 def test_decode_split_counts(num_splits):
     """Split-KV decode: one split (no reduce), several, and more splits than KV tiles."""
     dtype = torch.bfloat16
-    seqs = [(150, 1), (16, 1), (77, 2), (5, 1)]
+    seqs = [(150, 1), (16, 1), (77, 2), (5, 1), (600, 1)]  # 600: 38 tiles of 16
     paged, q, qsl = _make_inputs(200 + num_splits, dtype, 8, 2, 64, 16, seqs)
     got, _, want, _ = _run_both(paged, q, qsl, 0.1, {}, max_query_len=2,
                                 decode_config={"block_n": 16, "num_splits": num_splits})
@@ -84,17 +86,17 @@ def test_decode_split_counts(num_splits):
 
 
 @needs_triton
-@pytest.mark.parametrize("mask_interior", [False, True])
-def test_sink_window(mask_interior):
+@pytest.mark.parametrize("mask_mode", [0, 1])
+def test_sink_window(mask_mode):
     dtype = torch.bfloat16
-    seqs = [(120, 1), (100, 60), (40, 40), (90, 3), (70, 1), (66, 20)]
+    seqs = [(120, 1), (100, 60), (40, 40), (90, 3), (70, 1), (66, 20), (150, 100)]
     masks = {
-        "sink": _i32([4, 8, 0, 16, 3, 0]),
+        "sink": _i32([4, 8, 0, 16, 3, 0, 5]),
         # window >= length, window of 1 (self only), sink larger than the window hole...
-        "window": _i32([16, 40, 64, 1, 200, 0]),
+        "window": _i32([16, 41, 64, 1, 200, 0, 37]),
     }
-    paged, q, qsl = _make_inputs(300 + mask_interior, dtype, 8, 2, 64, 16, seqs)
-    tuning = {"prefill_config": {"block_m": 16, "block_n": 16, "mask_interior": mask_interior},
+    paged, q, qsl = _make_inputs(300 + mask_mode, dtype, 8, 2, 64, 16, seqs)
+    tuning = {"prefill_config": {"block_m": 16, "block_n": 16, "mask_mode": mask_mode},
               "decode_config": {"block_n": 16}}
     got, _, want, _ = _run_both(paged, q, qsl, 0.125, masks, **tuning)
     _check(got, want, dtype)
