@@ -5,6 +5,7 @@ It listens on a free loopback port and requires an API key, so the auth tests us
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -54,13 +55,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@contextlib.contextmanager
+def launch_server(extra_args: list[str], log_dir: Path, api_key: str = API_KEY
+                  ) -> Iterator[Server]:
+    """Start `fluxserve serve` on a free loopback port, wait for /ready, stop it afterwards."""
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    log_path = log_dir / "server.log"
     cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--api-key", API_KEY, "--max-model-len", "2048", "--enforce-eager",
-           "--max-num-seqs", "16"]
+           "--api-key", api_key, "--max-model-len", "2048", "--enforce-eager",
+           "--max-num-seqs", "16", *extra_args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     with open(log_path, "w") as log:
@@ -82,7 +85,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                 pytest.fail(f"server not ready in {START_TIMEOUT_S}s:\n"
                             f"{log_path.read_text()[-4000:]}")
             time.sleep(1)
-        yield Server(base_url, API_KEY, log_path)
+        yield Server(base_url, api_key, log_path)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -90,3 +93,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with launch_server([], tmp_path_factory.mktemp("server")) as srv:
+        yield srv

@@ -1,0 +1,49 @@
+"""`fluxserve serve --model <Flux checkpoint>`: the checkpoint's routers serve `flux.mode=auto`."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from server.default_model import ensure_default_model
+from tests.e2e.conftest import launch_server
+from tests.flux.tiny_models import make_paw
+
+pytestmark = pytest.mark.e2e
+
+NAME = "tiny-flux"
+
+
+@pytest.fixture(scope="module")
+def flux_server(tmp_path_factory):
+    base = ensure_default_model()
+    ckpt = make_paw(tmp_path_factory.mktemp("paw") / "ckpt", base)
+    for f in base.glob("tokenizer*"):  # the released checkpoints ship their tokenizer
+        shutil.copy(f, ckpt / f.name)
+    shutil.copy(base / "special_tokens_map.json", ckpt)
+    with launch_server(["--model", str(ckpt), "--served-model-name", NAME],
+                       tmp_path_factory.mktemp("flux-server")) as srv:
+        yield srv
+
+
+def test_auto_mode_routes_with_the_checkpoint_routers(flux_server):
+    before = flux_server.metric('fluxserve:sparse_layer_fraction_count{mode="auto"}')
+    r = flux_server.client().chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "route me " * 80}], max_tokens=4,
+        temperature=0, extra_body={"flux": {"mode": "auto"}})
+    assert r.usage.completion_tokens == 4
+    assert flux_server.metric('fluxserve:sparse_layer_fraction_count{mode="auto"}') == before + 1
+    assert flux_server.metric("fluxserve:router_time_seconds_count") >= 1
+
+
+def test_auto_is_repeatable_and_other_modes_still_work(flux_server):
+    client = flux_server.client()
+    msgs = [{"role": "user", "content": "same prompt " * 60}]
+    outs = [client.chat.completions.create(model=NAME, messages=msgs, max_tokens=6, temperature=0,
+                                           extra_body={"flux": {"mode": "auto"}}
+                                           ).choices[0].message.content for _ in range(2)]
+    assert outs[0] == outs[1]  # decided once per request, deterministically
+    full = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=6, temperature=0,
+                                          extra_body={"flux": {"mode": "full"}})
+    assert full.choices[0].message.content
