@@ -16,7 +16,7 @@ REQUESTS = Counter(
 )
 REJECTED = Counter(
     "fluxserve:requests_rejected_total",
-    "Requests rejected before reaching the engine, by endpoint and HTTP status.",
+    "Generation requests the serving layer answered with an error, by endpoint and status.",
     ["endpoint", "status"],
 )
 

@@ -57,7 +57,11 @@ def apply_policies(body: ChatRequest | CompletionsRequest, request: Request) -> 
                                 f"flux.sparse_layers {bad} out of range: the model has {n} layers.")
 
 
-def _respond(result, endpoint: str, body: ChatRequest | CompletionsRequest):
+async def _generate(body: ChatRequest | CompletionsRequest, raw_request: Request,
+                    endpoint: str, create):
+    """Run one generation request through vLLM's serving class and shape its response."""
+    apply_policies(body, raw_request)
+    result = await create(body, raw_request)
     if isinstance(result, ErrorResponse):
         REJECTED.labels(endpoint, str(result.error.code)).inc()
         return JSONResponse(result.model_dump(), status_code=result.error.code)
@@ -67,26 +71,24 @@ def _respond(result, endpoint: str, body: ChatRequest | CompletionsRequest):
     return StreamingResponse(result, media_type="text/event-stream")
 
 
-@router.post("/v1/chat/completions", dependencies=[Depends(validate_json_request)],
-             responses={HTTPStatus.OK.value: {"content": {"text/event-stream": {}}},
-                        **ERROR_RESPONSES})
+GENERATION_ROUTE = dict(
+    dependencies=[Depends(validate_json_request)],
+    responses={HTTPStatus.OK.value: {"content": {"text/event-stream": {}}}, **ERROR_RESPONSES},
+)
+
+
+@router.post("/v1/chat/completions", **GENERATION_ROUTE)
 @with_cancellation
 async def create_chat_completion(body: ChatRequest, raw_request: Request):
-    apply_policies(body, raw_request)
-    handler = raw_request.app.state.openai_serving_chat
-    result = await handler.create_chat_completion(body, raw_request)
-    return _respond(result, "chat", body)
+    serving = raw_request.app.state.openai_serving_chat
+    return await _generate(body, raw_request, "chat", serving.create_chat_completion)
 
 
-@router.post("/v1/completions", dependencies=[Depends(validate_json_request)],
-             responses={HTTPStatus.OK.value: {"content": {"text/event-stream": {}}},
-                        **ERROR_RESPONSES})
+@router.post("/v1/completions", **GENERATION_ROUTE)
 @with_cancellation
 async def create_completion(body: CompletionsRequest, raw_request: Request):
-    apply_policies(body, raw_request)
-    handler = raw_request.app.state.openai_serving_completion
-    result = await handler.create_completion(body, raw_request)
-    return _respond(result, "completions", body)
+    serving = raw_request.app.state.openai_serving_completion
+    return await _generate(body, raw_request, "completions", serving.create_completion)
 
 
 @router.get("/v1/models", responses=ERROR_RESPONSES)
