@@ -388,25 +388,24 @@ def run_snapkv(length, bs):
 
 
 DECODE_CONFIGS = [
-    {"block_n": 32, "num_warps": 2, "num_stages": 4, "split_tiles": 8},
-    {"block_n": 32, "num_warps": 2, "num_stages": 4, "split_tiles": 4},
-    {"block_n": 32, "num_warps": 2, "num_stages": 4, "split_tiles": 16},
-    {"block_n": 64, "num_warps": 4, "num_stages": 3, "split_tiles": 8},
-    {"block_n": 64, "num_warps": 4, "num_stages": 4, "split_tiles": 4},
-    {"block_n": 32, "num_warps": 4, "num_stages": 4, "split_tiles": 8},
-    {"block_n": 16, "num_warps": 2, "num_stages": 6, "split_tiles": 16},
+    {"block_n": 32, "num_warps": 2, "num_stages": 4, "waves": 2},
+    {"block_n": 32, "num_warps": 2, "num_stages": 4, "waves": 4},
+    {"block_n": 64, "num_warps": 4, "num_stages": 3, "waves": 2},
+    {"block_n": 64, "num_warps": 4, "num_stages": 3, "waves": 4},
+    {"block_n": 128, "num_warps": 4, "num_stages": 3, "waves": 2},
+    {"block_n": 128, "num_warps": 4, "num_stages": 3, "waves": 3},
+    {"block_n": 128, "num_warps": 8, "num_stages": 3, "waves": 2},
+    {"block_n": 64, "num_warps": 2, "num_stages": 4, "waves": 4},
 ]
 # mask_mode 2 is a timing experiment (skips every mask: wrong on boundary tiles), never chosen
 PREFILL_CONFIGS = [
-    {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3, "mask_mode": 0},
-    {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3, "mask_mode": 1},
-    {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3, "mask_mode": 2},
-    {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "mask_mode": 0},
     {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "mask_mode": 0},
+    {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "mask_mode": 1},
+    {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "mask_mode": 2},
+    {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 4, "mask_mode": 0},
+    {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 2, "mask_mode": 0},
     {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "mask_mode": 0},
-    {"block_m": 128, "block_n": 32, "num_warps": 4, "num_stages": 4, "mask_mode": 0},
-    {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 4, "mask_mode": 0},
-    {"block_m": 128, "block_n": 128, "num_warps": 4, "num_stages": 2, "mask_mode": 0},
+    {"block_m": 128, "block_n": 32, "num_warps": 8, "num_stages": 4, "mask_mode": 0},
 ]
 
 
@@ -423,7 +422,8 @@ def guarded(name, fn, *a, **kw):
 def sweep_decode(bs):
     if S.smoke:
         return DECODE_CONFIGS[0]
-    cases = [("dense", 8, 32768), ("sparse", 32, 32768), ("compressed", 8, 32768)]
+    cases = [("dense", 8, 32768), ("sparse", 32, 32768), ("sparse", 8, 32768),
+             ("dense", 1, 131072)]
     totals = {i: 0.0 for i in range(len(DECODE_CONFIGS))}
     for mode, b, length in cases:
         kv, bt, null = build_cache(b, length, bs, seed=11)
@@ -441,6 +441,14 @@ def sweep_decode(bs):
         torch.cuda.empty_cache()
     win = min(totals, key=totals.get)
     log(f"decode sweep bs={bs}: scores {totals} -> config {win}: {DECODE_CONFIGS[win]}")
+    # split-count anatomy of SA decode with the chosen config (1 split: no reduce launch)
+    for b in (8, 32):
+        kv, bt, _ = build_cache(b, 32768, bs, seed=13)
+        for ns in (1, 2, 4, 8, 16):
+            guarded("split anatomy", run_decode, "sparse", b, 32768, bs, kv, bt,
+                    dict(DECODE_CONFIGS[win], num_splits=ns), tag=f"sweep-splits{ns}",
+                    check=False)
+        del kv, bt
     return DECODE_CONFIGS[win]
 
 

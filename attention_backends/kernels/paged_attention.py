@@ -101,6 +101,18 @@ def _load_kv_tile(kv_ptr, bt_row_ptr, kvh, n0, lo, hi, stride_kb, stride_kh, str
 
 
 @triton.jit
+def _load_kv_tile_full(kv_ptr, bt_row_ptr, kvh, n0, stride_kb, stride_kh, stride_ks,
+                       BLOCK_N: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr):
+    """A KV tile whose rows are all visible: no load masks."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    blk = tl.load(bt_row_ptr + offs_n // PAGE).to(tl.int64)
+    row = blk * stride_kb + kvh * stride_kh + (offs_n % PAGE).to(tl.int64) * stride_ks
+    ptrs = kv_ptr + row[:, None] + offs_d[None, :]
+    return tl.load(ptrs), tl.load(ptrs + D), offs_n
+
+
+@triton.jit
 def _attend_tile(q, k, v, offs_n, jvalid, pos, m_i, l_i, acc, sink, window, scale_log2,
                  APPLY_MASK: tl.constexpr):
     qk = _mma(q, tl.trans(k))  # raw scores; the scale is folded into the exponent (FMA)
@@ -188,6 +200,7 @@ def _decode_kernel(
     num_splits, q_thr,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_CALIB: tl.constexpr, FINAL: tl.constexpr,
+    MAXQ: tl.constexpr,
 ):
     s = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -240,7 +253,7 @@ def _decode_kernel(
         _finish(o, lse2, q, s, t_abs, h_r, row_ok, out_ptr, hits_ptr, stride_ot, stride_oh,
                 qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau, HQ, D, HAS_CALIB)
     else:
-        part = (t_abs.to(tl.int64) * HQ + h_r) * num_splits + split
+        part = ((s.to(tl.int64) * MAXQ + t_rel) * HQ + h_r) * num_splits + split
         tl.store(part_lse_ptr + part, lse2, mask=row_ok)
         tl.store(part_o_ptr + part[:, None] * D + offs_d[None, :], o, mask=row_ok[:, None])
 
@@ -251,6 +264,7 @@ def _decode_reduce_kernel(
     qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau,
     stride_qt, stride_qh, stride_ot, stride_oh, num_splits, q_thr,
     HQ: tl.constexpr, D: tl.constexpr, SPLIT_CHUNK: tl.constexpr, HAS_CALIB: tl.constexpr,
+    MAXQ: tl.constexpr,
 ):
     """One program per (sequence, q head, query token): merge the split partials."""
     s = tl.program_id(0)
@@ -263,7 +277,7 @@ def _decode_reduce_kernel(
     t_abs = q_start + t_rel
     offs_c = tl.arange(0, SPLIT_CHUNK)
     offs_d = tl.arange(0, D)
-    part0 = (t_abs.to(tl.int64) * HQ + h) * num_splits
+    part0 = ((s.to(tl.int64) * MAXQ + t_rel) * HQ + h) * num_splits
     m_i = tl.max(tl.full([SPLIT_CHUNK], float("-inf"), tl.float32), 0)
     l_i = tl.sum(tl.zeros([SPLIT_CHUNK], tl.float32), 0)
     acc = tl.zeros([D], tl.float32)
@@ -302,8 +316,8 @@ def _prefill_kernel(
     """One program per (KV head, tile of BLOCK_M // G query tokens): its BLOCK_M rows are those
     tokens x the G q heads sharing the KV head, so each KV tile is loaded once per group.
 
-    MASK_MODE 0: tiles wholly inside the visible region skip the mask arithmetic; 1: every tile
-    is masked; 2: no tile is masked (timing experiments only: wrong on boundary tiles).
+    MASK_MODE 0: tiles every row sees whole skip the mask arithmetic; 1: every tile is masked;
+    2: no tile is masked (timing experiments only: wrong on boundary tiles).
     """
     TOK: tl.constexpr = BLOCK_M // G
     kvh = tl.program_id(0)
@@ -352,26 +366,35 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     bt_row = bt_ptr + s.to(tl.int64) * stride_bt
-    for vt in range(0, n_tot):
+    # The clean run: tiles of the last visible interval that every row sees whole (past the
+    # window edge of the last row, before the diagonal of the first). They need no mask and run
+    # in their own loop; the other tiles (sink, window edge, diagonal, gap edges) are masked.
+    # Two straight-line loops keep the software pipeliner working (a branch in the loop body
+    # disables it).
+    # last interval [last_lo, end): after the later non-empty hole (empty holes sit at end)
+    in3 = a2 < b2
+    in2 = a1 < b1
+    last_lo = tl.where(in3, b2, tl.where(in2, b1, 0))
+    v_last = tl.where(in3, n1 + n2, tl.where(in2, n1, 0))  # its first virtual tile
+    c_lo = tl.where(window > 0, tl.maximum(last_lo, p_max - window + 1), last_lo)
+    r_lo = (c_lo + BLOCK_N - 1) // BLOCK_N
+    r_hi = tl.maximum(tl.minimum(end, p_lo + 1) // BLOCK_N, r_lo)
+    if MASK_MODE == 1:
+        r_hi = r_lo  # experiment: mask every tile
+    n_clean = r_hi - r_lo
+    v_clean = v_last + r_lo - last_lo // BLOCK_N  # virtual index of the first clean tile
+    for r in range(r_lo, r_hi):
+        k, v, offs_n = _load_kv_tile_full(kv_ptr, bt_row, kvh, r * BLOCK_N, stride_kb,
+                                          stride_kh, stride_ks, BLOCK_N, D, PAGE)
+        m_i, l_i, acc = _attend_tile(q, k, v, offs_n, offs_n >= 0, pos, m_i, l_i, acc, sink,
+                                     window, scale_log2, False)
+    for u in range(0, n_tot - n_clean):
+        vt = tl.where(u < v_clean, u, u + n_clean)
         n0, lo, hi = _tile_at(vt, n1, n2, a1, b1, a2, b2, end, BLOCK_N)
         k, v, offs_n, jvalid = _load_kv_tile(kv_ptr, bt_row, kvh, n0, lo, hi, stride_kb,
                                              stride_kh, stride_ks, BLOCK_N, D, PAGE)
-        if MASK_MODE == 1:
-            m_i, l_i, acc = _attend_tile(q, k, v, offs_n, jvalid, pos, m_i, l_i, acc, sink,
-                                         window, scale_log2, True)
-        elif MASK_MODE == 2:
-            m_i, l_i, acc = _attend_tile(q, k, v, offs_n, jvalid, pos, m_i, l_i, acc, sink,
-                                         window, scale_log2, False)
-        else:
-            n_last = n0 + BLOCK_N - 1
-            inside = (n0 >= lo) & (n_last < hi) & (n_last <= p_lo)
-            in_win = (window <= 0) | (n_last < sink) | (n0 > p_max - window)
-            if inside & in_win:
-                m_i, l_i, acc = _attend_tile(q, k, v, offs_n, jvalid, pos, m_i, l_i, acc, sink,
-                                             window, scale_log2, False)
-            else:
-                m_i, l_i, acc = _attend_tile(q, k, v, offs_n, jvalid, pos, m_i, l_i, acc, sink,
-                                             window, scale_log2, True)
+        m_i, l_i, acc = _attend_tile(q, k, v, offs_n, jvalid, pos, m_i, l_i, acc, sink, window,
+                                     scale_log2, MASK_MODE != 2)
 
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -394,21 +417,20 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: a few splits, so the split/reduce path is exercised
 
 
-# split_tiles: KV tiles per split of the decode kernel (many short splits: no wave-quantisation
-# tail, and one long sequence fills the GPU); the partials cost 2 x 512 B per (token, head, split).
-DEFAULT_DECODE = {"block_n": 32, "num_warps": 2, "num_stages": 4, "split_tiles": 8}
-DEFAULT_PREFILL = {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3,
+# waves: decode programs per SM. The split count makes (sequences x KV heads x splits) about
+# waves x SMs, all co-resident (one wave: no tail), so one long sequence fills the GPU too.
+DEFAULT_DECODE = {"block_n": 32, "num_warps": 2, "num_stages": 4, "waves": 2}
+DEFAULT_PREFILL = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3,
                    "mask_mode": 0}
 MAX_SPLITS = 256
 SPLIT_CHUNK = 32
 
 
-def decode_splits(kv_tokens: int, block_n: int, split_tiles: int, programs: int,
-                  sms: int) -> int:
-    """Splits per (sequence, KV head): about ``split_tiles`` KV tiles each, and at least two
-    programs per SM when there are enough tiles (a single long sequence fills the GPU)."""
+def decode_splits(kv_tokens: int, block_n: int, waves: int, pairs: int, sms: int) -> int:
+    """Splits per (sequence, KV head): ``pairs x splits`` close to (not over) ``waves x SMs``,
+    and at least two KV tiles per split."""
     tiles = triton.cdiv(kv_tokens, block_n)
-    n = max(triton.cdiv(tiles, split_tiles), min(tiles, triton.cdiv(2 * sms, programs)))
+    n = min((waves * sms) // pairs, triton.cdiv(tiles, 2))
     return max(1, min(MAX_SPLITS, n))
 
 
@@ -461,27 +483,30 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
     bn = dcfg["block_n"]
     num_splits = dcfg.get("num_splits")
     if num_splits is None:
-        num_splits = decode_splits(min(max_kv_tokens, max_seq_len), bn, dcfg["split_tiles"],
+        num_splits = decode_splits(min(max_kv_tokens, max_seq_len), bn, dcfg["waves"],
                                    num_seqs * hkv, _num_sms(dev))
     num_splits = max(1, int(num_splits))
     final = num_splits == 1
     if final:
         part_o = part_lse = out
     else:
-        part_o = torch.empty(t_total * hq * num_splits * d, dtype=torch.float32, device=dev)
-        part_lse = torch.empty(t_total * hq * num_splits, dtype=torch.float32, device=dev)
+        rows = num_seqs * max_q_dec * hq * num_splits
+        part_o = torch.empty(rows * d, dtype=torch.float32, device=dev)
+        part_lse = torch.empty(rows, dtype=torch.float32, device=dev)
     _decode_kernel[(num_seqs, hkv, num_splits)](
         q, kv_cache, block_table, seq_lens, query_start_loc, sink, window, kept_end, gap_end,
         out, hits_u8, part_o, part_lse, qref, o_e, lse_e, en, tau, scale_log2, *strides,
         num_splits, q_thr,
         HQ=hq, G=g, D=d, PAGE=page, BLOCK_M=block_m, BLOCK_N=bn, HAS_CALIB=has_calib,
-        FINAL=final, num_warps=dcfg["num_warps"], num_stages=dcfg["num_stages"],
+        FINAL=final, MAXQ=max_q_dec, num_warps=dcfg["num_warps"],
+        num_stages=dcfg["num_stages"],
     )
     if not final:
         _decode_reduce_kernel[(num_seqs, hq, max_q_dec)](
             q, query_start_loc, out, hits_u8, part_o, part_lse, qref, o_e, lse_e, en, tau,
             strides[0], strides[1], strides[6], strides[7], num_splits, q_thr,
-            HQ=hq, D=d, SPLIT_CHUNK=SPLIT_CHUNK, HAS_CALIB=has_calib, num_warps=4,
+            HQ=hq, D=d, SPLIT_CHUNK=SPLIT_CHUNK, HAS_CALIB=has_calib, MAXQ=max_q_dec,
+            num_warps=4,
         )
 
     # prefill kernel: sequences with q_len > q_thr
