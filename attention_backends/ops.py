@@ -55,9 +55,9 @@ def _use_triton(t: Tensor) -> bool:
     return t.is_cuda or os.environ.get(FORCE_TRITON_ENV) == "1"
 
 
-def _as_i32(x: Tensor | None, n: int, device: torch.device) -> Tensor:
+def _as_i32(x: Tensor | None, device: torch.device) -> Tensor | None:
     if x is None:
-        return torch.zeros(n, dtype=torch.int32, device=device)
+        return None
     return x.to(device=device, dtype=torch.int32).contiguous()
 
 
@@ -104,13 +104,12 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
                                        gap_end=gap_end, calibration=calibration, out=out)
     from attention_backends.kernels.paged_attention import paged_attention_triton
 
-    n = seq_lens.shape[0]
     dev = q.device
     return paged_attention_triton(
         q.contiguous() if q.stride(2) != 1 else q, kv_cache, block_table.to(torch.int32),
         seq_lens.to(torch.int32).contiguous(), query_start_loc.to(torch.int32).contiguous(),
-        scale, _as_i32(sink, n, dev), _as_i32(window, n, dev), _as_i32(kept_end, n, dev),
-        _as_i32(gap_end, n, dev), calibration, out, max_query_len=max_query_len,
+        scale, _as_i32(sink, dev), _as_i32(window, dev), _as_i32(kept_end, dev),
+        _as_i32(gap_end, dev), calibration, out, max_query_len=max_query_len,
         max_seq_len=max_seq_len, max_kv_tokens=max_kv_tokens, decode_config=decode_config,
         prefill_config=prefill_config)
 

@@ -71,6 +71,24 @@ def _visible_intervals(p_lo, p_hi, sink, window, kept_end, gap_end):
 
 
 @triton.jit
+def _seq_masks(sink_ptr, window_ptr, kept_ptr, gap_ptr, s, HAS_SW: tl.constexpr,
+               HAS_GAP: tl.constexpr):
+    """(sink, window, kept_end, gap_end) of sequence s; absent tensors mean 0."""
+    zero = s * 0  # an int32 scalar tensor, like the loaded values
+    sink = zero
+    window = zero
+    kept_end = zero
+    gap_end = zero
+    if HAS_SW:
+        sink = tl.load(sink_ptr + s)
+        window = tl.load(window_ptr + s)
+    if HAS_GAP:
+        kept_end = tl.load(kept_ptr + s)
+        gap_end = tl.load(gap_ptr + s)
+    return sink, window, kept_end, gap_end
+
+
+@triton.jit
 def _n_tiles(lo, hi, BLOCK_N: tl.constexpr):
     return tl.where(hi > lo, (hi + BLOCK_N - 1) // BLOCK_N - lo // BLOCK_N, 0)
 
@@ -200,7 +218,7 @@ def _decode_kernel(
     num_splits, q_thr,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_CALIB: tl.constexpr, FINAL: tl.constexpr,
-    MAXQ: tl.constexpr,
+    MAXQ: tl.constexpr, HAS_SW: tl.constexpr, HAS_GAP: tl.constexpr,
 ):
     s = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -211,10 +229,8 @@ def _decode_kernel(
         return
     seq_len = tl.load(seq_lens_ptr + s)
     ctx = seq_len - q_len
-    sink = tl.load(sink_ptr + s)
-    window = tl.load(window_ptr + s)
-    kept_end = tl.load(kept_ptr + s)
-    gap_end = tl.load(gap_ptr + s)
+    sink, window, kept_end, gap_end = _seq_masks(sink_ptr, window_ptr, kept_ptr, gap_ptr, s,
+                                                 HAS_SW, HAS_GAP)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
@@ -311,13 +327,16 @@ def _prefill_kernel(
     num_seqs, grid_tiles,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    HAS_CALIB: tl.constexpr, MASK_MODE: tl.constexpr,
+    HAS_CALIB: tl.constexpr, MASK_MODE: tl.constexpr, HAS_SW: tl.constexpr,
+    HAS_GAP: tl.constexpr,
 ):
     """One program per (KV head, tile of BLOCK_M // G query tokens): its BLOCK_M rows are those
     tokens x the G q heads sharing the KV head, so each KV tile is loaded once per group.
 
-    MASK_MODE 0: tiles every row sees whole skip the mask arithmetic; 1: every tile is masked;
-    2: no tile is masked (timing experiments only: wrong on boundary tiles).
+    MASK_MODE 0: tiles every row sees whole run in their own loop without mask arithmetic;
+    1: every tile is masked; 3: one loop, a per-tile branch skips the mask where it can (the
+    branch stops the software pipeliner); 2: no tile is masked (timing experiments only: wrong
+    on boundary tiles).
     """
     TOK: tl.constexpr = BLOCK_M // G
     kvh = tl.program_id(0)
@@ -338,10 +357,8 @@ def _prefill_kernel(
     q_len = tl.load(qsl_ptr + s + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + s)
     ctx = seq_len - q_len
-    sink = tl.load(sink_ptr + s)
-    window = tl.load(window_ptr + s)
-    kept_end = tl.load(kept_ptr + s)
-    gap_end = tl.load(gap_ptr + s)
+    sink, window, kept_end, gap_end = _seq_masks(sink_ptr, window_ptr, kept_ptr, gap_ptr, s,
+                                                 HAS_SW, HAS_GAP)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
@@ -379,8 +396,8 @@ def _prefill_kernel(
     c_lo = tl.where(window > 0, tl.maximum(last_lo, p_max - window + 1), last_lo)
     r_lo = (c_lo + BLOCK_N - 1) // BLOCK_N
     r_hi = tl.maximum(tl.minimum(end, p_lo + 1) // BLOCK_N, r_lo)
-    if MASK_MODE == 1:
-        r_hi = r_lo  # experiment: mask every tile
+    if MASK_MODE >= 1:
+        r_hi = r_lo  # modes 1 and 3: no separate clean loop
     n_clean = r_hi - r_lo
     v_clean = v_last + r_lo - last_lo // BLOCK_N  # virtual index of the first clean tile
     for r in range(r_lo, r_hi):
@@ -393,8 +410,19 @@ def _prefill_kernel(
         n0, lo, hi = _tile_at(vt, n1, n2, a1, b1, a2, b2, end, BLOCK_N)
         k, v, offs_n, jvalid = _load_kv_tile(kv_ptr, bt_row, kvh, n0, lo, hi, stride_kb,
                                              stride_kh, stride_ks, BLOCK_N, D, PAGE)
-        m_i, l_i, acc = _attend_tile(q, k, v, offs_n, jvalid, pos, m_i, l_i, acc, sink, window,
-                                     scale_log2, MASK_MODE != 2)
+        if MASK_MODE == 3:
+            n_last = n0 + BLOCK_N - 1
+            inside = (n0 >= lo) & (n_last < hi) & (n_last <= p_lo)
+            in_win = (window <= 0) | (n_last < sink) | (n0 > p_max - window)
+            if inside & in_win:
+                m_i, l_i, acc = _attend_tile(q, k, v, offs_n, jvalid, pos, m_i, l_i, acc, sink,
+                                             window, scale_log2, False)
+            else:
+                m_i, l_i, acc = _attend_tile(q, k, v, offs_n, jvalid, pos, m_i, l_i, acc, sink,
+                                             window, scale_log2, True)
+        else:
+            m_i, l_i, acc = _attend_tile(q, k, v, offs_n, jvalid, pos, m_i, l_i, acc, sink,
+                                         window, scale_log2, MASK_MODE != 2)
 
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -438,7 +466,8 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
                            window, kept_end, gap_end, calibration, out, *, max_query_len=None,
                            max_seq_len=None, max_kv_tokens=None, decode_config=None,
                            prefill_config=None):
-    """Launch the decode and/or prefill kernels. Mask tensors must be int32 [num_seqs]."""
+    """Launch the decode and/or prefill kernels. Mask tensors: int32 [num_seqs] or None (0).
+    sink and window come together (both or neither), so do kept_end and gap_end."""
     t_total, hq, d = q.shape
     _, hkv, page, d2 = kv_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -451,11 +480,14 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
                      if calibration is not None else None)
     has_calib = calibration is not None
     if has_calib:
-        hits_u8 = torch.zeros(t_total, hq, dtype=torch.int8, device=dev)
+        # every row of a sequence with queries is written by exactly one of the two kernels
+        hits_u8 = torch.empty(t_total, hq, dtype=torch.int8, device=dev)
         qref = calibration.q_ref.contiguous()
         o_e = calibration.o_e.to(torch.float32).contiguous()
         lse_e = calibration.lse_e.to(torch.float32).contiguous()
-        en = calibration.enabled.to(torch.int32).contiguous()
+        en = calibration.enabled
+        en = en.view(torch.uint8) if en.dtype == torch.bool else en.to(torch.int32)
+        en = en.contiguous()
         tau = float(calibration.tau)
     else:
         hits_u8 = out  # unused
@@ -468,6 +500,15 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
     if max_kv_tokens is None:
         max_kv_tokens = max_seq_len
     scale_log2 = float(scale) * LOG2E
+    has_sw = sink is not None or window is not None
+    has_gap = kept_end is not None or gap_end is not None
+    zeros = None
+    if (sink is None) != (window is None) or (kept_end is None) != (gap_end is None):
+        zeros = torch.zeros(num_seqs, dtype=torch.int32, device=dev)
+    sink = sink if sink is not None else (zeros if has_sw else seq_lens)
+    window = window if window is not None else (zeros if has_sw else seq_lens)
+    kept_end = kept_end if kept_end is not None else (zeros if has_gap else seq_lens)
+    gap_end = gap_end if gap_end is not None else (zeros if has_gap else seq_lens)
     strides = (q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1),
                kv_cache.stride(2), block_table.stride(0), out.stride(0), out.stride(1))
     assert q.stride(2) == 1 and kv_cache.stride(3) == 1 and out.stride(2) == 1
@@ -498,7 +539,7 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
         out, hits_u8, part_o, part_lse, qref, o_e, lse_e, en, tau, scale_log2, *strides,
         num_splits, q_thr,
         HQ=hq, G=g, D=d, PAGE=page, BLOCK_M=block_m, BLOCK_N=bn, HAS_CALIB=has_calib,
-        FINAL=final, MAXQ=max_q_dec, num_warps=dcfg["num_warps"],
+        FINAL=final, MAXQ=max_q_dec, HAS_SW=has_sw, HAS_GAP=has_gap, num_warps=dcfg["num_warps"],
         num_stages=dcfg["num_stages"],
     )
     if not final:
@@ -524,7 +565,8 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
             kept_end, gap_end, out, hits_u8, qref, o_e, lse_e, en, tau, scale_log2, *strides,
             num_seqs, grid_tiles,
             HQ=hq, G=g, D=d, PAGE=page, BLOCK_M=bm, BLOCK_N=pcfg["block_n"],
-            SEARCH_STEPS=steps, HAS_CALIB=has_calib, MASK_MODE=pcfg["mask_mode"],
+            SEARCH_STEPS=steps, HAS_CALIB=has_calib, MASK_MODE=pcfg["mask_mode"], HAS_SW=has_sw,
+            HAS_GAP=has_gap,
             num_warps=pcfg["num_warps"], num_stages=pcfg["num_stages"],
         )
     hits = hits_u8.view(torch.bool) if has_calib else None

@@ -86,7 +86,7 @@ def test_decode_split_counts(num_splits):
 
 
 @needs_triton
-@pytest.mark.parametrize("mask_mode", [0, 1])
+@pytest.mark.parametrize("mask_mode", [0, 1, 3])
 def test_sink_window(mask_mode):
     dtype = torch.bfloat16
     seqs = [(120, 1), (100, 60), (40, 40), (90, 3), (70, 1), (66, 20), (150, 100)]
