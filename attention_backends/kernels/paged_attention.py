@@ -334,9 +334,9 @@ def _prefill_kernel(
     tokens x the G q heads sharing the KV head, so each KV tile is loaded once per group.
 
     MASK_MODE 0: tiles every row sees whole run in their own loop without mask arithmetic;
-    1: every tile is masked; 3: one loop, a per-tile branch skips the mask where it can (the
-    branch stops the software pipeliner); 2: no tile is masked (timing experiments only: wrong
-    on boundary tiles).
+    3 (default): one loop, a per-tile branch skips the mask where it can (the branch stops the
+    software pipeliner, yet with 4 warps it is the fastest on H200); 1: every tile is masked;
+    2: no tile is masked (timing experiments only: wrong on boundary tiles).
     """
     TOK: tl.constexpr = BLOCK_M // G
     kvh = tl.program_id(0)
@@ -445,11 +445,16 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: a few splits, so the split/reduce path is exercised
 
 
+# Defaults = the winners of benchmarks/gpu_kernels.py's sweep on an H200 (docs/benchmarks.md).
 # waves: decode programs per SM. The split count makes (sequences x KV heads x splits) about
 # waves x SMs, all co-resident (one wave: no tail), so one long sequence fills the GPU too.
-DEFAULT_DECODE = {"block_n": 32, "num_warps": 2, "num_stages": 4, "waves": 2}
-DEFAULT_PREFILL = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3,
-                   "mask_mode": 0}
+# block_n 128: the pipeliner prefetches only one KV tile ahead behind the block-table load, so
+# a large tile keeps enough bytes in flight.
+DEFAULT_DECODE = {"block_n": 128, "num_warps": 4, "num_stages": 3, "waves": 3}
+# mask_mode 3 (one loop, per-tile branch) with 4 warps: two CTAs per SM overlap each other's
+# softmax and MMA, which beat the pipelined two-loop form (mode 0) with 8 warps.
+DEFAULT_PREFILL = {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3,
+                   "mask_mode": 3}
 MAX_SPLITS = 256
 SPLIT_CHUNK = 32
 
