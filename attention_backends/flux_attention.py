@@ -72,16 +72,17 @@ def run_attention(layer, query: torch.Tensor, kv_cache: torch.Tensor, fb: FluxBa
             sink, window = fb.layer_window(li, dev)
             sink, window = sink[:n], window[:n]
         if fb.kept_end is not None:
-            kept_end, gap_end = fb.kept_end[:n].to(dev), fb.gap_end[:n].to(dev)
+            kept_end, gap_end = (t[:n] for t in fb.eviction_bounds(dev))
         if fb.kv_plans and any(p is not None for p in fb.kv_plans):
             rt = _kv_runtime()
             live_ids = [r or "" for r in fb.req_ids[:n]]
             if rt is not None and kept_end is not None:
                 calib = rt.calibration_for(li, live_ids, dev)
+    max_kv = fb.max_kv_tokens[li] if fb is not None and fb.max_kv_tokens else None
     _, hits = ops.paged_attention(
         q, kv_cache, block_table[:n], seq_lens, query_start_loc[:n + 1], scale,
         sink=sink, window=window, kept_end=kept_end, gap_end=gap_end, calibration=calib,
-        out=out, max_query_len=max_query_len, max_seq_len=max_seq_len)
+        out=out, max_query_len=max_query_len, max_seq_len=max_seq_len, max_kv_tokens=max_kv)
     if rt is not None:
         if hits is not None:
             rt.record_hits(li, live_ids, hits, query_start_loc[:n + 1].cpu())

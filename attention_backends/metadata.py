@@ -48,6 +48,10 @@ class FluxBatch:
     # rows whose prompt completes in this step and that have a plan:
     # (row, first token, end token in the batch, rows of the chunk up to the last prompt query)
     compress_rows: list[tuple[int, int, int, int]] = field(default_factory=list)
+    # per layer, an upper bound on the keys any row sees (host ints): sizes the split-KV grid
+    max_kv_tokens: list[int] = field(default_factory=list)
+    _device_windows: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _device_gaps: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def layer_sparse(self, layer: int) -> torch.Tensor:
         return self.sparse[layer]
@@ -57,9 +61,24 @@ class FluxBatch:
 
     def layer_window(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sink, window)`` int32 on ``device`` for this layer: window 0 (= full) on FA rows."""
+        if not self.route_rows:
+            # Every decision is known before the forward: copy all layers' masks to the device
+            # once per step rather than once per layer (a host-to-device copy each).
+            if self._device_windows is None or self._device_windows[0].device != device:
+                self._device_windows = tuple(
+                    torch.where(self.sparse, t[None], torch.zeros_like(t)[None]).to(device)
+                    for t in (self.sink, self.window))
+            return self._device_windows[0][layer], self._device_windows[1][layer]
+        # Rows routed in this step get their decision layer by layer during the forward.
         w = torch.where(self.sparse[layer], self.window, torch.zeros_like(self.window))
         s = torch.where(self.sparse[layer], self.sink, torch.zeros_like(self.sink))
         return s.to(device), w.to(device)
+
+    def eviction_bounds(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(kept_end, gap_end)`` on ``device``, copied once per step."""
+        if self._device_gaps is None or self._device_gaps[0].device != device:
+            self._device_gaps = (self.kept_end.to(device), self.gap_end.to(device))
+        return self._device_gaps
 
 
 def build_flux_batch(num_rows: int, query_start_loc_cpu: torch.Tensor,
@@ -115,9 +134,30 @@ def build_flux_batch(num_rows: int, query_start_loc_cpu: torch.Tensor,
         elif q_len > 0:
             route_rows.append(RouteRow(i, r.req_id, qsl[i], q_len))
     has_kv = any(p is not None for p in kv_plans)
+    max_kv = _max_kv_tokens(rows, qsl, num_rows, sparse, sink, window,
+                            kept_end if has_kv else None, gap_end)
     return FluxBatch(req_ids, states, sparse, sink, window, route_rows, num_layers, prompt_done,
                      kv_plans, kv_pols, kept_end if has_kv else None,
-                     gap_end if has_kv else None, compress_rows)
+                     gap_end if has_kv else None, compress_rows, max_kv)
+
+
+def _max_kv_tokens(rows, qsl: list[int], num_rows: int, sparse: torch.Tensor,
+                   sink: torch.Tensor, window: torch.Tensor, kept_end: torch.Tensor | None,
+                   gap_end: torch.Tensor) -> list[int]:
+    """Per layer, the most keys any row can see: seq_len, or sink + window + q_len on sparse
+    rows, or kept + tail on compressed rows. Rows still to be routed count as full, so the bound
+    holds whatever the routers decide."""
+    seq = torch.zeros(num_rows, dtype=torch.int64)
+    q_len = torch.tensor([qsl[i + 1] - qsl[i] for i in range(num_rows)], dtype=torch.int64)
+    for i in range(min(num_rows, len(rows))):
+        if rows[i] is not None:
+            seq[i] = rows[i].num_computed + q_len[i]
+    full = seq
+    if kept_end is not None:
+        full = torch.where(kept_end > 0, torch.minimum(seq, kept_end + seq - gap_end), seq)
+    sa = torch.minimum(full, sink.long() + window.long() + q_len)
+    bounds = torch.where(sparse, sa[None], full[None])  # [layers, rows]
+    return bounds.amax(1).tolist() if num_rows else [0] * sparse.shape[0]
 
 
 def _eviction_plan(policy: dict, prompt_len: int, block_size: int):

@@ -41,14 +41,18 @@ class Calibration:
     ``q_ref [num_seqs, Hq, D]`` (q's dtype), ``o_e [num_seqs, Hq, D]`` float32 softmax-normalised
     output of ``q_ref`` over the evicted keys, ``lse_e [num_seqs, Hq]`` float32 log-sum-exp of its
     scaled scores (``-inf``: nothing evicted), ``enabled [num_seqs]`` bool, ``tau`` the cosine
-    threshold.
+    threshold: one float for all sequences, or a float32 ``[num_seqs]`` tensor (requests of one
+    batch may ask for different thresholds).
     """
 
     q_ref: Tensor
     o_e: Tensor
     lse_e: Tensor
     enabled: Tensor
-    tau: float
+    tau: float | Tensor
+
+    def tau_of(self, seq: int) -> float:
+        return float(self.tau[seq]) if isinstance(self.tau, Tensor) else float(self.tau)
 
 
 def _use_triton(t: Tensor) -> bool:

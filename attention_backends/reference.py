@@ -152,7 +152,7 @@ def paged_attention_ref(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_le
             lse = lse.permute(2, 0, 1).reshape(c1 - c0, hq)
             if calibration is not None and enabled[s]:
                 cos = cosine(q[t0:t1], calibration.q_ref[s][None])  # [n_q, Hq]
-                hit = cos >= calibration.tau
+                hit = cos >= float(calibration.tau_of(s))
                 merged = lse_merge(o, lse, calibration.o_e[s][None].to(torch.float32),
                                    calibration.lse_e[s][None].to(torch.float32))
                 o = torch.where(hit[..., None], merged, o)

@@ -198,9 +198,9 @@ def time_decode(batch: int, ctx: int, block_size: int, reps: int = 50) -> dict:
             sink = torch.full((batch,), 128, dtype=torch.int32, device=dev)
             window = torch.full((batch,), 2048, dtype=torch.int32, device=dev)
 
-        def kernel(s=sink, w=window, qd=qsl_dev):
+        def kernel(s=sink, w=window, qd=qsl_dev, m=fb.max_kv_tokens[1]):
             ops.paged_attention(q, kv, bt, seq_lens, qd, scale, sink=s, window=w, out=out,
-                                max_query_len=1, max_seq_len=ctx)
+                                max_query_len=1, max_seq_len=ctx, max_kv_tokens=m)
 
         res[f"{mode}_kernel_us"] = 1e3 * event_ms(kernel)
     kd = torch.randn(batch, HKV, ctx, D, device=dev, dtype=torch.bfloat16)

@@ -65,7 +65,6 @@ class KVPolicyRuntime:
         self._checks = 0
         self._hits: Tensor | None = None
         self._hit_calls = 0
-        self._last_tau: dict[int, float] = {}  # layer -> tau of its last calibration_for
 
     # ------------------------------------------------------------------ eviction
 
@@ -122,10 +121,8 @@ class KVPolicyRuntime:
     def calibration_for(self, layer_idx: int, req_ids: Sequence[str], device):
         """Batched ``ops.Calibration`` for the requests of a batch, in batch order, or None.
 
-        Requests without calibration at this layer get ``enabled = False`` (zeros elsewhere).
-        ``ops.Calibration`` takes one ``tau`` per call: when calibrated requests of one batch
-        ask for different ``tau``, the most common value is used and requests with another
-        value run kept-only in that step (a known limitation, see docs/kv_policies.md).
+        Requests without calibration at this layer get ``enabled = False`` (zeros elsewhere);
+        each request keeps its own ``tau``.
         """
         rows = [self._layer_state(r, layer_idx) for r in req_ids]
         present = [c for c in rows if c is not None]
@@ -149,14 +146,8 @@ class KVPolicyRuntime:
             lse_e[i] = cal.lse_e
             enabled[i] = True
             taus[i] = tau
-        used = [taus[i] for i, r in enumerate(rows) if r is not None]
-        tau = min(set(used), key=lambda t: (-used.count(t), t))
-        for i, row in enumerate(rows):
-            if row is not None and taus[i] != tau:
-                enabled[i] = False
-        self._last_tau[layer_idx] = tau
-        return ops.Calibration(q_ref=q_ref, o_e=o_e, lse_e=lse_e,
-                               enabled=enabled.to(device), tau=tau)
+        return ops.Calibration(q_ref=q_ref, o_e=o_e, lse_e=lse_e, enabled=enabled.to(device),
+                               tau=torch.tensor(taus, dtype=torch.float32, device=device))
 
     def record_hits(self, layer_idx: int, req_ids: Sequence[str], hits: Tensor | None,
                     query_start_loc: Sequence[int] | Tensor | None = None) -> None:
@@ -177,8 +168,7 @@ class KVPolicyRuntime:
             counts = [int(qsl[i + 1]) - int(qsl[i]) for i in range(len(req_ids))]
         self._checks += hq * sum(
             c for r, c in zip(req_ids, counts, strict=True)
-            if (st := self._layer_state(r, layer_idx)) is not None
-            and st[0] == self._last_tau.get(layer_idx, st[0]))
+            if self._layer_state(r, layer_idx) is not None)
         total = hits.sum()
         self._hits = total if self._hits is None else self._hits + total
         self._hit_calls += 1

@@ -150,7 +150,7 @@ def _attend_tile(q, k, v, offs_n, jvalid, pos, m_i, l_i, acc, sink, window, scal
 
 @triton.jit
 def _finish(o, lse2, q, s, t_abs, h_r, row_ok, out_ptr, hits_ptr, stride_ot, stride_oh,
-            qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau, HQ: tl.constexpr, D: tl.constexpr,
+            qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau_ptr, HQ: tl.constexpr, D: tl.constexpr,
             HAS_CALIB: tl.constexpr):
     """Optional calibration merge, then store the rows (o normalised, lse2 in log2 units)."""
     offs_d = tl.arange(0, D)
@@ -163,7 +163,7 @@ def _finish(o, lse2, q, s, t_abs, h_r, row_ok, out_ptr, hits_ptr, stride_ot, str
         num = tl.sum(qf * qref, 1)
         den = tl.sqrt(tl.sum(qf * qf, 1) * tl.sum(qref * qref, 1))
         cos = num / tl.maximum(den, 1e-12)
-        hit = (cos >= tau) & (en != 0) & row_ok
+        hit = (cos >= tl.load(tau_ptr + s)) & (en != 0) & row_ok
         lse_e2 = tl.load(lsee_ptr + cal_off, mask=row_ok, other=float("-inf")) * 1.4426950408889634
         o_e = tl.load(oe_ptr + cal_off[:, None] * D + offs_d[None, :], mask=row_ok[:, None],
                       other=0.0)
@@ -182,7 +182,7 @@ def _finish(o, lse2, q, s, t_abs, h_r, row_ok, out_ptr, hits_ptr, stride_ot, str
 
 @triton.jit
 def _finish_row(o, lse2, q, s, t_abs, h, out_ptr, hits_ptr, stride_ot, stride_oh, qref_ptr,
-                oe_ptr, lsee_ptr, en_ptr, tau, HQ: tl.constexpr, D: tl.constexpr,
+                oe_ptr, lsee_ptr, en_ptr, tau_ptr, HQ: tl.constexpr, D: tl.constexpr,
                 HAS_CALIB: tl.constexpr):
     """``_finish`` for a single (token, head) row: o [D] normalised, lse2 scalar (log2)."""
     offs_d = tl.arange(0, D)
@@ -194,7 +194,7 @@ def _finish_row(o, lse2, q, s, t_abs, h, out_ptr, hits_ptr, stride_ot, stride_oh
         num = tl.sum(qf * qref, 0)
         den = tl.sqrt(tl.sum(qf * qf, 0) * tl.sum(qref * qref, 0))
         cos = num / tl.maximum(den, 1e-12)
-        hit = (cos >= tau) & (en != 0)
+        hit = (cos >= tl.load(tau_ptr + s)) & (en != 0)
         lse_e2 = tl.load(lsee_ptr + cal_off) * 1.4426950408889634
         o_e = tl.load(oe_ptr + cal_off * D + offs_d)
         mm = tl.maximum(lse2, lse_e2)
@@ -213,7 +213,7 @@ def _finish_row(o, lse2, q, s, t_abs, h, out_ptr, hits_ptr, stride_ot, stride_oh
 def _decode_kernel(
     q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, sink_ptr, window_ptr, kept_ptr, gap_ptr,
     out_ptr, hits_ptr, part_o_ptr, part_lse_ptr,
-    qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau, scale_log2,
+    qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau_ptr, scale_log2,
     stride_qt, stride_qh, stride_kb, stride_kh, stride_ks, stride_bt, stride_ot, stride_oh,
     num_splits, q_thr,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
@@ -267,7 +267,7 @@ def _decode_kernel(
     lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     if FINAL:
         _finish(o, lse2, q, s, t_abs, h_r, row_ok, out_ptr, hits_ptr, stride_ot, stride_oh,
-                qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau, HQ, D, HAS_CALIB)
+                qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau_ptr, HQ, D, HAS_CALIB)
     else:
         part = ((s.to(tl.int64) * MAXQ + t_rel) * HQ + h_r) * num_splits + split
         tl.store(part_lse_ptr + part, lse2, mask=row_ok)
@@ -277,7 +277,7 @@ def _decode_kernel(
 @triton.jit
 def _decode_reduce_kernel(
     q_ptr, qsl_ptr, out_ptr, hits_ptr, part_o_ptr, part_lse_ptr,
-    qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau,
+    qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, num_splits, q_thr,
     HQ: tl.constexpr, D: tl.constexpr, SPLIT_CHUNK: tl.constexpr, HAS_CALIB: tl.constexpr,
     MAXQ: tl.constexpr,
@@ -316,13 +316,13 @@ def _decode_reduce_kernel(
     if HAS_CALIB:
         q = tl.load(q_ptr + t_abs.to(tl.int64) * stride_qt + h * stride_qh + offs_d)
     _finish_row(o, lse2, q, s, t_abs, h, out_ptr, hits_ptr, stride_ot, stride_oh, qref_ptr,
-                oe_ptr, lsee_ptr, en_ptr, tau, HQ, D, HAS_CALIB)
+                oe_ptr, lsee_ptr, en_ptr, tau_ptr, HQ, D, HAS_CALIB)
 
 
 @triton.jit
 def _prefill_kernel(
     q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, cu_tiles_ptr, sink_ptr, window_ptr, kept_ptr,
-    gap_ptr, out_ptr, hits_ptr, qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau, scale_log2,
+    gap_ptr, out_ptr, hits_ptr, qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau_ptr, scale_log2,
     stride_qt, stride_qh, stride_kb, stride_kh, stride_ks, stride_bt, stride_ot, stride_oh,
     num_seqs, grid_tiles,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
@@ -428,7 +428,7 @@ def _prefill_kernel(
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     _finish(o, lse2, q, s, t_abs, h_r, row_ok, out_ptr, hits_ptr, stride_ot, stride_oh,
-            qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau, HQ, D, HAS_CALIB)
+            qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau_ptr, HQ, D, HAS_CALIB)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -493,11 +493,11 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
         en = calibration.enabled
         en = en.view(torch.uint8) if en.dtype == torch.bool else en.to(torch.int32)
         en = en.contiguous()
-        tau = float(calibration.tau)
+        tau = torch.as_tensor(calibration.tau, dtype=torch.float32, device=dev)
+        tau = tau.expand(num_seqs).contiguous()  # one threshold per sequence
     else:
         hits_u8 = out  # unused
-        qref = o_e = lse_e = en = q
-        tau = 0.0
+        qref = o_e = lse_e = en = tau = q
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item())
     if max_seq_len is None:

@@ -149,6 +149,23 @@ def test_metadata_modes_and_routing_rows():
     assert "d" not in reg.states
 
 
+def test_max_kv_tokens_bounds_every_rows_visible_keys():
+    reg = _registry(with_router=False)
+    extra = {
+        "a": {"flux": {"mode": "sparse", "sink": 4, "window": 16}},
+        "b": {"flux": {"mode": "layers", "sparse_layers": [1], "sink": 4, "window": 8}},
+        "c": {"kv_policy": {"name": "calidrop", "budget": 64, "window": 8}},
+    }
+    # decode step: one token each; c's 500-token prompt was compressed to 64 kept slots
+    reg.set_batch([BatchRow("a", 999, 999), BatchRow("b", 199, 199), BatchRow("c", 500, 500)])
+    qsl = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+    fb = build_flux_batch(3, qsl, reg, 2, extra.get, block_size=16)
+    # layer 0: b runs full over its 200 keys; layer 1: a 21, b 13, c 64 + 1
+    assert fb.max_kv_tokens == [200, 65]
+    fb_ab = build_flux_batch(2, qsl[:3], reg, 2, extra.get, block_size=16)
+    assert fb_ab.max_kv_tokens == [200, 21]
+
+
 def test_auto_without_router_runs_full():
     reg = _registry(with_router=False)
     reg.set_batch([BatchRow("x", 400, 0)])

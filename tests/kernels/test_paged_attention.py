@@ -182,6 +182,30 @@ def test_calibration(num_splits):
     assert torch.equal(changed, expect)
 
 
+@needs_triton
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_calibration_threshold_per_sequence(num_splits):
+    """Requests of one batch keep their own tau: 2.0 never hits, -2.0 always hits."""
+    dtype, hq, hkv, d = torch.float16, 8, 2, 64
+    seqs = [(70, 1), (64, 1), (90, 3), (75, 18)]
+    kept_end, gap_end = [16, 20, 10, 30], [60, 50, 80, 70]
+    masks = {"kept_end": _i32(kept_end), "gap_end": _i32(gap_end)}
+    paged, q, qsl = _make_inputs(700 + num_splits, dtype, hq, hkv, d, 16, seqs, kept_end,
+                                 gap_end)
+    gen = torch.Generator().manual_seed(701)
+    calib = _calibration(gen, q, qsl, len(seqs), hq, d, [1, 6], [True] * 4, dtype)
+    calib.tau = torch.tensor([0.5, 2.0, -2.0, 0.5])
+    tuning = {"prefill_config": {"block_m": 16, "block_n": 16},
+              "decode_config": {"block_n": 16, "num_splits": num_splits}}
+    got, hits, want, want_hits = _run_both(paged, q, qsl, 0.125, masks, calib, **tuning)
+    _check(got, want, dtype)
+    assert torch.equal(hits, want_hits)
+    per_seq = [hits[int(qsl[s]):int(qsl[s + 1])] for s in range(len(seqs))]
+    assert per_seq[0][0, [1, 6]].all() and not per_seq[0][0, [0, 2, 3, 4, 5, 7]].any()
+    assert not per_seq[1].any()
+    assert per_seq[2].all()
+
+
 # ----------------------------------------------------------------------------- reference
 
 
