@@ -493,8 +493,11 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
         en = calibration.enabled
         en = en.view(torch.uint8) if en.dtype == torch.bool else en.to(torch.int32)
         en = en.contiguous()
-        tau = torch.as_tensor(calibration.tau, dtype=torch.float32, device=dev)
-        tau = tau.expand(num_seqs).contiguous()  # one threshold per sequence
+        # one threshold per sequence; a fill, not a host copy, so CUDA graphs can capture it
+        if isinstance(calibration.tau, torch.Tensor):
+            tau = calibration.tau.to(device=dev, dtype=torch.float32).expand(num_seqs).contiguous()
+        else:
+            tau = torch.full((num_seqs,), float(calibration.tau), dtype=torch.float32, device=dev)
     else:
         hits_u8 = out  # unused
         qref = o_e = lse_e = en = tau = q
