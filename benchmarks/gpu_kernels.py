@@ -41,7 +41,7 @@ PEAK = 707e12
 SCALE = 1 / math.sqrt(D)
 KV_TOKEN_BYTES = HKV * 2 * D * 2  # one layer, one token: 4 KiB
 
-# measured earlier on the same kind of machine (shared/baselines), microseconds
+# measured earlier on the same kind of machine (benchmarks/results/baselines), microseconds
 BASE = {
     "sdpa_decode": {(1, 8192): 22.7, (1, 32768): 50.3, (1, 131072): 139.4, (8, 8192): 80.4,
                     (8, 32768): 257.2, (8, 131072): 962.5, (32, 8192): 252.1,
