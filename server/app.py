@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
 
 from server import __version__
+from server.admission import AdmissionControl
 from server.config import ServerSettings
 from server.engine import EngineState, start_engine, stop_engine
 from server.routes import openai, ops
@@ -38,6 +39,7 @@ def build_app(args: argparse.Namespace, settings: ServerSettings) -> FastAPI:
     # vLLM's handlers turn validation errors, HTTP errors and engine errors into OpenAI error
     # bodies ({"error": {"message", "type", "param", "code"}}) with the right status.
     init_exception_handler(app)
+    app.add_middleware(AdmissionControl, max_in_flight=settings.max_in_flight_requests)
     app.include_router(ops.router)
     app.include_router(openai.router)
     return app

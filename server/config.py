@@ -28,6 +28,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                             "checkpoint's local_window_size).")
     group.add_argument("--flux-router", type=str, default=None,
                        help="Standalone Flux router (safetensors + JSON config) for a stock model.")
+    group.add_argument("--max-in-flight-requests", type=int, default=1024,
+                       help="Generation requests served or queued at once; more get 429 "
+                            "(0: no limit).")
     group.add_argument("--kv-policy", choices=list(POLICY_NAMES), default="none",
                        help="Default KV-eviction policy for requests that send no `kv_policy`.")
     group.add_argument("--kv-budget", type=int, default=2048, help="Default KV budget (tokens).")
@@ -44,6 +47,7 @@ class ServerSettings:
     default_kv_policy: KVPolicyOptions = field(default_factory=KVPolicyOptions)
     router_available: bool = False
     smoke_test_model: bool = False
+    max_in_flight_requests: int = 1024
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, *, smoke_test_model: bool) -> ServerSettings:
@@ -67,4 +71,5 @@ class ServerSettings:
                              "or pass --flux-router PATH")
         return cls(api_keys=tuple(keys), default_flux=FluxOptions(**flux_kwargs),
                    default_kv_policy=kv, router_available=router,
-                   smoke_test_model=smoke_test_model)
+                   smoke_test_model=smoke_test_model,
+                   max_in_flight_requests=args.max_in_flight_requests)

@@ -1,0 +1,68 @@
+"""Admission control holds a slot per generation request until its response is done."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+
+from server.admission import AdmissionControl
+
+
+def _app(limit: int, gate: asyncio.Event) -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions():
+        async def body():
+            yield b"data: first\n\n"
+            await gate.wait()  # a long stream: the slot stays taken until it ends
+            yield b"data: [DONE]\n\n"
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"data": []}
+
+    app.add_middleware(AdmissionControl, max_in_flight=limit)
+    return app
+
+
+def test_requests_beyond_the_limit_get_429_and_slots_are_returned():
+    async def scenario():
+        gate = asyncio.Event()
+        app = _app(2, gate)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            held = [asyncio.create_task(client.post("/v1/completions")) for _ in range(2)]
+            await asyncio.sleep(0.05)
+            busy = await client.post("/v1/completions")
+            assert busy.status_code == 429
+            error = busy.json()["error"]
+            assert error["code"] == 429 and error["type"] == "rate_limit_exceeded"
+            assert busy.headers["retry-after"] == "1"
+            # other routes are never limited
+            assert (await client.get("/v1/models")).status_code == 200
+            gate.set()
+            assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
+            # every slot came back
+            again = await asyncio.gather(*(client.post("/v1/completions") for _ in range(2)))
+            assert [r.status_code for r in again] == [200, 200]
+
+    asyncio.run(scenario())
+
+
+def test_zero_means_no_limit():
+    async def scenario():
+        gate = asyncio.Event()
+        gate.set()
+        app = _app(0, gate)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://t") as client:
+            codes = [r.status_code for r in await asyncio.gather(
+                *(client.post("/v1/completions") for _ in range(20)))]
+        assert codes == [200] * 20
+
+    asyncio.run(scenario())
