@@ -93,15 +93,17 @@ def build_flux_batch(num_rows: int, query_start_loc_cpu: torch.Tensor,
     qsl = query_start_loc_cpu.tolist()
     req_ids: list[str | None] = []
     states: list[FluxRequestState | None] = []
-    sparse = torch.zeros(num_layers, num_rows, dtype=torch.bool)
-    sink = torch.zeros(num_rows, dtype=torch.int32)
-    window = torch.zeros(num_rows, dtype=torch.int32)
+    # Python lists, turned into tensors once at the end: per-element tensor writes cost
+    # microseconds each, and this runs every step for every request.
+    sink_l = [0] * num_rows
+    window_l = [0] * num_rows
+    kept_l = [0] * num_rows
+    gap_l = [0] * num_rows
+    known: list[tuple[int, torch.Tensor]] = []  # rows whose per-layer decisions are fixed
     route_rows: list[RouteRow] = []
     prompt_done: list[bool] = []
     kv_plans: list = [None] * num_rows
     kv_pols: list = [None] * num_rows
-    kept_end = torch.zeros(num_rows, dtype=torch.int32)
-    gap_end = torch.zeros(num_rows, dtype=torch.int32)
     compress_rows: list[tuple[int, int, int, int]] = []
     for i in range(num_rows):
         if i >= len(rows) or rows[i] is None:
@@ -120,19 +122,26 @@ def build_flux_batch(num_rows: int, query_start_loc_cpu: torch.Tensor,
         if done and st.prefill_done_at is None:
             st.prompt_done_pending = True
         if block_size and extra and extra.get("kv_policy"):
-            plan = _eviction_plan(extra["kv_policy"], r.prompt_len, block_size)
+            plan = _cached_plan(st, extra["kv_policy"], r.prompt_len, block_size)
             if plan is not None:
                 kv_plans[i], kv_pols[i] = plan, extra["kv_policy"]
                 if r.num_computed >= r.prompt_len:
-                    kept_end[i], gap_end[i] = plan.kept_end, plan.gap_end
+                    kept_l[i], gap_l[i] = plan.kept_end, plan.gap_end
                 elif done:
                     compress_rows.append((i, qsl[i], qsl[i + 1], r.prompt_len - r.num_computed))
-        sink[i] = st.sink
-        window[i] = st.window
+        sink_l[i] = st.sink
+        window_l[i] = st.window
         if st.sparse is not None:
-            sparse[:, i] = st.sparse
+            known.append((i, st.sparse))
         elif q_len > 0:
             route_rows.append(RouteRow(i, r.req_id, qsl[i], q_len))
+    sparse = torch.zeros(num_layers, num_rows, dtype=torch.bool)
+    if known:
+        sparse[:, [i for i, _ in known]] = torch.stack([col for _, col in known], 1)
+    sink = torch.tensor(sink_l, dtype=torch.int32)
+    window = torch.tensor(window_l, dtype=torch.int32)
+    kept_end = torch.tensor(kept_l, dtype=torch.int32)
+    gap_end = torch.tensor(gap_l, dtype=torch.int32)
     has_kv = any(p is not None for p in kv_plans)
     max_kv = _max_kv_tokens(rows, qsl, num_rows, sparse, sink, window,
                             kept_end if has_kv else None, gap_end)
@@ -147,17 +156,25 @@ def _max_kv_tokens(rows, qsl: list[int], num_rows: int, sparse: torch.Tensor,
     """Per layer, the most keys any row can see: seq_len, or sink + window + q_len on sparse
     rows, or kept + tail on compressed rows. Rows still to be routed count as full, so the bound
     holds whatever the routers decide."""
-    seq = torch.zeros(num_rows, dtype=torch.int64)
-    q_len = torch.tensor([qsl[i + 1] - qsl[i] for i in range(num_rows)], dtype=torch.int64)
-    for i in range(min(num_rows, len(rows))):
-        if rows[i] is not None:
-            seq[i] = rows[i].num_computed + q_len[i]
+    q_lens = [qsl[i + 1] - qsl[i] for i in range(num_rows)]
+    seq = torch.tensor([rows[i].num_computed + q_lens[i]
+                        if i < len(rows) and rows[i] is not None else 0
+                        for i in range(num_rows)], dtype=torch.int64)
+    q_len = torch.tensor(q_lens, dtype=torch.int64)
     full = seq
     if kept_end is not None:
         full = torch.where(kept_end > 0, torch.minimum(seq, kept_end + seq - gap_end), seq)
     sa = torch.minimum(full, sink.long() + window.long() + q_len)
     bounds = torch.where(sparse, sa[None], full[None])  # [layers, rows]
     return bounds.amax(1).tolist() if num_rows else [0] * sparse.shape[0]
+
+
+def _cached_plan(st: FluxRequestState, policy: dict, prompt_len: int, block_size: int):
+    """The request's eviction plan, computed once: it depends only on what the request fixed."""
+    key = (prompt_len, block_size)
+    if st.kv_plan_key != key:
+        st.kv_plan, st.kv_plan_key = _eviction_plan(policy, prompt_len, block_size), key
+    return st.kv_plan
 
 
 def _eviction_plan(policy: dict, prompt_len: int, block_size: int):

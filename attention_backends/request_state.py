@@ -43,6 +43,8 @@ class FluxRequestState:
     prefill_done_at: float | None = None
     prompt_done_pending: bool = False  # the prompt completed in the step being run
     router_seconds: float = 0.0
+    kv_plan: object = None  # kv_policies EvictionPlan (or None), cached by build_flux_batch
+    kv_plan_key: tuple | None = None
 
     @property
     def routed(self) -> bool:
