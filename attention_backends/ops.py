@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from attention_backends import reference as ref
+from attention_backends.sdpa_prefill import dense_prefill_sdpa
 
 __all__ = [
     "Calibration",
@@ -65,6 +66,30 @@ def _as_i32(x: Tensor | None, device: torch.device) -> Tensor | None:
     return x.to(device=device, dtype=torch.int32).contiguous()
 
 
+def _dense_cpu(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
+               query_start_loc: Tensor, scale: float, out: Tensor | None):
+    """Unmasked attention on the CPU: whole prompts through torch SDPA, the other sequences
+    (decode steps, chunks over a cached prefix) through the float32 reference."""
+    if out is None:
+        out = torch.empty_like(q)
+    done = set(dense_prefill_sdpa(q, kv_cache, block_table, seq_lens, query_start_loc, scale,
+                                  out, q_thr=1, whole_batch=False) or ())
+    qsl = query_start_loc.tolist()
+    rest = [s for s in range(seq_lens.shape[0]) if s not in done and qsl[s + 1] > qsl[s]]
+    if not done:
+        return ref.paged_attention_ref(q, kv_cache, block_table, seq_lens, query_start_loc,
+                                       scale, out=out)
+    if rest:
+        spans = [(qsl[s], qsl[s + 1]) for s in rest]
+        sub_qsl = torch.tensor([0] + [t1 - t0 for t0, t1 in spans]).cumsum(0).to(torch.int32)
+        sub_out, _ = ref.paged_attention_ref(
+            torch.cat([q[t0:t1] for t0, t1 in spans]), kv_cache, block_table[rest],
+            seq_lens[rest], sub_qsl, scale)
+        for (t0, t1), a in zip(spans, sub_qsl.tolist(), strict=False):
+            out[t0:t1] = sub_out[a:a + t1 - t0]
+    return out, None
+
+
 def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
                     query_start_loc: Tensor, scale: float, *, sink: Tensor | None = None,
                     window: Tensor | None = None, kept_end: Tensor | None = None,
@@ -103,6 +128,8 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
     if out is not None and out.shape != q.shape:
         raise ValueError(f"out shape {tuple(out.shape)} != q shape {tuple(q.shape)}")
     if not _use_triton(q):
+        if all(m is None for m in (sink, window, kept_end, gap_end, calibration)):
+            return _dense_cpu(q, kv_cache, block_table, seq_lens, query_start_loc, scale, out)
         return ref.paged_attention_ref(q, kv_cache, block_table, seq_lens, query_start_loc, scale,
                                        sink=sink, window=window, kept_end=kept_end,
                                        gap_end=gap_end, calibration=calibration, out=out)

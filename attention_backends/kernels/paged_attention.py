@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from attention_backends.sdpa_prefill import dense_prefill_sdpa
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -467,52 +469,6 @@ def decode_splits(kv_tokens: int, block_n: int, waves: int, pairs: int, sms: int
     return max(1, min(MAX_SPLITS, n))
 
 
-_SDPA_UNSUPPORTED: set[tuple] = set()
-
-
-def dense_prefill_sdpa(q, kv_cache, block_table, seq_lens, query_start_loc, scale, out,
-                       q_thr: int) -> bool:
-    """Causal attention of each prefill sequence (``q_len > q_thr``) through torch SDPA's fused
-    kernels, when every such sequence is a whole prompt (no cached prefix): K/V are gathered per
-    sequence (bytes, small next to the FLOPs of a prefill). Returns False, having written
-    nothing that matters, when that does not apply or no fused SDPA kernel takes these shapes:
-    the caller then runs the Triton kernel."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    key = (q.device.type, q.dtype, q.shape[1], kv_cache.shape[1], q.shape[2])
-    if key in _SDPA_UNSUPPORTED:
-        return False
-    _, hkv, page, d2 = kv_cache.shape
-    d = d2 // 2
-    qsl, lens = query_start_loc.tolist(), seq_lens.tolist()
-    rows = [(s, qsl[s], qsl[s + 1]) for s in range(len(lens)) if qsl[s + 1] - qsl[s] > q_thr]
-    if any(t1 - t0 != lens[s] for s, t0, t1 in rows):
-        # a chunk over a cached prefix needs a bottom-right causal mask, which SDPA's fused
-        # kernels run slower than ours (measured: 11.8 vs 10.8 ms at 8K over 24K on an H200)
-        return False
-    # on the GPU never the math fallback: it would materialise [heads, q_len, kv_len] scores
-    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                SDPBackend.EFFICIENT_ATTENTION]
-    if not q.is_cuda:
-        backends.append(SDPBackend.MATH)
-    try:
-        with sdpa_kernel(backends):
-            for s, t0, t1 in rows:
-                length = lens[s]
-                nblk = (length + page - 1) // page
-                kv = kv_cache[block_table[s, :nblk].long()]  # [nblk, Hkv, page, 2D]
-                kv = kv.transpose(0, 1).reshape(hkv, nblk * page, d2)[:, :length]
-                qs = q[t0:t1].transpose(0, 1)[None]
-                o = torch.nn.functional.scaled_dot_product_attention(
-                    qs, kv[None, ..., :d], kv[None, ..., d:], is_causal=True, scale=scale,
-                    enable_gqa=True)
-                out[t0:t1] = o[0].transpose(0, 1)
-    except RuntimeError:
-        _SDPA_UNSUPPORTED.add(key)
-        return False
-    return True
-
-
 def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, scale, sink,
                            window, kept_end, gap_end, calibration, out, *, max_query_len=None,
                            max_seq_len=None, max_kv_tokens=None, decode_config=None,
@@ -610,7 +566,7 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
     dense_done = (max_query_len > q_thr and not (has_sw or has_gap or has_calib)
                   and pcfg["dense_backend"] == "sdpa" and not UPCAST_DOT
                   and dense_prefill_sdpa(q, kv_cache, block_table, seq_lens, query_start_loc,
-                                         scale, out, q_thr))
+                                         scale, out, q_thr, whole_batch=True) is not None)
     if max_query_len > q_thr and not dense_done:
         bm = max(pcfg["block_m"], triton.next_power_of_2(g))
         tok = bm // g

@@ -34,15 +34,15 @@ def test_dropped_stream_is_aborted_in_the_engine(server):
             while received < 5:
                 received += next(lines).startswith("data: ")
             running = httpx.get(f"{server.base_url}/ready", timeout=10).json()
-            assert running["unfinished_requests"] == 1
+            assert running["unfinished_requests"] >= 1  # ours, still generating
         # leaving the block closes the connection mid-stream
 
     def drained() -> bool:
         ready = httpx.get(f"{server.base_url}/ready", timeout=10).json()
         return ready["unfinished_requests"] == 0
 
-    assert _wait_until(drained, 30), "engine request not aborted after the client disconnected"
-    assert _wait_until(lambda: server.metric("vllm:num_requests_running") == 0, 30)
+    assert _wait_until(drained, 60), "engine request not aborted after the client disconnected"
+    assert _wait_until(lambda: server.metric("vllm:num_requests_running") == 0, 60)
     # it stopped well before its 1500 tokens: the abort, not completion, ended it
     assert server.metric("vllm:generation_tokens_total") - tokens_before < 1500
 

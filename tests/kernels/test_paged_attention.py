@@ -79,18 +79,19 @@ def test_dense_prefill_through_sdpa(dtype):
     """The dense prefill path on torch SDPA: whole prompts, GQA, ragged, sequence ends off
     block boundaries; decode rows are left to the decode kernel; a chunk over a cached prefix
     sends the batch back to the Triton kernel."""
-    from attention_backends.kernels.paged_attention import dense_prefill_sdpa
+    from attention_backends.sdpa_prefill import dense_prefill_sdpa
 
     chunked, q1, qsl1 = _make_inputs(901, dtype, 8, 2, 64, 16, [(70, 70), (100, 37)])
-    assert not dense_prefill_sdpa(q1, chunked.kv_cache, chunked.block_table, chunked.seq_lens,
-                                  qsl1, 0.125, torch.empty_like(q1), q_thr=4)
+    assert dense_prefill_sdpa(q1, chunked.kv_cache, chunked.block_table, chunked.seq_lens,
+                              qsl1, 0.125, torch.empty_like(q1), q_thr=4,
+                              whole_batch=True) is None
     seqs = [(70, 70), (100, 100), (33, 1), (129, 129), (64, 64)]
     paged, q, qsl = _make_inputs(900, dtype, 8, 2, 64, 16, seqs)
     want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl,
                                       0.125)
     out = torch.full_like(q, float("nan"))
     assert dense_prefill_sdpa(q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl, 0.125,
-                              out, q_thr=4)
+                              out, q_thr=4, whole_batch=True) == [0, 1, 3, 4]
     prefill_rows = torch.ones(q.shape[0], dtype=torch.bool)
     prefill_rows[int(qsl[2]):int(qsl[3])] = False  # the decode row: not this path's job
     assert torch.isnan(out[~prefill_rows]).all()

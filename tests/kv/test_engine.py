@@ -85,9 +85,12 @@ def test_budget_at_least_prompt_equals_none(llm, scheduler):
         outs = _generate(llm, prompts, _params(12, policy))
         for a, b in zip(base, outs, strict=True):
             assert a.token_ids == b.token_ids
+            # The second run hits the prefix cache, so its prefill attends a cached prefix
+            # (reference path) where the first ran whole prompts (SDPA): equal to rounding.
             for la, lb in zip(a.logprobs, b.logprobs, strict=True):
-                assert {t: v.logprob for t, v in la.items()} == {t: v.logprob
-                                                                 for t, v in lb.items()}
+                assert la.keys() == lb.keys()
+                for t in la:
+                    assert la[t].logprob == pytest.approx(lb[t].logprob, abs=1e-4)
 
 
 POLICIES = [
@@ -127,8 +130,12 @@ def test_prefix_cache_never_serves_compacted_blocks(llm):
     (compressed,) = _generate(llm, [prompt], _params(8, policy))  # would hit the cache
     (again,) = _generate(llm, [prompt], _params(8))  # would be served compacted blocks
     assert again.token_ids == plain.token_ids
-    assert [{t: v.logprob for t, v in lp.items()} for lp in again.logprobs] == \
-        [{t: v.logprob for t, v in lp.items()} for lp in plain.logprobs]
+    # `again` prefills over the cached prefix of `plain` (a different attention path than the
+    # whole-prompt one): equal to rounding, where compacted blocks would change the logits.
+    for la, lb in zip(again.logprobs, plain.logprobs, strict=True):
+        assert la.keys() == lb.keys()
+        for t in la:
+            assert la[t].logprob == pytest.approx(lb[t].logprob, abs=1e-4)
     assert compressed.token_ids  # ran
 
 
