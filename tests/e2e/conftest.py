@@ -30,6 +30,7 @@ class Server:
     base_url: str
     api_key: str
     log_path: Path
+    pid: int = 0
 
     @property
     def auth(self) -> dict[str, str]:
@@ -85,7 +86,7 @@ def launch_server(extra_args: list[str], log_dir: Path, api_key: str = API_KEY
                 pytest.fail(f"server not ready in {START_TIMEOUT_S}s:\n"
                             f"{log_path.read_text()[-4000:]}")
             time.sleep(1)
-        yield Server(base_url, api_key, log_path)
+        yield Server(base_url, api_key, log_path, proc.pid)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
