@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from timing import cuda_ms  # benchmarks/timing.py (the script's own folder)
 
 from attention_backends import ops
 from attention_backends.flux_attention import run_attention, write_kv
@@ -163,17 +163,7 @@ def time_decode(batch: int, ctx: int, block_size: int, reps: int = 50) -> dict:
     scale = D ** -0.5
 
     def event_ms(fn) -> float:
-        for _ in range(5):
-            fn()
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        return statistics.median(times)
+        return cuda_ms(fn, reps=reps, warm=5)
 
     res = {}
     for mode, extra in [("full", None),

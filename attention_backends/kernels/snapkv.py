@@ -6,13 +6,11 @@ the prompt slots ``[0, prompt_len)``.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from attention_backends.kernels.paged_attention import _mma
+from attention_backends.kernels.paged_attention import _mma, _num_sms
 from attention_backends.reference import max_pool_same
 
 LOG2E = 1.4426950408889634
@@ -174,17 +172,6 @@ def _scatter_rows_kernel(kv_ptr, row_ptr, tmp_ptr, budget, stride_kb, stride_kh,
 
 
 # ----------------------------------------------------------------------------- launchers
-
-
-@functools.lru_cache(maxsize=8)
-def _sms_of(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _sms_of(device.index if device.index is not None else torch.cuda.current_device())
-    return 4
 
 
 def _kv_strides(kv_cache):
