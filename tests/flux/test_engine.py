@@ -80,22 +80,14 @@ def trace_file(models):
 
 @pytest.fixture(scope="module")
 def llm(models, trace_file):
-    keys = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE", "FLUXSERVE_FLUX_TRACE")
-    saved = {k: os.environ.get(k) for k in keys}
-    # Engine core and worker in this process: the test reads the worker's metrics directly.
-    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
-                      FLUXSERVE_FLUX_TRACE=str(trace_file))
-    from vllm import LLM
+    with pytest.MonkeyPatch.context() as mp:
+        # Engine core and worker in this process: the test reads the worker's metrics directly.
+        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        mp.setenv("FLUXSERVE_FLUX_TRACE", str(trace_file))
+        from vllm import LLM
 
-    try:
-        engine = LLM(model=str(models["paw"]), **ENGINE)
-        yield engine
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        yield LLM(model=str(models["paw"]), **ENGINE)
 
 
 def generate(llm, prompts: list[list[int]], extra: list[dict | None], logprobs: bool = False):

@@ -29,26 +29,19 @@ def model_dir() -> str:
 
 @pytest.fixture(scope="session")
 def llm(model_dir):
-    saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING",
-                                            "VLLM_CPU_KVCACHE_SPACE")}
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        from vllm import LLM
 
-    from kv_policies.engine import SCHEDULER_CLS
+        from kv_policies.engine import SCHEDULER_CLS
 
-    try:
         engine = LLM(model=model_dir, dtype="float32", enforce_eager=True,
                      block_size=BLOCK_SIZE, num_gpu_blocks_override=NUM_BLOCKS,
                      max_model_len=2048, max_num_seqs=64, max_num_batched_tokens=2048,
                      enable_prefix_caching=True, scheduler_cls=SCHEDULER_CLS,
                      disable_log_stats=False, seed=0)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     yield engine
     del engine
     gc.collect()
