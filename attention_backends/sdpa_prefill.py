@@ -2,9 +2,9 @@
 
 For a prefill with no mask (no sparse rows, no evicted KV, no calibration) the work is plain
 causal attention, where torch's fused kernels beat both our Triton kernel (on the GPU: flash
-runs at ~540 TFLOP/s on an H200, ours at ~370) and our float32 reference (on the CPU: about 4×
-at 2.7K tokens). A chunk over a cached prefix needs a bottom-right causal mask, which SDPA's
-fused kernels run no faster than ours, so chunks are left to the caller.
+runs at ~540 TFLOP/s on an H200, ours at ~370) and our float32 reference on the CPU
+(benchmarks/cpu_dense_prefill.py). A chunk over a cached prefix needs a bottom-right causal
+mask, which SDPA's fused kernels run no faster than ours, so chunks are left to the caller.
 """
 
 from __future__ import annotations
