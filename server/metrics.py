@@ -19,6 +19,12 @@ REJECTED = Counter(
     "Generation requests the serving layer answered with an error, by endpoint and status.",
     ["endpoint", "status"],
 )
+DISCONNECTED = Counter(
+    "fluxserve:requests_disconnected_total",
+    "Generation requests whose client went away before the response was complete (their engine "
+    "requests are aborted), by endpoint and whether they streamed.",
+    ["endpoint", "stream"],
+)
 
 
 def render_latest() -> tuple[bytes, str]:

@@ -3,6 +3,8 @@ serving classes; this module adds fluxserve's per-request options, auth and read
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncGenerator
 from http import HTTPStatus
 
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -13,7 +15,7 @@ from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_c
 from server.auth import require_api_key
 from server.config import ServerSettings
 from server.engine import EngineState
-from server.metrics import REJECTED, REQUESTS
+from server.metrics import DISCONNECTED, REJECTED, REQUESTS
 from server.schemas import ChatRequest, CompletionsRequest
 
 
@@ -61,14 +63,32 @@ async def _generate(body: ChatRequest | CompletionsRequest, raw_request: Request
                     endpoint: str, create):
     """Run one generation request through vLLM's serving class and shape its response."""
     apply_policies(body, raw_request)
-    result = await create(body, raw_request)
+    try:
+        result = await create(body, raw_request)
+    except asyncio.CancelledError:  # with_cancellation: the client left before the reply
+        DISCONNECTED.labels(endpoint, str(bool(body.stream)).lower()).inc()
+        raise
     if isinstance(result, ErrorResponse):
         REJECTED.labels(endpoint, str(result.error.code)).inc()
         return JSONResponse(result.model_dump(), status_code=result.error.code)
     REQUESTS.labels(endpoint, body.flux.mode, body.kv_policy.name).inc()
     if hasattr(result, "model_dump"):
         return JSONResponse(result.model_dump())
-    return StreamingResponse(result, media_type="text/event-stream")
+    return StreamingResponse(_count_disconnect(result, endpoint), media_type="text/event-stream")
+
+
+async def _count_disconnect(events: AsyncGenerator[str, None], endpoint: str
+                            ) -> AsyncGenerator[str, None]:
+    """Pass vLLM's SSE events through, counting streams the client dropped. The cancellation
+    that reaches vLLM's generator is what aborts the engine request."""
+    try:
+        async for event in events:
+            yield event
+    except (asyncio.CancelledError, GeneratorExit):
+        DISCONNECTED.labels(endpoint, "true").inc()
+        raise
+    finally:
+        await events.aclose()
 
 
 GENERATION_ROUTE = dict(

@@ -40,12 +40,16 @@ class Server:
         return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key, max_retries=0,
                              timeout=120)
 
-    def metric(self, name: str) -> float:
-        """Sum of the samples of one Prometheus metric (all label sets)."""
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of one Prometheus metric over the label sets that carry `labels`."""
         text = httpx.get(f"{self.base_url}/metrics", timeout=10).text
+        wanted = [f'{key}="{value}"' for key, value in labels.items()]
         total = 0.0
         for line in text.splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
+            if not (line.startswith(name + "{") or line.startswith(name + " ")):
+                continue
+            label_part = line[len(name):].rsplit(" ", 1)[0]
+            if all(w in label_part for w in wanted):
                 total += float(line.rsplit(" ", 1)[1])
         return total
 

@@ -21,10 +21,14 @@ def _wait_until(predicate, timeout_s: float) -> bool:
     return predicate()
 
 
-def test_dropped_stream_is_aborted_in_the_engine(server):
+MAX_TOKENS = 1900  # as long as the shared server's 2048-token context allows
+ATTEMPTS = 3
+
+
+def _drop_stream_after_five_chunks(server) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Count forever."}],
-            "max_tokens": 1500, "min_tokens": 1500, "temperature": 0, "stream": True}
-    tokens_before = server.metric("vllm:generation_tokens_total")
+            "max_tokens": MAX_TOKENS, "min_tokens": MAX_TOKENS, "temperature": 0,
+            "stream": True}
     with httpx.Client(timeout=60) as client:
         with client.stream("POST", f"{server.base_url}/v1/chat/completions", json=body,
                            headers=server.auth) as resp:
@@ -33,18 +37,41 @@ def test_dropped_stream_is_aborted_in_the_engine(server):
             received = 0
             while received < 5:
                 received += next(lines).startswith("data: ")
-            running = httpx.get(f"{server.base_url}/ready", timeout=10).json()
-            assert running["unfinished_requests"] >= 1  # ours, still generating
         # leaving the block closes the connection mid-stream
 
+
+def test_dropped_stream_is_aborted_in_the_engine(server):
     def drained() -> bool:
         ready = httpx.get(f"{server.base_url}/ready", timeout=10).json()
         return ready["unfinished_requests"] == 0
 
-    assert _wait_until(drained, 60), "engine request not aborted after the client disconnected"
-    assert _wait_until(lambda: server.metric("vllm:num_requests_running") == 0, 60)
-    # it stopped well before its 1500 tokens: the abort, not completion, ended it
-    assert server.metric("vllm:generation_tokens_total") - tokens_before < 1500
+    def counts() -> tuple[float, float, float]:
+        return (server.metric("fluxserve:requests_disconnected_total", endpoint="chat",
+                              stream="true"),
+                server.metric("vllm:request_success_total", finished_reason="length"),
+                server.metric("vllm:generation_tokens_total"))
+
+    # On a busy 2-core machine the engine can occasionally finish all its tokens before the
+    # client is scheduled to hang up; such a run completes normally and says nothing about
+    # aborts, so it is repeated (a bounded number of times).
+    for _ in range(ATTEMPTS):
+        assert _wait_until(drained, 60)
+        disconnected_before, completed_before, tokens_before = counts()
+
+        _drop_stream_after_five_chunks(server)
+
+        assert _wait_until(drained, 60), "engine request not aborted after the client left"
+        assert _wait_until(lambda: server.metric("vllm:num_requests_running") == 0, 60)
+        disconnected, completed, tokens = counts()
+        if disconnected == disconnected_before and completed - completed_before == 1:
+            continue  # it ran to the end before the hang-up reached the server
+        assert disconnected - disconnected_before == 1
+        assert completed == completed_before
+        # it stopped before its last token: the abort, not completion, ended it
+        assert tokens - tokens_before < MAX_TOKENS
+        return
+    pytest.fail(f"the engine finished all {MAX_TOKENS} tokens before the client hung up, "
+                f"{ATTEMPTS} times out of {ATTEMPTS}")
 
 
 def test_metrics_export_vllm_and_fluxserve_series(server):
