@@ -11,12 +11,14 @@ from fastapi.responses import StreamingResponse
 from server.admission import AdmissionControl
 
 
-def _app(limit: int, gate: asyncio.Event) -> FastAPI:
+def _app(limit: int, gate: asyncio.Event, started: asyncio.Queue | None = None) -> FastAPI:
     app = FastAPI()
 
     @app.post("/v1/completions")
     async def completions():
         async def body():
+            if started is not None:
+                started.put_nowait(None)
             yield b"data: first\n\n"
             await gate.wait()  # a long stream: the slot stays taken until it ends
             yield b"data: [DONE]\n\n"
@@ -32,12 +34,13 @@ def _app(limit: int, gate: asyncio.Event) -> FastAPI:
 
 def test_requests_beyond_the_limit_get_429_and_slots_are_returned():
     async def scenario():
-        gate = asyncio.Event()
-        app = _app(2, gate)
+        gate, started = asyncio.Event(), asyncio.Queue()
+        app = _app(2, gate, started)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             held = [asyncio.create_task(client.post("/v1/completions")) for _ in range(2)]
-            await asyncio.sleep(0.05)
+            for _ in held:  # both streams are open and hold their slots
+                await asyncio.wait_for(started.get(), timeout=30)
             busy = await client.post("/v1/completions")
             assert busy.status_code == 429
             error = busy.json()["error"]
