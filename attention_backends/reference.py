@@ -57,14 +57,17 @@ def visible_union(p_lo: int, p_hi: int, sink: int, window: int, kept_end: int,
 
 
 def gather_kv(kv_cache: Tensor, block_row: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
-    """K and V of the given slots as float32 ``[Hkv, n, D]`` each."""
+    """K and V of the given slots as contiguous float32 ``[Hkv, n, D]`` each."""
     bs = kv_cache.shape[2]
     d = kv_cache.shape[3] // 2
     slots = slots.to(torch.int64)
-    phys = block_row.to(torch.int64)[slots // bs]
-    kv = kv_cache[phys, :, slots % bs, :].to(torch.float32)  # [n, Hkv, 2D]
-    kv = kv.permute(1, 0, 2)
-    return kv[..., :d], kv[..., d:]
+    # whole blocks first (one index_select), then the slots within them: much cheaper on the
+    # CPU than indexing every slot of the paged cache by advanced indexing
+    blocks, rank = torch.unique(torch.div(slots, bs, rounding_mode="floor"), return_inverse=True)
+    kv = torch.index_select(kv_cache, 0, block_row.to(torch.int64)[blocks])  # [nb, Hkv, bs, 2D]
+    kv = kv.transpose(0, 1).reshape(kv.shape[1], blocks.numel() * bs, kv.shape[3])
+    kv = kv.index_select(1, rank * bs + slots % bs).to(torch.float32)
+    return kv[..., :d].contiguous(), kv[..., d:].contiguous()
 
 
 def lse_merge(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> Tensor:
@@ -83,13 +86,14 @@ def lse_merge(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> Tensor:
     return torch.where((den > 0)[..., None], num / safe[..., None], torch.zeros_like(num))
 
 
-def masked_softmax_attention(scores: Tensor, mask: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def masked_softmax_attention(scores: Tensor, mask: Tensor | None, v: Tensor
+                             ) -> tuple[Tensor, Tensor]:
     """``softmax(scores masked) @ v`` and the log-sum-exp of the visible scores.
 
-    ``scores [..., n, k]``, ``mask`` broadcastable to it, ``v [..., k, D]``. Rows with no visible
-    key give output 0 and lse ``-inf``.
+    ``scores [..., n, k]``, ``mask`` broadcastable to it (None: every key visible),
+    ``v [..., k, D]``. Rows with no visible key give output 0 and lse ``-inf``.
     """
-    s = scores.masked_fill(~mask, float("-inf"))
+    s = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     p = torch.exp(s - safe_lse[..., None])  # exp(-inf) = 0 on masked keys and empty rows
@@ -140,16 +144,23 @@ def paged_attention_ref(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_le
         for c0 in range(0, q_len, _REF_Q_CHUNK):
             c1 = min(q_len, c0 + _REF_Q_CHUNK)
             t0, t1 = qsl[s] + c0, qsl[s] + c1
-            pos = torch.arange(ctx + c0, ctx + c1, dtype=torch.int64, device=q.device)
             cols = visible_union(ctx + c0, ctx + c1, sinks[s], windows[s], kept_ends[s],
                                  gap_ends[s]).to(q.device)
             k, v = gather_kv(kv_cache, row_table, cols)  # [Hkv, n, D]
-            mask = visible_mask(pos, cols, sinks[s], windows[s], kept_ends[s], gap_ends[s])
-            qc = q[t0:t1].to(torch.float32).reshape(c1 - c0, hkv, g, d).permute(1, 2, 0, 3)
-            scores = (qc @ k[:, None].transpose(-1, -2)) * scale  # [Hkv, G, n_q, n_k]
-            o, lse = masked_softmax_attention(scores, mask, v[:, None])
-            o = o.permute(2, 0, 1, 3).reshape(c1 - c0, hq, d)
-            lse = lse.permute(2, 0, 1).reshape(c1 - c0, hq)
+            n_q = c1 - c0
+            if n_q == 1:  # a single query sees all of the union of what it can see
+                mask = None
+            else:
+                pos = torch.arange(ctx + c0, ctx + c1, dtype=torch.int64, device=q.device)
+                mask = visible_mask(pos, cols, sinks[s], windows[s], kept_ends[s], gap_ends[s])
+                mask = mask.repeat(g, 1)  # rows ordered (G, n_q), as in qc below
+            # the G query heads of a KV head as extra rows: one plain batched matmul per KV head
+            qc = q[t0:t1].to(torch.float32).reshape(n_q, hkv, g, d).permute(1, 2, 0, 3)
+            qc = qc.reshape(hkv, g * n_q, d)
+            scores = (qc @ k.transpose(-1, -2)) * scale  # [Hkv, G * n_q, n_k]
+            o, lse = masked_softmax_attention(scores, mask, v)
+            o = o.reshape(hkv, g, n_q, d).permute(2, 0, 1, 3).reshape(n_q, hq, d)
+            lse = lse.reshape(hkv, g, n_q).permute(2, 0, 1).reshape(n_q, hq)
             if calibration is not None and enabled[s]:
                 cos = cosine(q[t0:t1], calibration.q_ref[s][None])  # [n_q, Hq]
                 hit = cos >= float(calibration.tau_of(s))

@@ -1,0 +1,109 @@
+"""CPU: time per output token of one streamed request, stock vLLM against fluxserve, on the same
+checkpoint and engine settings, one server after the other in one run. Prints the ratio; CPU
+absolute times are not figures to quote.
+
+Stock vLLM runs with `VLLM_PLUGINS=none`, so it uses vLLM's own CPU attention; fluxserve runs
+its plugin (the float32 reference path for decode on the CPU).
+
+    .venv/bin/python benchmarks/cpu_serving_decode.py [--model DIR] [--tokens 1500] [--runs 3]
+
+With no --model, the embedded smoke-test checkpoint (generated on first use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+COMMON = ["--host", "127.0.0.1", "--max-model-len", "2048", "--enforce-eager",
+          "--max-num-seqs", "16", "--served-model-name", "bench"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _server(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[str]:
+    port = _free_port()
+    with open(log, "w") as f:
+        proc = subprocess.Popen([*cmd, *COMMON, "--port", str(port)], stdout=f,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited; see {log}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:  # ready, both
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not up in 300 s; see {log}")
+            time.sleep(1)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _ms_per_token(base: str, tokens: int, runs: int) -> float:
+    body = {"model": "bench", "messages": [{"role": "user", "content": "Count forever."}],
+            "max_tokens": tokens, "min_tokens": tokens, "temperature": 0, "stream": True}
+    per_run = []
+    for _ in range(runs + 1):  # the first run warms up
+        stamps = []
+        with httpx.Client(timeout=300) as client, client.stream(
+                "POST", f"{base}/v1/chat/completions", json=body) as resp:
+            resp.raise_for_status()
+            for line in resp.iter_lines():
+                if line.startswith("data: ") and '"content"' in line:
+                    stamps.append(time.perf_counter())
+        per_run.append((stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3)
+    return statistics.median(per_run[1:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", help="checkpoint directory (default: the smoke-test model)")
+    ap.add_argument("--tokens", type=int, default=1500)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    if args.model is None:
+        from server.default_model import ensure_default_model
+
+        args.model = str(ensure_default_model())
+    logs = Path(tempfile.mkdtemp(prefix="cpu_serving_decode-"))
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2")
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    stock_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                 "--model", args.model]
+    ours_cmd = [sys.executable, "-m", "server.cli", "serve", "--model", args.model]
+    with _server(stock_cmd, {**env, "VLLM_PLUGINS": "none"}, logs / "stock.log") as base:
+        stock = _ms_per_token(base, args.tokens, args.runs)
+    with _server(ours_cmd, env, logs / "fluxserve.log") as base:
+        ours = _ms_per_token(base, args.tokens, args.runs)
+    print(f"{args.tokens} streamed tokens, median of {args.runs} runs (logs in {logs}):")
+    print(f"  stock vLLM {stock:.2f} ms/token, fluxserve {ours:.2f} ms/token: "
+          f"fluxserve takes {ours / stock:.2f}x the time per token")
+
+
+if __name__ == "__main__":
+    main()
