@@ -63,11 +63,18 @@ async def _generate(body: ChatRequest | CompletionsRequest, raw_request: Request
                     endpoint: str, create):
     """Run one generation request through vLLM's serving class and shape its response."""
     apply_policies(body, raw_request)
+    streamed = str(bool(body.stream)).lower()
     try:
         result = await create(body, raw_request)
     except asyncio.CancelledError:  # with_cancellation: the client left before the reply
-        DISCONNECTED.labels(endpoint, str(bool(body.stream)).lower()).inc()
+        DISCONNECTED.labels(endpoint, streamed).inc()
         raise
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        # vLLM caught the cancellation (after aborting the engine request) and answered
+        # "Client disconnected"; nobody is there to read it, and it is no rejection
+        DISCONNECTED.labels(endpoint, streamed).inc()
+        raise asyncio.CancelledError
     if isinstance(result, ErrorResponse):
         REJECTED.labels(endpoint, str(result.error.code)).inc()
         return JSONResponse(result.model_dump(), status_code=result.error.code)

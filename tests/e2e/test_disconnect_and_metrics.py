@@ -74,6 +74,29 @@ def test_dropped_stream_is_aborted_in_the_engine(server):
                 f"{ATTEMPTS} times out of {ATTEMPTS}")
 
 
+def test_client_that_gives_up_on_a_non_streamed_reply_aborts_it(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Count forever."}],
+            "max_tokens": MAX_TOKENS, "min_tokens": MAX_TOKENS, "temperature": 0}
+    before = server.metric("fluxserve:requests_disconnected_total", endpoint="chat",
+                           stream="false")
+    tokens_before = server.metric("vllm:generation_tokens_total")
+    rejected_before = server.metric("fluxserve:requests_rejected_total")
+    # 1900 tokens take seconds here; the client stops waiting after one
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base_url}/v1/chat/completions", json=body, headers=server.auth,
+                   timeout=httpx.Timeout(10, read=1))
+
+    def aborted() -> bool:
+        ready = httpx.get(f"{server.base_url}/ready", timeout=10).json()
+        return ready["unfinished_requests"] == 0 and server.metric(
+            "fluxserve:requests_disconnected_total", endpoint="chat", stream="false") == before + 1
+
+    assert _wait_until(aborted, 60), "the engine request outlived its client"
+    assert server.metric("vllm:generation_tokens_total") - tokens_before < MAX_TOKENS
+    # vLLM answers the vanished client with an error body; that is not a rejected request
+    assert server.metric("fluxserve:requests_rejected_total") == rejected_before
+
+
 def test_metrics_export_vllm_and_fluxserve_series(server):
     server.client().chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
