@@ -22,7 +22,7 @@ def _wait_until(predicate, timeout_s: float) -> bool:
 
 
 MAX_TOKENS = 1900  # as long as the shared server's 2048-token context allows
-ATTEMPTS = 3
+ATTEMPTS = 5
 
 
 def _drop_stream_after_five_chunks(server) -> None:
@@ -77,24 +77,38 @@ def test_dropped_stream_is_aborted_in_the_engine(server):
 def test_client_that_gives_up_on_a_non_streamed_reply_aborts_it(server):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Count forever."}],
             "max_tokens": MAX_TOKENS, "min_tokens": MAX_TOKENS, "temperature": 0}
-    before = server.metric("fluxserve:requests_disconnected_total", endpoint="chat",
-                           stream="false")
-    tokens_before = server.metric("vllm:generation_tokens_total")
-    rejected_before = server.metric("fluxserve:requests_rejected_total")
-    # 1900 tokens take seconds here; the client stops waiting after one
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.base_url}/v1/chat/completions", json=body, headers=server.auth,
-                   timeout=httpx.Timeout(10, read=1))
 
-    def aborted() -> bool:
-        ready = httpx.get(f"{server.base_url}/ready", timeout=10).json()
-        return ready["unfinished_requests"] == 0 and server.metric(
-            "fluxserve:requests_disconnected_total", endpoint="chat", stream="false") == before + 1
+    def aborted_count() -> float:
+        return server.metric("fluxserve:requests_disconnected_total", endpoint="chat",
+                             stream="false")
 
-    assert _wait_until(aborted, 60), "the engine request outlived its client"
-    assert server.metric("vllm:generation_tokens_total") - tokens_before < MAX_TOKENS
-    # vLLM answers the vanished client with an error body; that is not a rejected request
-    assert server.metric("fluxserve:requests_rejected_total") == rejected_before
+    for _ in range(ATTEMPTS):
+        before = aborted_count()
+        tokens_before = server.metric("vllm:generation_tokens_total")
+        rejected_before = server.metric("fluxserve:requests_rejected_total")
+        # 1900 tokens take seconds; the client stops waiting after one. A client starved of
+        # CPU for longer than the whole generation gets its reply instead: try again.
+        try:
+            reply = httpx.post(f"{server.base_url}/v1/chat/completions", json=body,
+                               headers=server.auth, timeout=httpx.Timeout(10, read=1))
+        except httpx.ReadTimeout:
+            pass
+        else:
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["choices"][0]["finish_reason"] == "length"
+            continue
+
+        def aborted(before: float = before) -> bool:
+            ready = httpx.get(f"{server.base_url}/ready", timeout=10).json()
+            return ready["unfinished_requests"] == 0 and aborted_count() == before + 1
+
+        assert _wait_until(aborted, 60), "the engine request outlived its client"
+        assert server.metric("vllm:generation_tokens_total") - tokens_before < MAX_TOKENS
+        # vLLM answers the vanished client with an error body; that is not a rejected request
+        assert server.metric("fluxserve:requests_rejected_total") == rejected_before
+        return
+    pytest.fail(f"the reply arrived before the client's 1 s read timeout, {ATTEMPTS} times "
+                f"out of {ATTEMPTS}")
 
 
 def test_metrics_export_vllm_and_fluxserve_series(server):
