@@ -14,56 +14,20 @@ With no --model, the embedded smoke-test checkpoint (generated on first use).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
+from server.child_process import child_server
+
 COMMON = ["--host", "127.0.0.1", "--max-model-len", "2048", "--enforce-eager",
           "--max-num-seqs", "16", "--served-model-name", "bench"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _server(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[str]:
-    port = _free_port()
-    with open(log, "w") as f:
-        proc = subprocess.Popen([*cmd, *COMMON, "--port", str(port)], stdout=f,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited; see {log}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:  # ready, both
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not up in 300 s; see {log}")
-            time.sleep(1)
-        yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _stream_ms_per_token(base: str, tokens: int) -> float:
@@ -107,9 +71,13 @@ def main() -> None:
     stock_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                  "--model", args.model]
     ours_cmd = [sys.executable, "-m", "server.cli", "serve", "--model", args.model]
-    with _server(stock_cmd, {**env, "VLLM_PLUGINS": "none"}, logs / "stock.log") as base:
+    # /v1/models answers 200 on both servers only once their engine is ready
+    with child_server([*stock_cmd, *COMMON], env={**env, "VLLM_PLUGINS": "none"},
+                      log_path=logs / "stock.log", ready_path="/v1/models",
+                      timeout_s=300) as (base, _):
         stock = _ms_per_token(base, args.tokens, args.runs, args.concurrency)
-    with _server(ours_cmd, env, logs / "fluxserve.log") as base:
+    with child_server([*ours_cmd, *COMMON], env=env, log_path=logs / "fluxserve.log",
+                      ready_path="/v1/models", timeout_s=300) as (base, _):
         ours = _ms_per_token(base, args.tokens, args.runs, args.concurrency)
     print(f"{args.concurrency} x {args.tokens} streamed tokens, median of {args.runs} runs "
           f"(logs in {logs}):")

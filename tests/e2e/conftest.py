@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +15,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+
+from server.child_process import ServerStartError, child_server
 
 API_KEY = "test-key-e2e"
 MODEL = "fluxserve-tiny-smoke-test"
@@ -54,50 +52,24 @@ class Server:
         return total
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def launch_server(extra_args: list[str], log_dir: Path, api_key: str = API_KEY
                   ) -> Iterator[Server]:
     """Start `fluxserve serve` on a free loopback port, wait for /ready, stop it afterwards."""
-    port = _free_port()
     log_path = log_dir / "server.log"
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
            "--api-key", api_key, "--max-model-len", "2048", "--enforce-eager",
            "--max-num-seqs", "16", *extra_args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n"
-                            f"{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready in {START_TIMEOUT_S}s:\n"
-                            f"{log_path.read_text()[-4000:]}")
-            time.sleep(1)
-        yield Server(base_url, api_key, log_path, proc.pid)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.ExitStack() as stack:
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            base_url, proc = stack.enter_context(child_server(
+                cmd, env=env, log_path=log_path, ready_path="/ready",
+                timeout_s=START_TIMEOUT_S))
+        except ServerStartError as exc:
+            pytest.fail(str(exc))
+        yield Server(base_url, api_key, log_path, proc.pid)
 
 
 @pytest.fixture(scope="session")
