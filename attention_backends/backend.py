@@ -22,20 +22,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from attention_backends.flux_attention import run_attention, write_kv
-from attention_backends.metadata import FluxBatch, build_flux_batch
-from attention_backends.request_state import get_registry
-
-
-def num_model_layers(vllm_config) -> int:
-    cfg = vllm_config.model_config.hf_text_config
-    return int(cfg.num_hidden_layers)
-
-
-def flux_batch_for_step(cm: CommonAttentionMetadata, vllm_config) -> FluxBatch:
-    reg = get_registry()
-    return build_flux_batch(cm.num_reqs, cm.query_start_loc_cpu, reg,
-                            num_model_layers(vllm_config), reg.extra_args_of,
-                            vllm_config.cache_config.block_size)
+from attention_backends.metadata import FluxBatch, flux_batch_for_step
 
 
 @dataclass

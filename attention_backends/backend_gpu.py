@@ -27,8 +27,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from attention_backends.flux_attention import run_attention, write_kv
-from attention_backends.metadata import FluxBatch, build_flux_batch
-from attention_backends.request_state import get_registry
+from attention_backends.metadata import FluxBatch, flux_batch_for_step
 
 
 @dataclass
@@ -57,13 +56,6 @@ class FluxGPUMetadataBuilder(AttentionMetadataBuilder[FluxGPUMetadata]):
             seq_lens=cm.seq_lens, block_table=cm.block_table_tensor,
             slot_mapping=cm.slot_mapping, flux=flux_batch_for_step(cm, self.vllm_config),
         )
-
-
-def flux_batch_for_step(cm: CommonAttentionMetadata, vllm_config) -> FluxBatch:
-    reg = get_registry()
-    layers = int(vllm_config.model_config.hf_text_config.num_hidden_layers)
-    return build_flux_batch(cm.num_reqs, cm.query_start_loc_cpu, reg, layers, reg.extra_args_of,
-                            vllm_config.cache_config.block_size)
 
 
 class FluxGPUAttentionImpl(AttentionImpl):

@@ -85,7 +85,7 @@ def run_attention(layer, query: torch.Tensor, kv_cache: torch.Tensor, fb: FluxBa
         out=out, max_query_len=max_query_len, max_seq_len=max_seq_len, max_kv_tokens=max_kv)
     if rt is not None:
         if hits is not None:
-            rt.record_hits(li, live_ids, hits, query_start_loc[:n + 1].cpu())
+            rt.record_hits(li, live_ids, hits, fb.query_start_loc[:n + 1])  # host: no sync
         for row, q0, q1, q_end in fb.compress_rows:
             rt.compress_layer(fb.req_ids[row], li, fb.kv_plans[row], fb.kv_policies[row],
                               q[q0:q1], kv_cache, block_table[row], scale, q_end=q_end)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attention_backends.request_state import FluxRegistry, FluxRequestState
+from attention_backends.request_state import FluxRegistry, FluxRequestState, get_registry
 
 
 @dataclass
@@ -32,7 +32,6 @@ class RouteRow:
 @dataclass
 class FluxBatch:
     req_ids: list[str | None]
-    states: list[FluxRequestState | None]
     sparse: torch.Tensor  # [L, R] bool, CPU
     sink: torch.Tensor  # [R] int32, CPU
     window: torch.Tensor  # [R] int32, CPU
@@ -50,11 +49,10 @@ class FluxBatch:
     compress_rows: list[tuple[int, int, int, int]] = field(default_factory=list)
     # per layer, an upper bound on the keys any row sees (host ints): sizes the split-KV grid
     max_kv_tokens: list[int] = field(default_factory=list)
+    # the step's query_start_loc as host ints (reading the device tensor would sync)
+    query_start_loc: list[int] = field(default_factory=list)
     _device_windows: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     _device_gaps: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
-
-    def layer_sparse(self, layer: int) -> torch.Tensor:
-        return self.sparse[layer]
 
     def any_sparse(self, layer: int) -> bool:
         return bool(self.sparse[layer].any())
@@ -92,7 +90,6 @@ def build_flux_batch(num_rows: int, query_start_loc_cpu: torch.Tensor,
     rows = registry.batch or []
     qsl = query_start_loc_cpu.tolist()
     req_ids: list[str | None] = []
-    states: list[FluxRequestState | None] = []
     # Python lists, turned into tensors once at the end: per-element tensor writes cost
     # microseconds each, and this runs every step for every request.
     sink_l = [0] * num_rows
@@ -108,14 +105,12 @@ def build_flux_batch(num_rows: int, query_start_loc_cpu: torch.Tensor,
     for i in range(num_rows):
         if i >= len(rows) or rows[i] is None:
             req_ids.append(None)
-            states.append(None)
             prompt_done.append(False)
             continue
         r = rows[i]
         extra = extra_args_of(r.req_id) if extra_args_of else None
         st = registry.resolve(r.req_id, extra, r.prompt_len, num_layers)
         req_ids.append(r.req_id)
-        states.append(st)
         q_len = qsl[i + 1] - qsl[i]
         done = r.num_computed < r.prompt_len <= r.num_computed + q_len
         prompt_done.append(done)
@@ -145,9 +140,9 @@ def build_flux_batch(num_rows: int, query_start_loc_cpu: torch.Tensor,
     has_kv = any(p is not None for p in kv_plans)
     max_kv = _max_kv_tokens(rows, qsl, num_rows, sparse, sink, window,
                             kept_end if has_kv else None, gap_end)
-    return FluxBatch(req_ids, states, sparse, sink, window, route_rows, num_layers, prompt_done,
+    return FluxBatch(req_ids, sparse, sink, window, route_rows, num_layers, prompt_done,
                      kv_plans, kv_pols, kept_end if has_kv else None,
-                     gap_end if has_kv else None, compress_rows, max_kv)
+                     gap_end if has_kv else None, compress_rows, max_kv, qsl)
 
 
 def _max_kv_tokens(rows, qsl: list[int], num_rows: int, sparse: torch.Tensor,
@@ -183,3 +178,11 @@ def _eviction_plan(policy: dict, prompt_len: int, block_size: int):
     except ImportError:
         return None
     return eviction_plan(policy, prompt_len, block_size)
+
+
+def flux_batch_for_step(cm, vllm_config) -> FluxBatch:
+    """The step's ``FluxBatch`` from vLLM's ``CommonAttentionMetadata`` (both backends)."""
+    reg = get_registry()
+    layers = int(vllm_config.model_config.hf_text_config.num_hidden_layers)
+    return build_flux_batch(cm.num_reqs, cm.query_start_loc_cpu, reg, layers, reg.extra_args_of,
+                            vllm_config.cache_config.block_size)

@@ -74,11 +74,11 @@ def _dense_cpu(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tenso
         out = torch.empty_like(q)
     done = set(dense_prefill_sdpa(q, kv_cache, block_table, seq_lens, query_start_loc, scale,
                                   out, q_thr=1, whole_batch=False) or ())
-    qsl = query_start_loc.tolist()
-    rest = [s for s in range(seq_lens.shape[0]) if s not in done and qsl[s + 1] > qsl[s]]
     if not done:
         return ref.paged_attention_ref(q, kv_cache, block_table, seq_lens, query_start_loc,
                                        scale, out=out)
+    qsl = query_start_loc.tolist()
+    rest = [s for s in range(seq_lens.shape[0]) if s not in done and qsl[s + 1] > qsl[s]]
     if rest:
         spans = [(qsl[s], qsl[s + 1]) for s in rest]
         sub_qsl = torch.tensor([0] + [t1 - t0 for t0, t1 in spans]).cumsum(0).to(torch.int32)

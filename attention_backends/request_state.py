@@ -46,10 +46,6 @@ class FluxRequestState:
     kv_plan: object = None  # kv_policies EvictionPlan (or None), cached by build_flux_batch
     kv_plan_key: tuple | None = None
 
-    @property
-    def routed(self) -> bool:
-        return self.sparse is not None and (self.mode != "auto" or bool(self.routed_layers))
-
 
 @dataclass
 class BatchRow:

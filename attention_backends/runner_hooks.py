@@ -2,8 +2,9 @@
 
 Three wrapped methods, each calling the original unchanged:
 
-- ``_update_states``: release the Flux state of finished/aborted requests, close the prefill
-  timers of requests whose prompt completed last step.
+- ``_update_states``: release the Flux and eviction state of finished/aborted requests (and
+  the eviction state of preempted ones), close the prefill timers of requests whose prompt
+  completed last step.
 - ``_build_attention_metadata``: publish the batch (request ids in batch order, prompt lengths,
   computed tokens) so that our metadata builder can attach per-request routing.
 - ``load_model``: for a stock model started with a standalone router
@@ -25,6 +26,7 @@ import time
 
 from attention_backends import metrics
 from attention_backends.request_state import BatchRow, get_registry
+from kv_policies.runtime import get_runtime as get_kv_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -48,24 +50,17 @@ def _release_finished(runner, scheduler_output) -> None:
         if st.prefill_done_at is None and st.prompt_done_pending:
             st.prefill_done_at = now
             metrics.observe_prefill(st, now - st.created)
-    kv_release = _kv_release_hook()
+    kv = get_kv_runtime()
     for req_id in getattr(scheduler_output, "finished_req_ids", ()) or ():
         st = reg.release(req_id)
         if st is not None:
             metrics.observe_finished(st, now)
-        if kv_release is not None:
-            kv_release(req_id)
-
-
-def _kv_release_hook():
-    try:
-        from kv_policies.runtime import get_runtime
-    except Exception:
-        return None
-    try:
-        return get_runtime().release
-    except Exception:
-        return None
+        kv.release(req_id)
+    # A preempted request recomputes its prompt with full attention and is compressed again
+    # when the recompute passes the prompt's end: calibration state kept across the preemption
+    # would be merged into the recompute's attention. Its routing decision stays.
+    for req_id in getattr(scheduler_output, "preempted_req_ids", ()) or ():
+        kv.release(req_id)
 
 
 def _publish_batch(runner) -> None:

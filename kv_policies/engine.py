@@ -57,17 +57,14 @@ _REGISTERED = False
 def register() -> None:
     """Called by the plugin's register() in every vLLM process; idempotent and cheap.
 
-    Loads the policy registry and installs the model-runner hook that drops the eviction state
-    of finished and preempted requests (``kv_policies.worker_hooks``). The KV-cache spec
-    registers itself when the scheduler starts (vLLM's own specs must be registered first), and
-    the scheduler is chosen by the ``scheduler_cls`` engine arg.
+    Loads the policy registry. The eviction state of finished and preempted requests is dropped
+    by the model-runner hook in ``attention_backends.runner_hooks``. The KV-cache spec registers
+    itself when the scheduler starts (vLLM's own specs must be registered first), and the
+    scheduler is chosen by the ``scheduler_cls`` engine arg.
     """
     global _REGISTERED
     if _REGISTERED:
         return
     import kv_policies.registry  # noqa: F401
-    from kv_policies import worker_hooks
-
-    worker_hooks.install()
 
     _REGISTERED = True
