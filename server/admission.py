@@ -13,7 +13,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.metrics import REJECTED
 
-LIMITED_PATHS = ("/v1/chat/completions", "/v1/completions")
+# limited path -> the endpoint label the generation routes use in their metrics
+LIMITED_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 
 
 class AdmissionControl:
@@ -39,7 +40,7 @@ class AdmissionControl:
 
     async def _reject(self, scope: Scope, send: Send) -> None:
         status = HTTPStatus.TOO_MANY_REQUESTS
-        REJECTED.labels(scope["path"].rsplit("/", 1)[-1], str(status.value)).inc()
+        REJECTED.labels(LIMITED_PATHS[scope["path"]], str(status.value)).inc()
         body = json.dumps({"error": {
             "message": f"Server busy: {self.max_in_flight} generation requests are in flight "
                        "(--max-in-flight-requests). Retry later.",

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from server.admission import AdmissionControl
+from server.metrics import REJECTED
 
 
 def _app(limit: int, gate: asyncio.Event, started: asyncio.Queue | None = None) -> FastAPI:
@@ -69,3 +70,22 @@ def test_zero_means_no_limit():
         assert codes == [200] * 20
 
     asyncio.run(scenario())
+
+
+def test_rejections_are_counted_under_the_routes_endpoint_labels():
+    async def scenario():
+        gate, started = asyncio.Event(), asyncio.Queue()
+        app = _app(1, gate, started)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://t") as client:
+            held = asyncio.create_task(client.post("/v1/completions"))
+            await asyncio.wait_for(started.get(), timeout=30)
+            for path in ("/v1/chat/completions", "/v1/completions"):
+                assert (await client.post(path)).status_code == 429
+            gate.set()
+            assert (await held).status_code == 200
+
+    before = {e: REJECTED.labels(e, "429")._value.get() for e in ("chat", "completions")}
+    asyncio.run(scenario())
+    for endpoint in ("chat", "completions"):
+        assert REJECTED.labels(endpoint, "429")._value.get() == before[endpoint] + 1
