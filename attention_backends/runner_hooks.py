@@ -1,6 +1,6 @@
 """Hooks on vLLM's V1 model runner (CPU uses it; on GPU we pin it: VLLM_USE_V2_MODEL_RUNNER=0).
 
-Three wrapped methods, each calling the original unchanged:
+Wrapped methods, each calling the original unchanged:
 
 - ``_update_states``: release the Flux and eviction state of finished/aborted requests (and
   the eviction state of preempted ones), close the prefill timers of requests whose prompt
@@ -9,6 +9,8 @@ Three wrapped methods, each calling the original unchanged:
   computed tokens) so that our metadata builder can attach per-request routing.
 - ``load_model``: for a stock model started with a standalone router
   (``additional_config={"flux_router": PATH}``), load the router and install routing.
+- ``_sample`` and ``_bookkeeping_sync``: seeded sampling with chunked prefill on CPU (see
+  ``_seeded_cpu_sampling``).
 
 It also installs the prefix-cache salting of ``prefix_cache`` (API process).
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib.abc
 import importlib.util
+import inspect
 import logging
 import sys
 import time
@@ -40,6 +43,30 @@ def _wrap(cls, name: str, make):
     wrapped = functools.wraps(orig)(make(orig))
     setattr(wrapped, _MARK, True)
     setattr(cls, name, wrapped)
+
+
+def _require(cls, name: str, params: tuple[str, ...]) -> None:
+    """Fail at start-up, naming the vLLM method, if ``cls.name`` is gone or its leading
+    parameters are no longer ``params``: the hook that wraps it relies on both."""
+    orig = getattr(cls, name, None)
+    if orig is None:
+        raise RuntimeError(f"fluxserve hooks vLLM's {cls.__qualname__}.{name}, which this vLLM "
+                           "version no longer has; fluxserve supports vLLM 0.32")
+    got = tuple(inspect.signature(orig).parameters)[:len(params)]
+    if got != params:
+        raise RuntimeError(f"fluxserve hooks vLLM's {cls.__qualname__}.{name}{params}, but this "
+                           f"vLLM version has {name}{got}; fluxserve supports vLLM 0.32")
+
+
+def _discarded_cpu_generators(runner) -> dict[int, object]:
+    """Batch row -> CPU ``torch.Generator`` of the seeded requests whose token this step
+    samples and then discards (a partially prefilled prompt)."""
+    gens = runner.input_batch.generators
+    if not gens:
+        return {}
+    mask = runner.discard_request_mask.np[:runner.input_batch.num_reqs]
+    return {i: g for i, g in gens.items()
+            if i < len(mask) and mask[i] and g.device.type == "cpu"}
 
 
 def _release_finished(runner, scheduler_output) -> None:
@@ -191,6 +218,7 @@ def _install_now() -> None:
             return out
         return load_model
 
+    _seeded_cpu_sampling(GPUModelRunner)
     _wrap(GPUModelRunner, "_update_states", make_update)
     _wrap(GPUModelRunner, "_build_attention_metadata", make_build)
     _wrap(GPUModelRunner, "load_model", make_load)
@@ -199,3 +227,46 @@ def _install_now() -> None:
     # CPUModelRunner overrides load_model: wrap its own too (once its module has run).
     if runner_cls is not None and "load_model" in runner_cls.__dict__:
         _wrap(runner_cls, "load_model", make_load)
+
+
+def _seeded_cpu_sampling(runner_cls) -> None:
+    """Seeded sampling (``SamplingParams.seed``) with chunked prefill on CPU.
+
+    vLLM samples every row of a step, then discards the token of a request whose prompt is only
+    partially prefilled and rewinds that request's generator in ``_bookkeeping_sync`` with
+    ``gen.set_offset(gen.get_offset() - 4)``: Philox offsets, which only CUDA generators have.
+    A CPU generator (Mersenne Twister) raises ``RuntimeError: CPU Generator does not use
+    offset`` and the engine dies (stock vLLM 0.32 on CPU too). Instead, for CPU generators, we
+    save the full generator state before ``_sample`` and restore it after, and hide those
+    generators from the offset rewind; CUDA generators keep vLLM's path. The random stream of a
+    request thus advances only on the steps that keep its token, so the same seed gives the
+    same text however the prompt is chunked.
+    """
+    _require(runner_cls, "_sample", ("self", "logits", "spec_decode_metadata"))
+    _require(runner_cls, "_bookkeeping_sync", ("self", "scheduler_output", "sampler_output"))
+
+    def make_sample(orig):
+        def _sample(self, *a, **kw):
+            saved = {i: (g, g.get_state()) for i, g in _discarded_cpu_generators(self).items()}
+            out = orig(self, *a, **kw)
+            for gen, state in saved.values():
+                gen.set_state(state)
+            return out
+        return _sample
+
+    def make_bookkeeping(orig):
+        def _bookkeeping_sync(self, *a, **kw):
+            skip = _discarded_cpu_generators(self)
+            if not skip:
+                return orig(self, *a, **kw)
+            gens = self.input_batch.generators
+            # The sampling metadata holds this same dict: swap the attribute, not the contents.
+            self.input_batch.generators = {i: g for i, g in gens.items() if i not in skip}
+            try:
+                return orig(self, *a, **kw)
+            finally:
+                self.input_batch.generators = gens
+        return _bookkeeping_sync
+
+    _wrap(runner_cls, "_sample", make_sample)
+    _wrap(runner_cls, "_bookkeeping_sync", make_bookkeeping)

