@@ -7,12 +7,14 @@ and the KV block size - so the two sides agree without exchanging any message.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+
+from pydantic import ValidationError
 
 from kv_policies.options import EXTRA_ARGS_KEY, KVPolicyOptions
 
-_FIELDS = KVPolicyOptions.model_fields
-DEFAULT_BUDGET: int = _FIELDS["budget"].default
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,23 +39,45 @@ class EvictionPlan:
         return self.gap_end - self.kept_end
 
 
-def policy_name(kv_policy: dict | None) -> str:
-    """The policy name of a request's ``kv_policy`` dict (absent means ``none``)."""
+def checked_options(kv_policy: object) -> KVPolicyOptions | None:
+    """A request's ``kv_policy`` extra arg as validated options; None when absent or invalid.
+
+    The server rejects invalid options with a 400; a plain vLLM caller can still put anything
+    in ``extra_args``, and in the engine an invalid value must not raise (that would kill the
+    engine for every request): such a request runs without eviction, as with ``none``.
+    """
     if not kv_policy:
-        return "none"
-    return kv_policy.get("name") or "none"
+        return None
+    try:
+        return KVPolicyOptions.model_validate(kv_policy)
+    except (ValidationError, TypeError) as exc:
+        logger.warning("invalid kv_policy %.200r ignored (no eviction): %s", kv_policy,
+                       str(exc).splitlines()[0])
+        return None
 
 
-def eviction_plan(kv_policy: dict | None, prompt_len: int, block_size: int) -> EvictionPlan | None:
+def policy_name(kv_policy: object) -> str:
+    """The policy name of a request's ``kv_policy`` dict (absent or invalid means ``none``)."""
+    if isinstance(kv_policy, dict) and kv_policy.get("name") in (None, "", "none"):
+        return "none"  # the common case, without validation
+    opts = checked_options(kv_policy)
+    return opts.name if opts is not None else "none"
+
+
+def eviction_plan(kv_policy: object, prompt_len: int, block_size: int) -> EvictionPlan | None:
     """The plan for one request, or None when its KV is left untouched.
 
-    None when the policy is absent or ``none``, or when the prompt fits the budget. The freed
+    None when the policy is absent, invalid (``checked_options``) or ``none``, or when the prompt
+    fits the budget. The freed
     blocks are those whose every slot lies in the gap ``[budget, prompt_len)``:
     ``range(ceil(budget / block_size), prompt_len // block_size)`` (possibly empty).
     """
     if policy_name(kv_policy) == "none":
         return None
-    budget = int(kv_policy.get("budget") or DEFAULT_BUDGET)  # type: ignore[union-attr]
+    opts = checked_options(kv_policy)
+    if opts is None:
+        return None
+    budget = opts.budget
     if prompt_len <= budget:
         return None
     first_freed = -(-budget // block_size)

@@ -8,10 +8,14 @@ from collections.abc import AsyncGenerator
 from http import HTTPStatus
 
 from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
 
+from attention_backends.options import FluxOptions
+from kv_policies.options import KVPolicyOptions
 from server.auth import require_api_key
 from server.config import ServerSettings
 from server.engine import EngineState
@@ -35,12 +39,77 @@ ERROR_RESPONSES = {
 }
 
 
-def _num_layers(request: Request) -> int:
-    return request.app.state.engine.client.model_config.hf_text_config.num_hidden_layers
+def _model_limits(request: Request) -> tuple[int, int]:
+    """(max_model_len, num_layers) of the served model."""
+    cfg = request.app.state.engine.client.model_config
+    return int(cfg.max_model_len), int(cfg.hf_text_config.num_hidden_layers)
+
+
+def _invalid(loc: tuple, message: str, value: object) -> dict:
+    return {"type": "value_error", "loc": ("body", *loc), "msg": message, "input": value}
+
+
+# Extra args that vLLM itself reads as objects (KV/EC connector parameters); `vllm_xargs` can
+# only carry strings, numbers and lists, which vLLM's output processor then fails on.
+_VLLM_OBJECT_XARGS = ("kv_transfer_params", "ec_transfer_params")
+
+
+def _options_from_xargs(body: ChatRequest | CompletionsRequest) -> list[dict]:
+    """Validate `flux` / `kv_policy` sent inside `vllm_xargs` (vLLM's free-form extra args,
+    which reach the engine as-is) with the same models as the top-level fields, and move them
+    there; refuse the keys vLLM reads as objects. Returns the validation errors, located under
+    `vllm_xargs`."""
+    xargs = body.vllm_xargs
+    if not xargs:
+        return []
+    errors: list[dict] = [
+        _invalid(("vllm_xargs", key), f"vllm_xargs.{key} is reserved: send the top-level "
+                                      f"`{key}` object", xargs[key])
+        for key in _VLLM_OBJECT_XARGS if key in xargs]
+    for key, model in (("flux", FluxOptions), ("kv_policy", KVPolicyOptions)):
+        if key not in xargs:
+            continue
+        raw = xargs.pop(key)
+        loc = ("vllm_xargs", key)
+        if getattr(body, key) is not None:
+            errors.append(_invalid(loc, f"{key} is sent twice (top level and in vllm_xargs); "
+                                        "send it once, as the top-level field", raw))
+            continue
+        try:
+            opts = model.model_validate_json(raw) if isinstance(raw, str) else \
+                model.model_validate(raw)
+        except ValidationError as exc:
+            errors.extend({**e, "loc": ("body", *loc, *e["loc"])} for e in exc.errors())
+            continue
+        setattr(body, key, opts)
+    return errors
 
 
 def apply_policies(body: ChatRequest | CompletionsRequest, request: Request) -> None:
-    """Fill the server defaults for `flux` / `kv_policy` and reject what the engine cannot do."""
+    """Check the request's `flux` / `kv_policy` against the served model, fill the server
+    defaults, and reject what the engine cannot do.
+
+    Raises ``RequestValidationError`` (400, `param` = the field) for an option past its
+    model-dependent bound (docs/request_options.md); ``HTTPException`` 400 for `flux.mode=auto`
+    without a router.
+    """
+    from_xargs = {k for k in ("flux", "kv_policy") if k in (body.vllm_xargs or {})}
+    errors = _options_from_xargs(body)
+    max_model_len, num_layers = _model_limits(request)
+    checks = []
+    if body.flux is not None:
+        checks.append(("flux", body.flux.model_limit_errors(max_model_len, num_layers)))
+    if body.kv_policy is not None:
+        checks.append(("kv_policy", body.kv_policy.model_limit_errors(max_model_len)))
+    for key, found in checks:
+        prefix = ("vllm_xargs", key) if key in from_xargs else (key,)
+        opts = getattr(body, key)
+        errors.extend(_invalid((*prefix, name), msg, getattr(opts, name)) for name, msg in found)
+    if errors:
+        raise RequestValidationError(errors)
+    # Server defaults (CLI options) are not checked against the model here: a request that sent
+    # no option must not be refused for the operator's choice. The worker ignores out-of-range
+    # layers, and a budget past the prompt leaves it untouched.
     settings: ServerSettings = request.app.state.settings
     if body.flux is None:
         body.flux = settings.default_flux
@@ -51,12 +120,6 @@ def apply_policies(body: ChatRequest | CompletionsRequest, request: Request) -> 
                             "flux.mode='auto' needs a Flux router, and this server has none: serve "
                             "a Flux checkpoint or start it with --flux-router PATH; or send "
                             "flux.mode='full', 'sparse' or 'layers'.")
-    if body.flux.sparse_layers:
-        n = _num_layers(request)
-        bad = [i for i in body.flux.sparse_layers if i >= n]
-        if bad:
-            raise HTTPException(HTTPStatus.BAD_REQUEST,
-                                f"flux.sparse_layers {bad} out of range: the model has {n} layers.")
 
 
 async def _generate(body: ChatRequest | CompletionsRequest, raw_request: Request,

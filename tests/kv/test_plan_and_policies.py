@@ -34,7 +34,9 @@ def test_no_plan_when_prompt_fits():
 @pytest.mark.parametrize("budget,prompt_len,bs", [(256, 1000, 16), (250, 260, 16), (7, 100, 4),
                                                    (2048, 32768, 16), (33, 34, 32)])
 def test_plan_frees_exactly_the_blocks_inside_the_gap(budget, prompt_len, bs):
-    plan = eviction_plan({"name": "streaming", "budget": budget}, prompt_len, bs)
+    # window and pool_kernel small enough for the smallest budget here (the options are bounded)
+    policy = {"name": "streaming", "budget": budget, "window": 1, "pool_kernel": 1}
+    plan = eviction_plan(policy, prompt_len, bs)
     assert plan is not None
     assert (plan.budget, plan.kept_end, plan.gap_end) == (budget, budget, prompt_len)
     assert plan.freed_blocks.start == math.ceil(budget / bs)
