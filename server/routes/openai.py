@@ -54,14 +54,15 @@ def _invalid(loc: tuple, message: str, value: object) -> dict:
 _VLLM_OBJECT_XARGS = ("kv_transfer_params", "ec_transfer_params")
 
 
-def _options_from_xargs(body: ChatRequest | CompletionsRequest) -> list[dict]:
+def _options_from_xargs(body: ChatRequest | CompletionsRequest) -> tuple[list[dict], set[str]]:
     """Validate `flux` / `kv_policy` sent inside `vllm_xargs` (vLLM's free-form extra args,
     which reach the engine as-is) with the same models as the top-level fields, and move them
     there; refuse the keys vLLM reads as objects. Returns the validation errors, located under
-    `vllm_xargs`."""
+    `vllm_xargs`, and the keys moved."""
     xargs = body.vllm_xargs
+    moved: set[str] = set()
     if not xargs:
-        return []
+        return [], moved
     errors: list[dict] = [
         _invalid(("vllm_xargs", key), f"vllm_xargs.{key} is reserved: send the top-level "
                                       f"`{key}` object", xargs[key])
@@ -82,7 +83,8 @@ def _options_from_xargs(body: ChatRequest | CompletionsRequest) -> list[dict]:
             errors.extend({**e, "loc": ("body", *loc, *e["loc"])} for e in exc.errors())
             continue
         setattr(body, key, opts)
-    return errors
+        moved.add(key)
+    return errors, moved
 
 
 def apply_policies(body: ChatRequest | CompletionsRequest, request: Request) -> None:
@@ -93,8 +95,7 @@ def apply_policies(body: ChatRequest | CompletionsRequest, request: Request) -> 
     model-dependent bound (docs/request_options.md); ``HTTPException`` 400 for `flux.mode=auto`
     without a router.
     """
-    from_xargs = {k for k in ("flux", "kv_policy") if k in (body.vllm_xargs or {})}
-    errors = _options_from_xargs(body)
+    errors, from_xargs = _options_from_xargs(body)
     max_model_len, num_layers = _model_limits(request)
     checks = []
     if body.flux is not None:

@@ -194,9 +194,9 @@ WORKER_INPUTS_REJECTED = {
 def test_bad_worker_inputs_fail_only_their_request(server, case):
     extra, param = WORKER_INPUTS_REJECTED[case]
     resp = _post(server, "/v1/completions", _completion(**extra))
-    assert_openai_error(resp, 400)
-    if param is not None:
-        assert resp.json()["error"]["param"] == param, resp.text
+    error = assert_openai_error(resp, 400)
+    if param is not None:  # pydantic's errors locate the field under the body ("body.seed")
+        assert str(error["param"]).split(".")[-1] == param, resp.text
     assert_engine_settles(server)
 
 

@@ -13,7 +13,7 @@ import json
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from kv_policies.options import POLICY_NAMES
@@ -32,10 +32,6 @@ PROMPTS = [
 HUGE = st.sampled_from([2**29 + 1, 2**31, 2**62 + 1, 2**63, 2**64, 4611686018427387905])
 TOKENS = st.one_of(st.integers(-2, 2100), HUGE)
 SMALL_TOKENS = st.one_of(st.integers(-1, 80), HUGE)
-
-
-def _optional(strategy):
-    return st.one_of(st.nothing(), strategy)  # a key either absent or drawn
 
 
 flux_options = st.fixed_dictionaries(
@@ -105,6 +101,7 @@ def test_any_body_gets_200_or_openai_4xx_and_the_engine_recovers(server, case):
     endpoint, body = case
     path = "/v1/completions" if endpoint == "completions" else "/v1/chat/completions"
     resp = httpx.post(f"{server.base_url}{path}", json=body, headers=server.auth, timeout=180)
+    event(f"HTTP {resp.status_code}")  # --hypothesis-show-statistics: how many were served
     if resp.status_code == 200:
         if body.get("stream"):
             assert "data: [DONE]" in resp.text, resp.text[-500:]

@@ -3,7 +3,8 @@
 ``max_num_batched_tokens=CHUNK`` makes every prompt longer than ``CHUNK`` tokens prefill in
 several steps (chunked prefill), which is where per-request sampling state is rewound. The
 engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that a worker error
-surfaces as an exception in the test rather than a dead child process.
+surfaces as an exception in the test rather than a dead child process. Prefix caching is off so
+that repeated prompts cost the same each time (the cost test compares timings).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 
 import pytest
 
-CHUNK = 256  # tokens per engine step (prefill chunk)
+CHUNK = 512  # tokens per engine step (prefill chunk)
 MAX_MODEL_LEN = 2048
 
 
@@ -36,6 +37,7 @@ def llm(model_dir):
 
         engine = LLM(model=model_dir, enforce_eager=True, max_model_len=MAX_MODEL_LEN,
                      max_num_seqs=16, max_num_batched_tokens=CHUNK, enable_chunked_prefill=True,
+                     enable_prefix_caching=False,
                      scheduler_cls=SCHEDULER_CLS, seed=0)
     yield engine
     del engine

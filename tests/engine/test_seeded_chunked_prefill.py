@@ -15,8 +15,8 @@ from tests.engine.conftest import CHUNK
 
 pytestmark = pytest.mark.engine
 
-LONG = " ".join(f"term{i}" for i in range(300))  # several CHUNKs with the smoke model
-SHORT = " ".join(f"word{i}" for i in range(80))  # < CHUNK tokens
+LONG = " ".join(f"term{i}" for i in range(300))  # 1,074 tokens with the smoke model
+SHORT = " ".join(f"word{i}" for i in range(20))
 
 
 def _params(**kw):
@@ -35,7 +35,7 @@ def _num_tokens(llm, text: str) -> int:
 
 
 def test_seeded_long_prompt_survives_and_repeats(llm):
-    assert _num_tokens(llm, LONG) > 3 * CHUNK
+    assert _num_tokens(llm, LONG) > 2 * CHUNK
     first = _texts(llm, [LONG], _params())
     second = _texts(llm, [LONG], _params())
     assert first == second
@@ -44,13 +44,23 @@ def test_seeded_long_prompt_survives_and_repeats(llm):
     assert _texts(llm, [SHORT], _params(seed=None, temperature=0))[0][0]
 
 
+def _fitting_behind(llm, prompt: str) -> str:
+    """A prompt that fits one chunk alone but not beside the last chunk of ``prompt``."""
+    rest = _num_tokens(llm, prompt) % CHUNK
+    words = 1
+    while _num_tokens(llm, " ".join(f"word{i}" for i in range(words))) <= CHUNK - rest + 8:
+        words += 1
+    return " ".join(f"word{i}" for i in range(words))
+
+
 def test_seed_stream_does_not_depend_on_chunking(llm):
-    """SHORT fits one chunk alone; behind a long prompt it is split across two steps, and its
-    first chunk's sampled token is discarded. Its text must not change."""
-    n_long, n_short = _num_tokens(llm, LONG), _num_tokens(llm, SHORT)
-    assert n_short < CHUNK and (n_long % CHUNK) + n_short > CHUNK
-    alone = _texts(llm, [SHORT], _params(seed=7))[0]
-    behind_long = _texts(llm, [LONG, SHORT], [_params(seed=3), _params(seed=7)])[1]
+    """``medium`` fits one chunk alone; behind a long prompt it is split across two steps, and
+    its first chunk's sampled token is discarded. Its text must not change."""
+    medium = _fitting_behind(llm, LONG)
+    n_long, n_medium = _num_tokens(llm, LONG), _num_tokens(llm, medium)
+    assert n_medium < CHUNK and (n_long % CHUNK) + n_medium > CHUNK
+    alone = _texts(llm, [medium], _params(seed=7))[0]
+    behind_long = _texts(llm, [LONG, medium], [_params(seed=3), _params(seed=7)])[1]
     assert behind_long == alone
 
 

@@ -1,0 +1,87 @@
+"""The cost bound of per-request options (docs/request_options.md): at the extreme values the
+front end accepts, no option makes an engine step, or the whole request, cost more than a small
+factor over the same request without options, in the same engine.
+
+Each request is stepped through the in-process engine alone, timing every ``step()``. Prompts
+are fresh random token ids (no cache effects). The prompt's last chunk is nearly a full chunk,
+so the observation window scores ~CHUNK queries against the whole prompt.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from attention_backends.options import MAX_LAYERS, FluxOptions
+from kv_policies.options import MAX_POOL_KERNEL, KVPolicyOptions
+from server.default_model import NUM_LAYERS
+from tests.engine.conftest import CHUNK, MAX_MODEL_LEN
+
+pytestmark = pytest.mark.engine
+
+MAX_TOKENS = 8
+PROMPT_LEN = 3 * CHUNK + CHUNK - 12  # four prefill steps, the last one nearly full
+assert PROMPT_LEN + MAX_TOKENS <= MAX_MODEL_LEN and MAX_LAYERS >= NUM_LAYERS
+# The bound stated in the docs is 2x; the assertion leaves room for a noisy shared 2-core host.
+MAX_RATIO = 3.0
+REPEATS = 3
+
+WIDEST = {"budget": PROMPT_LEN - 1, "window": PROMPT_LEN - 2, "pool_kernel": MAX_POOL_KERNEL}
+OPTIONS = {
+    "calidrop, widest window and kernel": {"kv_policy": {"name": "calidrop", **WIDEST}},
+    "snapkv, widest window and kernel": {"kv_policy": {"name": "snapkv", **WIDEST}},
+    "snapkv, smallest budget": {"kv_policy": {"name": "snapkv", "budget": 2, "window": 1,
+                                              "pool_kernel": 1}},
+    "streaming, widest sink": {"kv_policy": {"name": "streaming", "budget": PROMPT_LEN - 1,
+                                             "window": 1, "sink": PROMPT_LEN - 2}},
+    "flux sparse everywhere, narrowest": {"flux": {"mode": "sparse", "sink": 0, "window": 1}},
+    "flux sparse + calidrop": {"flux": {"mode": "sparse", "sink": 0, "window": 1},
+                               "kv_policy": {"name": "calidrop", **WIDEST}},
+}
+
+
+def _accepted(extra: dict) -> None:
+    """The option is one the front end lets through (static and model-dependent bounds)."""
+    if "flux" in extra:
+        assert not FluxOptions(**extra["flux"]).model_limit_errors(MAX_MODEL_LEN, NUM_LAYERS)
+    if "kv_policy" in extra:
+        assert not KVPolicyOptions(**extra["kv_policy"]).model_limit_errors(MAX_MODEL_LEN)
+
+
+def _step_times(llm, extra: dict | None, seed: int) -> tuple[float, float]:
+    """(slowest step, total) in seconds for one fresh request stepped alone."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    assert not engine.has_unfinished_requests()
+    rng = random.Random(seed)
+    prompt = {"prompt_token_ids": [rng.randrange(10, 2000) for _ in range(PROMPT_LEN)]}
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                            extra_args=extra or None)
+    engine.add_request(f"cost-{seed}", prompt, params)
+    steps = []
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        engine.step()
+        steps.append(time.perf_counter() - t0)
+    return max(steps), sum(steps)
+
+
+def _best_of(llm, extra: dict | None, base_seed: int) -> tuple[float, float]:
+    runs = [_step_times(llm, extra, base_seed + i) for i in range(REPEATS)]
+    return min(r[0] for r in runs), min(r[1] for r in runs)
+
+
+@pytest.mark.parametrize("case", list(OPTIONS))
+def test_option_costs_at_most_a_small_factor_over_dense(llm, case):
+    extra = OPTIONS[case]
+    _accepted(extra)
+    _best_of(llm, extra, 900)  # warm-up: first use of the masked / eviction paths
+    dense_step, dense_total = _best_of(llm, None, 1000)
+    opt_step, opt_total = _best_of(llm, extra, 2000)
+    print(f"{case}: slowest step {opt_step * 1e3:.1f} ms vs dense {dense_step * 1e3:.1f} ms "
+          f"({opt_step / dense_step:.2f}x); total {opt_total / dense_total:.2f}x")
+    assert opt_step <= MAX_RATIO * dense_step, (opt_step, dense_step)
+    assert opt_total <= MAX_RATIO * dense_total, (opt_total, dense_total)
