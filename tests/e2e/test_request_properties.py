@@ -1,7 +1,9 @@
 """Property: no request body over the fluxserve options and the sampling fields harms the server.
 
 Hypothesis generates bodies for both endpoints mixing valid, edge and out-of-range values of
-`flux`, `kv_policy` (top level and through `vllm_xargs`) and the OpenAI sampling fields, on
+`flux`, `kv_policy` (top level and through `vllm_xargs`), the OpenAI sampling fields and the
+vLLM per-request inputs that reach the worker (logit bias, allowed/bad tokens, prompt logprobs,
+structured-output grammars), on
 short and long prompts (a long one with n > 1 is prefilled in several chunks). Every body must
 get 200 or a 4xx in the OpenAI error shape; afterwards the engine is alive and has no
 unfinished request. Bounded: ~50 examples, at most 6 tokens each.
@@ -65,6 +67,16 @@ sampling_fields = st.fixed_dictionaries({}, optional={
     "presence_penalty": st.floats(-2.5, 2.5, allow_nan=False),
     "logit_bias": st.dictionaries(st.integers(-1, 2100).map(str),
                                   st.floats(-100, 100, allow_nan=False), max_size=3),
+    "frequency_penalty": st.floats(-2.5, 2.5, allow_nan=False),
+    "repetition_penalty": st.floats(0, 3, allow_nan=False),
+    "min_tokens": st.integers(-1, 8),
+    "allowed_token_ids": st.lists(st.integers(-1, 2100), max_size=3),
+    "bad_words": st.lists(st.sampled_from(["", "the", " item1", "\x00"]), max_size=2),
+    "structured_outputs": st.sampled_from([
+        {"regex": "[ab]{2,4}"}, {"regex": "(a|"}, {"choice": ["yes", "no"]}, {"choice": []},
+        {"json": {"type": "object"}}, {"json": {"type": "bogus"}},
+        {"grammar": 'root ::= "x" | "y"'},
+    ]),
     "stream": st.booleans(),
 })
 
@@ -83,6 +95,8 @@ def bodies(draw) -> tuple[str, dict]:
         body["prompt"] = prompt
         if draw(st.booleans()):
             body["logprobs"] = draw(st.integers(-1, 22))
+        if draw(st.booleans()):
+            body["prompt_logprobs"] = draw(st.integers(-1, 22))
     for key, strategy in (("flux", flux_options), ("kv_policy", kv_policy_options)):
         where = draw(st.sampled_from(["absent", "absent", "top", "xargs"]))
         if where == "top":

@@ -4,7 +4,10 @@ factor over the same request without options, in the same engine.
 
 Each request is stepped through the in-process engine alone, timing every ``step()``. Prompts
 are fresh random token ids (no cache effects). The prompt's last chunk is nearly a full chunk,
-so the observation window scores ~CHUNK queries against the whole prompt.
+so the observation window scores ~CHUNK queries against the whole prompt. Runs with and without
+the option alternate, and each side keeps its fastest run, so that load from other processes
+on a shared host hits both alike. (``snapkv`` is covered by ``calidrop``, which runs the same
+selection and adds the evicted-set attention.)
 """
 
 from __future__ import annotations
@@ -21,17 +24,16 @@ from tests.engine.conftest import CHUNK, MAX_MODEL_LEN
 
 pytestmark = pytest.mark.engine
 
-MAX_TOKENS = 8
-PROMPT_LEN = 3 * CHUNK + CHUNK - 12  # four prefill steps, the last one nearly full
+MAX_TOKENS = 4
+PROMPT_LEN = 2 * CHUNK - 12  # two prefill steps, the last one nearly full
 assert PROMPT_LEN + MAX_TOKENS <= MAX_MODEL_LEN and MAX_LAYERS >= NUM_LAYERS
 # The bound stated in the docs is 2x; the assertion leaves room for a noisy shared 2-core host.
 MAX_RATIO = 3.0
-REPEATS = 3
+REPEATS = 2
 
 WIDEST = {"budget": PROMPT_LEN - 1, "window": PROMPT_LEN - 2, "pool_kernel": MAX_POOL_KERNEL}
 OPTIONS = {
     "calidrop, widest window and kernel": {"kv_policy": {"name": "calidrop", **WIDEST}},
-    "snapkv, widest window and kernel": {"kv_policy": {"name": "snapkv", **WIDEST}},
     "snapkv, smallest budget": {"kv_policy": {"name": "snapkv", "budget": 2, "window": 1,
                                               "pool_kernel": 1}},
     "streaming, widest sink": {"kv_policy": {"name": "streaming", "budget": PROMPT_LEN - 1,
@@ -69,18 +71,17 @@ def _step_times(llm, extra: dict | None, seed: int) -> tuple[float, float]:
     return max(steps), sum(steps)
 
 
-def _best_of(llm, extra: dict | None, base_seed: int) -> tuple[float, float]:
-    runs = [_step_times(llm, extra, base_seed + i) for i in range(REPEATS)]
-    return min(r[0] for r in runs), min(r[1] for r in runs)
-
-
 @pytest.mark.parametrize("case", list(OPTIONS))
 def test_option_costs_at_most_a_small_factor_over_dense(llm, case):
     extra = OPTIONS[case]
     _accepted(extra)
-    _best_of(llm, extra, 900)  # warm-up: first use of the masked / eviction paths
-    dense_step, dense_total = _best_of(llm, None, 1000)
-    opt_step, opt_total = _best_of(llm, extra, 2000)
+    _step_times(llm, extra, 900)  # warm-up: first use of the masked / eviction paths
+    dense, opt = [], []
+    for i in range(REPEATS):
+        dense.append(_step_times(llm, None, 1000 + i))
+        opt.append(_step_times(llm, extra, 2000 + i))
+    dense_step, dense_total = min(r[0] for r in dense), min(r[1] for r in dense)
+    opt_step, opt_total = min(r[0] for r in opt), min(r[1] for r in opt)
     print(f"{case}: slowest step {opt_step * 1e3:.1f} ms vs dense {dense_step * 1e3:.1f} ms "
           f"({opt_step / dense_step:.2f}x); total {opt_total / dense_total:.2f}x")
     assert opt_step <= MAX_RATIO * dense_step, (opt_step, dense_step)
