@@ -21,9 +21,12 @@ from server.schemas import ChatRequest, CompletionsRequest
 
 async def require_ready(request: Request) -> None:
     engine: EngineState = request.app.state.engine
+    if not engine.alive:
+        raise HTTPException(HTTPStatus.SERVICE_UNAVAILABLE, engine.dead_message())
     if not engine.ready:
         raise HTTPException(HTTPStatus.SERVICE_UNAVAILABLE,
-                            "The engine is still starting; retry when /ready returns 200.")
+                            "The engine is still starting; retry when /ready returns 200.",
+                            headers={"Retry-After": "5"})
 
 
 router = APIRouter(dependencies=[Depends(require_api_key), Depends(require_ready)])
