@@ -105,12 +105,29 @@ def _resolve_model(args) -> bool:
 
     if args.model:
         return False
+    check_embedded_model_args(args)
     args.model = str(ensure_default_model())
     if not args.served_model_name:
         args.served_model_name = [DEFAULT_MODEL_NAME]
     logger.warning("no --model given: serving the embedded smoke-test model %s (random weights, "
                    "meaningless output) from %s", DEFAULT_MODEL_NAME, args.model)
     return True
+
+
+def check_embedded_model_args(args) -> None:
+    """Refuse, in fluxserve's words, options the embedded smoke-test model cannot serve (they
+    would otherwise fail later, inside vLLM's engine start)."""
+    from server.default_model import DEFAULT_MODEL_NAME, MAX_POSITION_EMBEDDINGS, NUM_LAYERS
+
+    if args.max_model_len is not None and args.max_model_len > MAX_POSITION_EMBEDDINGS:
+        raise UsageError(f"--max-model-len {args.max_model_len}: the embedded model "
+                         f"{DEFAULT_MODEL_NAME} supports at most {MAX_POSITION_EMBEDDINGS} "
+                         "tokens; serve a real model with --model for longer contexts")
+    layers = [s for s in (args.flux_sparse_layers or "").split(",") if s.strip()]
+    bad = [s for s in layers if not s.strip().isdigit() or int(s) >= NUM_LAYERS]
+    if bad:
+        raise UsageError(f"--flux-sparse-layers {','.join(bad)}: the embedded model "
+                         f"{DEFAULT_MODEL_NAME} has layers 0-{NUM_LAYERS - 1}")
 
 
 def _apply_platform_defaults(args) -> None:
