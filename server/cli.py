@@ -177,8 +177,21 @@ def serve(args) -> None:
     server = DrainingServer(config, app.state.lifecycle)
     app.state.server = server  # vLLM's error handlers read it
     server.run()
-    if app.state.lifecycle.exit_code:
-        sys.exit(app.state.lifecycle.exit_code)
+    _exit(app.state.lifecycle.exit_code)
+
+
+def _exit(code: int) -> None:
+    """End the process once the server and its engine are shut down: run the exit handlers,
+    then skip the interpreter's teardown, which can block for tens of seconds on the engine's
+    ZeroMQ sockets after the engine core died (an orchestrator would see a hung process)."""
+    import atexit
+
+    logger.info("exiting with status %d", code)
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
