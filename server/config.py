@@ -126,4 +126,6 @@ def transport_limits(args: argparse.Namespace) -> TransportLimits:
     return TransportLimits(max_request_body_bytes=args.max_request_body_bytes,
                            header_timeout_s=args.http_header_timeout,
                            keep_alive_timeout_s=args.http_keep_alive_timeout,
-                           max_connections=args.max_connections)
+                           max_connections=args.max_connections,
+                           max_header_bytes=args.h11_max_incomplete_event_size,
+                           max_header_count=args.h11_max_header_count)

@@ -8,7 +8,9 @@ send request headers, idle keep-alive time, and the number of open connections.
 - ``LimitedHttpToolsProtocol`` (uvicorn's httptools protocol, passed as ``http=``) closes a
   connection whose request headers are not complete within the header timeout (slowloris), from
   the moment it is accepted or a request's first byte arrives: a connection that never sends a
-  byte is closed too. Beyond ``max_connections`` open connections a new one gets 503 and is
+  byte is closed too. A request head larger than vLLM's ``--h11-max-incomplete-event-size`` or
+  with more headers than ``--h11-max-header-count`` gets 431 (uvicorn applies those two to its
+  h11 protocol only). Beyond ``max_connections`` open connections a new one gets 503 and is
   closed. Its parse errors answer in the OpenAI error shape instead of uvicorn's plain text.
   Idle keep-alive connections are closed by uvicorn's own ``timeout_keep_alive``.
 """
@@ -24,6 +26,10 @@ from typing import Any
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from vllm.entrypoints.launchers.utils.constants import (
+    H11_MAX_HEADER_COUNT_DEFAULT,
+    H11_MAX_INCOMPLETE_EVENT_SIZE_DEFAULT,
+)
 
 from server.errors import error_payload, send_error
 
@@ -36,6 +42,9 @@ class TransportLimits:
     header_timeout_s: float = 20.0
     keep_alive_timeout_s: int = 5
     max_connections: int = 2048
+    # vLLM's --h11-max-incomplete-event-size and --h11-max-header-count, applied to httptools
+    max_header_bytes: int = H11_MAX_INCOMPLETE_EVENT_SIZE_DEFAULT
+    max_header_count: int = H11_MAX_HEADER_COUNT_DEFAULT
 
 
 def _too_large(limit: int) -> str:
@@ -94,7 +103,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         limits: TransportLimits = getattr(config, "transport_limits", TransportLimits())
         self.header_timeout_s = limits.header_timeout_s
         self.max_connections = limits.max_connections
+        self.max_header_bytes = limits.max_header_bytes
+        self.max_header_count = limits.max_header_count
         self._header_timer: asyncio.TimerHandle | None = None
+        self._head_bytes: int | None = None  # bytes of the request head so far, while reading it
+        self._head_count = 0
+        self._head_too_large: str | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -113,17 +127,43 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_header_timer()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        if self._head_bytes is not None:
+            if self._head_bytes > self.max_header_bytes > 0:
+                self._head_too_large = (f"Request head larger than {self.max_header_bytes} "
+                                        "bytes (--h11-max-incomplete-event-size).")
+                self.send_400_response("")
+                return
+            self._head_bytes += len(data)
+        super().data_received(data)
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._head_bytes, self._head_count = 0, 0
         self._arm_header_timer()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_count += 1
+        if self._head_count > self.max_header_count > 0:
+            self._head_too_large = (f"More than {self.max_header_count} request headers "
+                                    "(--h11-max-header-count).")
+            raise ValueError(self._head_too_large)  # stops the parser: send_400_response runs
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._cancel_header_timer()
+        self._head_bytes = None
         super().on_headers_complete()
 
     def send_400_response(self, msg: str) -> None:
-        self.transport.write(_raw_error(HTTPStatus.BAD_REQUEST, msg))
-        self.transport.close()
+        if self._head_too_large is not None:
+            response = _raw_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, self._head_too_large)
+        else:
+            response = _raw_error(HTTPStatus.BAD_REQUEST, msg)
+        self._cancel_header_timer()
+        if not self.transport.is_closing():
+            self.transport.write(response)
+            self.transport.close()
 
     def _arm_header_timer(self) -> None:
         if self._header_timer is None and self.header_timeout_s > 0:

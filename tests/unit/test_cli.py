@@ -143,10 +143,12 @@ def test_bad_option_values_are_refused_in_fluxserves_words(argv, message):
 def test_transport_and_drain_flags_reach_the_settings():
     s = ServerSettings.from_args(_parse(
         "--max-request-body-bytes", "1024", "--http-header-timeout", "2.5",
-        "--http-keep-alive-timeout", "7", "--max-connections", "12", "--drain-timeout", "3"),
+        "--http-keep-alive-timeout", "7", "--max-connections", "12", "--drain-timeout", "3",
+        "--h11-max-incomplete-event-size", "8192", "--h11-max-header-count", "30"),
         smoke_test_model=True)
     assert s.transport == TransportLimits(max_request_body_bytes=1024, header_timeout_s=2.5,
-                                          keep_alive_timeout_s=7, max_connections=12)
+                                          keep_alive_timeout_s=7, max_connections=12,
+                                          max_header_bytes=8192, max_header_count=30)
     assert s.drain_timeout_s == 3
     defaults = ServerSettings.from_args(_parse(), smoke_test_model=True)
     assert defaults.transport == TransportLimits() and defaults.drain_timeout_s == 30

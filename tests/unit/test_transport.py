@@ -3,6 +3,7 @@ short limits so each case takes about a second)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -19,7 +20,8 @@ from server.config import ServerSettings
 from server.transport import LimitedHttpToolsProtocol, TransportLimits
 
 LIMITS = TransportLimits(max_request_body_bytes=1000, header_timeout_s=1.0,
-                         keep_alive_timeout_s=1, max_connections=4)
+                         keep_alive_timeout_s=1, max_connections=4, max_header_bytes=64 << 10,
+                         max_header_count=20)
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +113,24 @@ def test_slow_headers_are_cut_with_408(base_url):
     raw = _read_all(sock)
     _assert_openai_error(raw, 408)
     assert time.monotonic() - started < LIMITS.header_timeout_s + 1.5
+
+
+def test_a_request_head_over_the_size_limit_gets_431(base_url):
+    sock = _connect(base_url)
+    sock.sendall(b"GET /health HTTP/1.1\r\nhost: t\r\nx-big: ")
+    with contextlib.suppress(OSError):  # the server may close while we still send
+        for _ in range(64):  # 4 MiB, far past the 64 KiB limit
+            sock.sendall(b"a" * (64 << 10))
+    _assert_openai_error(_read_all(sock), 431)
+
+
+def test_too_many_headers_get_431(base_url):
+    sock = _connect(base_url)
+    headers = b"".join(b"x-h%d: 1\r\n" % i for i in range(LIMITS.max_header_count + 5))
+    sock.sendall(b"GET /health HTTP/1.1\r\nhost: t\r\n" + headers + b"\r\n")
+    raw = _read_all(sock)
+    _assert_openai_error(raw, 431)
+    assert b"--h11-max-header-count" in raw
 
 
 def test_a_silent_connection_is_closed_after_the_header_timeout(base_url):
