@@ -155,3 +155,24 @@ def test_drain_timeout_ends_streams_with_an_error_event_and_replies_with_503():
         assert not lifecycle.in_flight
 
     asyncio.run(scenario())
+
+
+def test_the_first_signal_drains_and_the_process_exits_zero():
+    import signal
+
+    import uvicorn
+
+    from server.lifecycle import DrainingServer
+
+    async def scenario():
+        lifecycle = Lifecycle(drain_timeout_s=30)
+        server = DrainingServer(uvicorn.Config(FastAPI()), lifecycle)
+        server._loop = asyncio.get_running_loop()
+        server.handle_exit(signal.SIGTERM, None)
+        assert not server.should_exit  # the listening socket stays open while draining
+        await asyncio.sleep(0.3)
+        assert lifecycle.draining and server.should_exit and lifecycle.exit_code == 0
+        # not recorded for uvicorn to re-raise after its shutdown (that would kill by signal)
+        assert server._captured_signals == []
+
+    asyncio.run(scenario())

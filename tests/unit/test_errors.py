@@ -103,3 +103,31 @@ def test_health_and_ready_name_a_start_failure(app, client):
         assert "no such model" in error["message"]
     finally:
         app.state.engine.error = None
+
+
+class _Proc:
+    def __init__(self, name: str, exitcode: int | None) -> None:
+        self.name, self.exitcode = name, exitcode
+
+
+class _Client:
+    def __init__(self, *procs: _Proc) -> None:
+        manager = type("Manager", (), {"processes": list(procs)})()
+        resources = type("Resources", (), {"engine_manager": manager})()
+        self.engine_core = type("Core", (), {"resources": resources})()
+        self.errored = True
+
+
+@pytest.mark.parametrize("procs, reason", [
+    ((_Proc("EngineCore", -9),), "engine core process EngineCore was killed by SIGKILL"),
+    ((_Proc("EngineCore_DP0", None), _Proc("EngineCore_DP1", 1)),
+     "engine core process EngineCore_DP1 exited with status 1"),
+    ((_Proc("EngineCore", None),), "the engine core failed"),
+])
+def test_death_reason_reads_the_engine_core_exit_status(procs, reason):
+    from server.engine import EngineState
+
+    state = EngineState(client=_Client(*procs))
+    assert not state.alive
+    assert state.failure().startswith(reason)
+    assert reason in state.dead_message()
