@@ -1,28 +1,36 @@
-"""The FastAPI application: routes, error handling, and the engine's lifespan."""
+"""The FastAPI application: routes, error handling, transport limits, and the lifespan that
+starts and stops the engine and its watchdog."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
 
 from server import __version__
 from server.admission import AdmissionControl
 from server.config import ServerSettings
 from server.engine import EngineState, start_engine, stop_engine
+from server.errors import install_error_handlers
+from server.lifecycle import Lifecycle, watch_engine
 from server.routes import openai, ops
+from server.transport import BodySizeLimit
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.engine.start_task = asyncio.create_task(start_engine(app, app.state.args))
+    watchdog = asyncio.create_task(watch_engine(app))
     try:
         yield
     finally:
+        watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watchdog
         await stop_engine(app)
 
 
@@ -36,10 +44,15 @@ def build_app(args: argparse.Namespace, settings: ServerSettings) -> FastAPI:
     app.state.args = args  # vLLM's serving and error-handling code reads its options here
     app.state.settings = settings
     app.state.engine = EngineState()
-    # vLLM's handlers turn validation errors, HTTP errors and engine errors into OpenAI error
-    # bodies ({"error": {"message", "type", "param", "code"}}) with the right status.
-    init_exception_handler(app)
-    app.add_middleware(AdmissionControl, max_in_flight=settings.max_in_flight_requests)
+    app.state.lifecycle = Lifecycle(drain_timeout_s=settings.drain_timeout_s)
+    # Every error, the framework's own included, answers in the OpenAI error shape
+    # ({"error": {"message", "type", "param", "code"}}) with the right status.
+    install_error_handlers(app)
+    # The middleware added last runs first: the body limit applies to every route, admission to
+    # the generation routes only.
+    app.add_middleware(AdmissionControl, max_in_flight=settings.max_in_flight_requests,
+                       lifecycle=app.state.lifecycle)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.transport.max_request_body_bytes)
     app.include_router(ops.router)
     app.include_router(openai.router)
     return app

@@ -57,9 +57,12 @@ def child_server(cmd: list[str], *, env: dict[str, str], log_path: Path, ready_p
             time.sleep(1)
         yield base_url, proc
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        # The group may be gone already (a test that ended the server itself).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -46,11 +46,56 @@ def build_parser():
     return parser
 
 
+class UsageError(SystemExit):
+    """A command line fluxserve cannot serve; the message says why, in fluxserve's words."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"fluxserve: error: {message}")
+
+
+def _take_model_option(argv: list[str]) -> tuple[list[str], str | None]:
+    """Remove ``--model X`` / ``--model=X`` from ``argv``; return the rest and X."""
+    rest, models = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--model":
+            if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                raise UsageError("--model needs a value: a local Hugging Face directory or hub id")
+            models.append(argv[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--model="):
+            models.append(arg.removeprefix("--model="))
+        else:
+            rest.append(arg)
+        i += 1
+    if len(models) > 1:
+        raise UsageError(f"--model given {len(models)} times ({', '.join(models)}); give it once")
+    return rest, (models[0] if models else None)
+
+
 def parse_args(argv: list[str]):
+    """Parse a fluxserve command line. For ``serve``, the model is the first argument after
+    ``serve`` or ``--model MODEL`` (not both); with neither, ``args.model`` is None and the
+    embedded smoke-test model is served. Raises SystemExit with a usage message."""
+    if argv[:1] == ["serve"]:
+        rest, model = _take_model_option(argv[1:])
+        positional = rest[0] if rest and not rest[0].startswith("-") else None
+        if model is not None and positional is not None:
+            raise UsageError(f"the model is given twice ({positional!r} and --model {model!r}): "
+                             "give it once, as `fluxserve serve MODEL` or `--model MODEL`")
+        if model is not None:
+            rest = [model, *rest]
+        elif positional is None:
+            # An explicit empty model keeps vLLM's `vllm serve` argument rules (which demand a
+            # positional model next to --served-model-name) out of the way; it means "none".
+            rest = ["", *rest]
+        argv = ["serve", *rest]
     args = build_parser().parse_args(argv)
-    # vLLM's parser turns `--model X` into the positional model tag; keep one place for it.
-    if getattr(args, "model_tag", None) and not args.model:
-        args.model = args.model_tag
+    if args.command == "serve":
+        args.model = getattr(args, "model_tag", None) or None
+        args.model_tag = args.model
     return args
 
 
@@ -60,12 +105,29 @@ def _resolve_model(args) -> bool:
 
     if args.model:
         return False
+    check_embedded_model_args(args)
     args.model = str(ensure_default_model())
     if not args.served_model_name:
         args.served_model_name = [DEFAULT_MODEL_NAME]
     logger.warning("no --model given: serving the embedded smoke-test model %s (random weights, "
                    "meaningless output) from %s", DEFAULT_MODEL_NAME, args.model)
     return True
+
+
+def check_embedded_model_args(args) -> None:
+    """Refuse, in fluxserve's words, options the embedded smoke-test model cannot serve (they
+    would otherwise fail later, inside vLLM's engine start)."""
+    from server.default_model import DEFAULT_MODEL_NAME, MAX_POSITION_EMBEDDINGS, NUM_LAYERS
+
+    if args.max_model_len is not None and args.max_model_len > MAX_POSITION_EMBEDDINGS:
+        raise UsageError(f"--max-model-len {args.max_model_len}: the embedded model "
+                         f"{DEFAULT_MODEL_NAME} supports at most {MAX_POSITION_EMBEDDINGS} "
+                         "tokens; serve a real model with --model for longer contexts")
+    layers = [s for s in (args.flux_sparse_layers or "").split(",") if s.strip()]
+    bad = [s for s in layers if not s.strip().isdigit() or int(s) >= NUM_LAYERS]
+    if bad:
+        raise UsageError(f"--flux-sparse-layers {','.join(bad)}: the embedded model "
+                         f"{DEFAULT_MODEL_NAME} has layers 0-{NUM_LAYERS - 1}")
 
 
 def _apply_platform_defaults(args) -> None:
@@ -92,17 +154,44 @@ def _apply_flux_router(args) -> None:
 
 def serve(args) -> None:
     import uvicorn
+    from vllm.utils.system_utils import set_ulimit
 
     from server.app import build_app
     from server.config import ServerSettings
+    from server.lifecycle import UVICORN_GRACEFUL_SHUTDOWN_S, DrainingServer
+    from server.transport import LimitedHttpToolsProtocol
 
     smoke = _resolve_model(args)
     _apply_platform_defaults(args)
     _apply_flux_router(args)
     settings = ServerSettings.from_args(args, smoke_test_model=smoke)
     app = build_app(args, settings)
-    uvicorn.run(app, host=args.host or "0.0.0.0", port=args.port,
-                log_level=args.uvicorn_log_level, timeout_graceful_shutdown=10)
+    config = uvicorn.Config(
+        app, host=args.host or "0.0.0.0", port=args.port, log_level=args.uvicorn_log_level,
+        access_log=not args.disable_uvicorn_access_log, http=LimitedHttpToolsProtocol,
+        timeout_keep_alive=settings.transport.keep_alive_timeout_s,
+        # the drain (server.lifecycle) runs before uvicorn's own, shorter, grace period
+        timeout_graceful_shutdown=UVICORN_GRACEFUL_SHUTDOWN_S)
+    config.transport_limits = settings.transport  # read by LimitedHttpToolsProtocol
+    set_ulimit()  # so that --max-connections, not the file-descriptor limit, is the bound
+    server = DrainingServer(config, app.state.lifecycle)
+    app.state.server = server  # vLLM's error handlers read it
+    server.run()
+    _exit(app.state.lifecycle.exit_code)
+
+
+def _exit(code: int) -> None:
+    """End the process once the server and its engine are shut down: run the exit handlers,
+    then skip the interpreter's teardown, which can block for tens of seconds on the engine's
+    ZeroMQ sockets after the engine core died (an orchestrator would see a hung process)."""
+    import atexit
+
+    logger.info("exiting with status %d", code)
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 from dataclasses import dataclass, field
 
@@ -31,6 +30,31 @@ class EngineState:
     @property
     def alive(self) -> bool:
         return self.error is None and not (self.client is not None and self.client.errored)
+
+    def failure(self) -> str | None:
+        """Why the engine is dead (None while it is alive): the start error, or how the engine
+        core process ended."""
+        if self.error is None and self.client is not None and self.client.errored:
+            self.error = death_reason(self.client)
+        return self.error
+
+    def dead_message(self) -> str:
+        return (f"The inference engine is dead ({self.failure() or 'stopped'}); this server is "
+                "exiting so that it is restarted. Retry the request.")
+
+
+def death_reason(client: AsyncLLM) -> str:
+    """How the engine core ended, read from its process exit status where there is one."""
+    manager = getattr(client.engine_core.resources, "engine_manager", None)
+    for proc in getattr(manager, "processes", None) or []:
+        code = proc.exitcode
+        if code is None:
+            continue
+        if code < 0:
+            return f"engine core process {proc.name} was killed by {signal.Signals(-code).name}"
+        return (f"engine core process {proc.name} exited with status {code}; "
+                "its traceback is in the server log")
+    return "the engine core failed; its traceback is in the server log"
 
 
 def install_extensions(vllm_config) -> None:
@@ -68,10 +92,10 @@ async def start_engine(app: FastAPI, args: argparse.Namespace) -> None:
         logger.info("engine ready: serving %s", ", ".join(args.served_model_name or [args.model]))
     except asyncio.CancelledError:
         raise
-    except Exception as exc:  # a server whose engine cannot start must not linger half-alive
-        state.error = f"{type(exc).__name__}: {exc}"
-        logger.exception("engine failed to start; shutting the server down")
-        os.kill(os.getpid(), signal.SIGTERM)
+    except Exception as exc:  # a server whose engine cannot start must not linger half-alive:
+        # the watchdog (server.lifecycle) sees the error and ends the process with status 1
+        state.error = f"engine failed to start: {type(exc).__name__}: {exc}"
+        logger.exception("engine failed to start")
 
 
 async def stop_engine(app: FastAPI) -> None:

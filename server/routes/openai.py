@@ -4,6 +4,7 @@ serving classes; this module adds fluxserve's per-request options, auth and read
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncGenerator
 from http import HTTPStatus
 
@@ -19,15 +20,19 @@ from kv_policies.options import KVPolicyOptions
 from server.auth import require_api_key
 from server.config import ServerSettings
 from server.engine import EngineState
+from server.errors import error_payload, error_response
 from server.metrics import DISCONNECTED, REJECTED, REQUESTS
 from server.schemas import ChatRequest, CompletionsRequest
 
 
 async def require_ready(request: Request) -> None:
     engine: EngineState = request.app.state.engine
+    if not engine.alive:
+        raise HTTPException(HTTPStatus.SERVICE_UNAVAILABLE, engine.dead_message())
     if not engine.ready:
         raise HTTPException(HTTPStatus.SERVICE_UNAVAILABLE,
-                            "The engine is still starting; retry when /ready returns 200.")
+                            "The engine is still starting; retry when /ready returns 200.",
+                            headers={"Retry-After": "5"})
 
 
 router = APIRouter(dependencies=[Depends(require_api_key), Depends(require_ready)])
@@ -139,21 +144,32 @@ async def _generate(body: ChatRequest | CompletionsRequest, raw_request: Request
         # "Client disconnected"; nobody is there to read it, and it is no rejection
         DISCONNECTED.labels(endpoint, streamed).inc()
         raise asyncio.CancelledError
+    engine: EngineState = raw_request.app.state.engine
     if isinstance(result, ErrorResponse):
+        if result.error.code >= 500 and not engine.alive:
+            # vLLM's "EngineCore encountered an issue. See stack trace (above)" names no cause
+            return error_response(HTTPStatus.SERVICE_UNAVAILABLE, engine.dead_message(),
+                                  err_type="EngineDeadError")
         REJECTED.labels(endpoint, str(result.error.code)).inc()
         return JSONResponse(result.model_dump(), status_code=result.error.code)
     REQUESTS.labels(endpoint, body.flux.mode, body.kv_policy.name).inc()
     if hasattr(result, "model_dump"):
         return JSONResponse(result.model_dump())
-    return StreamingResponse(_count_disconnect(result, endpoint), media_type="text/event-stream")
+    return StreamingResponse(_count_disconnect(result, endpoint, engine),
+                             media_type="text/event-stream")
 
 
-async def _count_disconnect(events: AsyncGenerator[str, None], endpoint: str
-                            ) -> AsyncGenerator[str, None]:
-    """Pass vLLM's SSE events through, counting streams the client dropped. The cancellation
-    that reaches vLLM's generator is what aborts the engine request."""
+async def _count_disconnect(events: AsyncGenerator[str, None], endpoint: str,
+                            engine: EngineState) -> AsyncGenerator[str, None]:
+    """Pass vLLM's SSE events through, counting streams the client dropped, and naming the
+    cause in the error event of a stream the engine's death ended. The cancellation that reaches
+    vLLM's generator is what aborts the engine request."""
     try:
         async for event in events:
+            if event.startswith('data: {"error"') and not engine.alive:
+                event = "data: " + json.dumps(error_payload(
+                    HTTPStatus.SERVICE_UNAVAILABLE, engine.dead_message(),
+                    err_type="EngineDeadError")) + "\n\n"
             yield event
     except (asyncio.CancelledError, GeneratorExit):
         DISCONNECTED.labels(endpoint, "true").inc()

@@ -14,16 +14,22 @@ router = APIRouter(tags=["operations"])
 @router.get("/health", summary="Liveness: the process is up and its engine has not died")
 async def health(request: Request) -> JSONResponse:
     engine: EngineState = request.app.state.engine
-    if not engine.alive:
-        return JSONResponse({"status": "dead", "error": engine.error}, status_code=503)
+    failure = engine.failure()
+    if failure is not None:
+        return JSONResponse({"status": "dead", "error": failure}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/ready", summary="Readiness: the engine is up and serving")
+@router.get("/ready", summary="Readiness: the engine is up and serving, and the server is not "
+                              "draining")
 async def ready(request: Request) -> JSONResponse:
     engine: EngineState = request.app.state.engine
-    if not engine.ready or not engine.alive:
-        return JSONResponse({"status": "starting" if engine.alive else "dead"}, status_code=503)
+    if not engine.alive:
+        return JSONResponse({"status": "dead", "error": engine.failure()}, status_code=503)
+    if request.app.state.lifecycle.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    if not engine.ready:
+        return JSONResponse({"status": "starting"}, status_code=503)
     return JSONResponse({
         "status": "ready",
         "unfinished_requests": engine.client.get_num_unfinished_requests(),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ class Server:
     api_key: str
     log_path: Path
     pid: int = 0
+    process: subprocess.Popen | None = None
 
     @property
     def auth(self) -> dict[str, str]:
@@ -69,7 +71,7 @@ def launch_server(extra_args: list[str], log_dir: Path, api_key: str = API_KEY
                 timeout_s=START_TIMEOUT_S))
         except ServerStartError as exc:
             pytest.fail(str(exc))
-        yield Server(base_url, api_key, log_path, proc.pid)
+        yield Server(base_url, api_key, log_path, proc.pid, proc)
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,11 @@
-"""Fault: the engine-core process dies under a running server. Liveness turns 503 (so an
-orchestrator restarts the pod), readiness too, and requests fail fast with an error body
-instead of hanging."""
+"""Fault: the engine-core process dies under a running server (its own server, not the shared
+one). The requests in flight fail with an error body (a stream with an error event), and the
+server process exits non-zero within seconds, so that Docker or Kubernetes restarts it."""
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 
 import httpx
@@ -14,6 +16,8 @@ from tests.e2e.conftest import MODEL, launch_server
 
 pytestmark = pytest.mark.e2e
 
+EXIT_WITHIN_S = 15
+
 
 def _engine_core(server_pid: int) -> psutil.Process:
     for child in psutil.Process(server_pid).children(recursive=True):
@@ -22,26 +26,61 @@ def _engine_core(server_pid: int) -> psutil.Process:
     raise AssertionError("no engine-core process under the server")
 
 
-def test_dead_engine_is_reported_and_requests_fail_fast(tmp_path):
+def _long_request(server, stream: bool) -> dict:
+    # ignore_eos: the request runs for its full max_tokens, so it is in flight at the kill
+    return {"model": MODEL, "max_tokens": 1500, "ignore_eos": True, "stream": stream,
+            "messages": [{"role": "user", "content": "go on"}]}
+
+
+def test_engine_death_fails_requests_in_flight_and_ends_the_process(tmp_path):
     with launch_server([], tmp_path) as server:
-        ok = server.client().chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-        assert ok.choices[0].message.content is not None
+        url = f"{server.base_url}/v1/chat/completions"
+        results: dict[str, object] = {}
+        first_event = threading.Event()
+
+        def streamed() -> None:
+            events = []
+            with httpx.stream("POST", url, headers=server.auth, timeout=60,
+                              json=_long_request(server, True)) as resp:
+                results["stream_status"] = resp.status_code
+                for line in resp.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line.removeprefix("data: "))
+                        first_event.set()
+            results["stream_events"] = events
+
+        def unstreamed() -> None:
+            results["reply"] = httpx.post(url, headers=server.auth, timeout=60,
+                                          json=_long_request(server, False))
+
+        threads = [threading.Thread(target=streamed), threading.Thread(target=unstreamed)]
+        for t in threads:
+            t.start()
+        assert first_event.wait(60), "the stream never started"
+        time.sleep(0.5)  # the unstreamed request is in the engine too
         _engine_core(server.pid).kill()
+        killed_at = time.monotonic()
 
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if httpx.get(f"{server.base_url}/health", timeout=5).status_code == 503:
-                break
-            time.sleep(0.5)
-        assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 503
-        assert httpx.get(f"{server.base_url}/ready", timeout=5).status_code == 503
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), "a request in flight hung"
 
-        started = time.monotonic()
-        resp = httpx.post(f"{server.base_url}/v1/chat/completions", headers=server.auth,
-                          json={"model": MODEL, "max_tokens": 4,
-                                "messages": [{"role": "user", "content": "still there?"}]},
-                          timeout=60)
-        assert time.monotonic() - started < 30
-        assert resp.status_code >= 500
-        assert set(resp.json()["error"]) >= {"message", "type", "code"}
+        # the stream: 200 already sent, so it ends with an error event and [DONE]
+        assert results["stream_status"] == 200
+        events = results["stream_events"]
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == 503 and "killed by SIGKILL" in error["message"]
+        # the unstreamed request: an OpenAI error body that names the cause
+        reply = results["reply"]
+        assert reply.status_code == 503
+        error = reply.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert "engine is dead" in error["message"] and "killed by SIGKILL" in error["message"]
+
+        # the process exits non-zero within seconds (no zombie server answering 503)
+        exit_code = server.process.wait(timeout=EXIT_WITHIN_S)
+        assert exit_code not in (0, None)
+        assert time.monotonic() - killed_at < EXIT_WITHIN_S
+        log = server.log_path.read_text()
+        assert "engine dead (engine core process" in log and "killed by SIGKILL" in log

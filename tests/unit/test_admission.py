@@ -9,10 +9,12 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from server.admission import AdmissionControl
+from server.lifecycle import Lifecycle
 from server.metrics import REJECTED
 
 
-def _app(limit: int, gate: asyncio.Event, started: asyncio.Queue | None = None) -> FastAPI:
+def _app(limit: int, gate: asyncio.Event, started: asyncio.Queue | None = None,
+         lifecycle: Lifecycle | None = None) -> FastAPI:
     app = FastAPI()
 
     @app.post("/v1/completions")
@@ -29,7 +31,15 @@ def _app(limit: int, gate: asyncio.Event, started: asyncio.Queue | None = None) 
     async def models():
         return {"data": []}
 
-    app.add_middleware(AdmissionControl, max_in_flight=limit)
+    @app.post("/v1/chat/completions")
+    async def chat():  # a non-streamed reply that waits on the gate
+        if started is not None:
+            started.put_nowait(None)
+        await gate.wait()
+        return {"done": True}
+
+    app.add_middleware(AdmissionControl, max_in_flight=limit,
+                       lifecycle=lifecycle or Lifecycle())
     return app
 
 
@@ -89,3 +99,80 @@ def test_rejections_are_counted_under_the_routes_endpoint_labels():
     asyncio.run(scenario())
     for endpoint in ("chat", "completions"):
         assert REJECTED.labels(endpoint, "429")._value.get() == before[endpoint] + 1
+
+
+class _FakeServer:
+    should_exit = False
+
+
+def test_drain_lets_requests_in_flight_finish_and_refuses_new_ones():
+    async def scenario():
+        gate, started = asyncio.Event(), asyncio.Queue()
+        lifecycle = Lifecycle(drain_timeout_s=30)
+        lifecycle.server = _FakeServer()
+        app = _app(0, gate, started, lifecycle)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://t") as client:
+            held = [asyncio.create_task(client.post("/v1/completions")) for _ in range(3)]
+            for _ in held:
+                await asyncio.wait_for(started.get(), timeout=30)
+            lifecycle.begin_drain()
+            refused = await client.post("/v1/chat/completions")
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == 503
+            assert (await client.get("/v1/models")).status_code == 200  # not a generation route
+            await asyncio.sleep(0.2)
+            assert not lifecycle.server.should_exit  # still draining
+            gate.set()
+            for resp in await asyncio.gather(*held):
+                assert resp.status_code == 200 and resp.text.endswith("data: [DONE]\n\n")
+            await asyncio.wait_for(lifecycle._drain_task, timeout=5)
+            assert lifecycle.server.should_exit and lifecycle.exit_code == 0
+
+    asyncio.run(scenario())
+
+
+def test_drain_timeout_ends_streams_with_an_error_event_and_replies_with_503():
+    async def scenario():
+        gate, started = asyncio.Event(), asyncio.Queue()  # the gate never opens
+        lifecycle = Lifecycle(drain_timeout_s=0.3)
+        app = _app(0, gate, started, lifecycle)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://t") as client:
+            stream = asyncio.create_task(client.post("/v1/completions"))
+            reply = asyncio.create_task(client.post("/v1/chat/completions"))
+            for _ in range(2):
+                await asyncio.wait_for(started.get(), timeout=30)
+            lifecycle.begin_drain()
+            stream_resp, reply_resp = await asyncio.wait_for(asyncio.gather(stream, reply), 10)
+        assert stream_resp.status_code == 200
+        events = [e for e in stream_resp.text.split("\n\n") if e]
+        assert events[0] == "data: first"
+        assert events[1].startswith('data: {"error": ') and "drain timeout" in events[1]
+        assert events[2:] == ["data: [DONE]"]
+        assert reply_resp.status_code == 503 and reply_resp.headers["retry-after"] == "1"
+        assert "drain timeout" in reply_resp.json()["error"]["message"]
+        assert not lifecycle.in_flight
+
+    asyncio.run(scenario())
+
+
+def test_the_first_signal_drains_and_the_process_exits_zero():
+    import signal
+
+    import uvicorn
+
+    from server.lifecycle import DrainingServer
+
+    async def scenario():
+        lifecycle = Lifecycle(drain_timeout_s=30)
+        server = DrainingServer(uvicorn.Config(FastAPI()), lifecycle)
+        server._loop = asyncio.get_running_loop()
+        server.handle_exit(signal.SIGTERM, None)
+        assert not server.should_exit  # the listening socket stays open while draining
+        await asyncio.sleep(0.3)
+        assert lifecycle.draining and server.should_exit and lifecycle.exit_code == 0
+        # not recorded for uvicorn to re-raise after its shutdown (that would kill by signal)
+        assert server._captured_signals == []
+
+    asyncio.run(scenario())

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from server.cli import _apply_flux_router, parse_args
+from server.cli import _apply_flux_router, _resolve_model, check_embedded_model_args, parse_args
 from server.config import API_KEY_ENV, ServerSettings
+from server.transport import TransportLimits
 
 
 def _parse(*argv: str):
@@ -63,3 +64,91 @@ def test_flux_router_reaches_the_engine_config(tmp_path):
     args = _parse("--flux-router", str(tmp_path), "--additional-config", '{"other": 1}')
     _apply_flux_router(args)
     assert args.additional_config == {"other": 1, "flux_router": str(tmp_path)}
+
+
+# The model argument: `fluxserve serve [MODEL | --model MODEL]`, or neither for the embedded one.
+
+@pytest.mark.parametrize("argv", [
+    ["--served-model-name", "foo"],
+    ["--served-model-name", "a", "b"],
+    ["--api-key", "k", "--served-model-name", "foo", "--port", "9000"],
+    ["--host", "127.0.0.1", "--port", "9000"],
+    ["--flux-mode", "sparse", "--kv-policy", "snapkv", "--kv-budget", "512"],
+    ["--max-request-body-bytes", "1024", "--http-header-timeout", "5",
+     "--http-keep-alive-timeout", "2", "--max-connections", "10", "--drain-timeout", "3"],
+])
+def test_documented_flags_work_without_a_model(argv):
+    args = _parse(*argv)
+    assert args.model is None
+    ServerSettings.from_args(args, smoke_test_model=True)
+    check_embedded_model_args(args)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--model", "/m", "--served-model-name", "foo"],
+    ["--model=/m", "--served-model-name", "foo"],
+    ["/m", "--served-model-name", "foo"],
+    ["--served-model-name", "foo", "--model", "/m"],
+])
+def test_model_with_served_model_name(argv):
+    args = _parse(*argv)
+    assert args.model == args.model_tag == "/m" and args.served_model_name == ["foo"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["/m", "--model", "/n"], "given twice"),
+    (["--model", "/m", "--model", "/n"], "--model given 2 times"),
+    (["--model"], "--model needs a value"),
+    (["--model", "--port", "1"], "--model needs a value"),
+])
+def test_model_argument_mistakes_are_explained(argv, message):
+    with pytest.raises(SystemExit, match=message) as exc:
+        _parse(*argv)
+    assert str(exc.value).startswith("fluxserve: error:")
+
+
+def test_served_model_name_is_kept_for_the_embedded_model(monkeypatch, tmp_path):
+    import server.default_model as default_model
+
+    monkeypatch.setattr(default_model, "ensure_default_model", lambda: tmp_path)
+    args = _parse("--served-model-name", "foo")
+    assert _resolve_model(args) is True
+    assert args.model == str(tmp_path) and args.served_model_name == ["foo"]
+    args = _parse()
+    _resolve_model(args)
+    assert args.served_model_name == [default_model.DEFAULT_MODEL_NAME]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-model-len", "100000"], "supports at most 8192"),
+    (["--flux-mode", "layers", "--flux-sparse-layers", "1,7"], "layers 0-3"),
+])
+def test_options_the_embedded_model_cannot_serve_are_refused(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        check_embedded_model_args(_parse(*argv))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--flux-sparse-layers", "one,two"], "comma-separated layer indices"),
+    (["--max-in-flight-requests", "-1"], "--max-in-flight-requests must be >= 0"),
+    (["--max-request-body-bytes", "-5"], "--max-request-body-bytes must be >= 0"),
+    (["--drain-timeout", "-1"], "--drain-timeout must be >= 0"),
+    (["--max-connections", "-1"], "--max-connections must be >= 0"),
+])
+def test_bad_option_values_are_refused_in_fluxserves_words(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        ServerSettings.from_args(_parse(*argv), smoke_test_model=True)
+
+
+def test_transport_and_drain_flags_reach_the_settings():
+    s = ServerSettings.from_args(_parse(
+        "--max-request-body-bytes", "1024", "--http-header-timeout", "2.5",
+        "--http-keep-alive-timeout", "7", "--max-connections", "12", "--drain-timeout", "3",
+        "--h11-max-incomplete-event-size", "8192", "--h11-max-header-count", "30"),
+        smoke_test_model=True)
+    assert s.transport == TransportLimits(max_request_body_bytes=1024, header_timeout_s=2.5,
+                                          keep_alive_timeout_s=7, max_connections=12,
+                                          max_header_bytes=8192, max_header_count=30)
+    assert s.drain_timeout_s == 3
+    defaults = ServerSettings.from_args(_parse(), smoke_test_model=True)
+    assert defaults.transport == TransportLimits() and defaults.drain_timeout_s == 30

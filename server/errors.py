@@ -1,0 +1,84 @@
+"""Every error the server answers, in the OpenAI error shape
+``{"error": {"message", "type", "param", "code"}}`` with the matching HTTP status.
+
+vLLM's handlers (``init_exception_handler``) cover validation and vLLM's own errors; this module
+adds what they miss: Starlette's own HTTP errors (404 unknown path, 405 wrong method, 400 body
+parse errors such as invalid UTF-8), the headers an HTTPException carries (``Allow``,
+``Retry-After``, ``Connection: close``), and engine failures, which name their cause instead of
+vLLM's "see stack trace above".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from http import HTTPStatus
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
+from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
+from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
+from vllm.entrypoints.serve.exception_handling.utils import sanitize_message
+from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+
+def error_payload(status: int, message: str, *, err_type: str | None = None,
+                  param: str | None = None) -> dict:
+    """The OpenAI error body for ``status`` (an HTTP status code). ``err_type`` defaults to the
+    status phrase ("Not Found"), as in vLLM's own error bodies."""
+    return ErrorResponse(error=ErrorInfo(
+        message=sanitize_message(message), type=err_type or HTTPStatus(status).phrase,
+        param=param, code=status)).model_dump()
+
+
+def error_response(status: int, message: str, *, err_type: str | None = None,
+                   param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_payload(status, message, err_type=err_type, param=param),
+                        status_code=status, headers=headers)
+
+
+async def send_error(send: Send, status: int, message: str, *, err_type: str | None = None,
+                     headers: Iterable[tuple[str, str]] = ()) -> None:
+    """Answer an error from raw ASGI code (middlewares that run outside the routes)."""
+    body = json.dumps(error_payload(status, message, err_type=err_type)).encode()
+    raw_headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode())]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def sse_error_event(status: int, message: str, *, err_type: str | None = None) -> bytes:
+    """The end of a stream that fails after its 200: an error event, then ``[DONE]`` (the shape
+    vLLM's streams use for errors that happen mid-stream)."""
+    data = json.dumps(error_payload(status, message, err_type=err_type))
+    return f"data: {data}\n\ndata: [DONE]\n\n".encode()
+
+
+async def http_exception_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+
+
+async def engine_error_handler(request: Request, exc: EngineDeadError | EngineGenerateError
+                               ) -> JSONResponse:
+    engine = request.app.state.engine
+    if isinstance(exc, EngineDeadError) or not engine.alive:
+        # The engine is gone for every request, and the process is about to exit (see
+        # server.lifecycle): retrying elsewhere is the client's remedy.
+        return error_response(HTTPStatus.SERVICE_UNAVAILABLE, engine.dead_message(),
+                              err_type="EngineDeadError")
+    return error_response(HTTPStatus.INTERNAL_SERVER_ERROR,
+                          f"The engine failed this request: {exc}", err_type="EngineGenerateError")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    init_exception_handler(app)
+    # Starlette's routing raises its own HTTPException (404, 405) and FastAPI raises one for
+    # bodies it cannot parse; vLLM registers FastAPI's subclass only, and drops the headers.
+    app.exception_handler(StarletteHTTPException)(http_exception_handler)
+    app.exception_handler(HTTPException)(http_exception_handler)
+    app.exception_handler(EngineDeadError)(engine_error_handler)
+    app.exception_handler(EngineGenerateError)(engine_error_handler)

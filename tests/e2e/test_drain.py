@@ -1,0 +1,103 @@
+"""Graceful drain on SIGTERM, on the server's own process (started with no model and
+`--served-model-name`, so it also checks that CLI combination against a real engine).
+
+The streams in flight at SIGTERM finish with every token, a request after SIGTERM gets 503 with
+Retry-After, a stream still running at `--drain-timeout` ends with an error event and [DONE], and
+the process exits 0 with its engine processes gone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.e2e.conftest import launch_server
+
+pytestmark = pytest.mark.e2e
+
+NAME = "fluxserve-drain-test"
+DRAIN_TIMEOUT_S = 8
+SHORT_TOKENS = 48
+LONG_TOKENS = 7500  # far more than the tiny model decodes in DRAIN_TIMEOUT_S on the CPU
+
+
+def _stream(base_url: str, auth: dict, max_tokens: int, started: threading.Barrier,
+            out: dict) -> None:
+    body = {"model": NAME, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "count"}]}
+    events: list[str] = []
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", headers=auth, json=body,
+                      timeout=120) as resp:
+        out["status"] = resp.status_code
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                events.append(line.removeprefix("data: "))
+                if len(events) == 1:
+                    started.wait(timeout=120)
+    out["events"] = events
+    out["done_at"] = time.monotonic()
+
+
+def test_sigterm_drains_streams_refuses_new_requests_and_cuts_at_the_deadline(tmp_path):
+    args = ["--served-model-name", NAME, "--drain-timeout", str(DRAIN_TIMEOUT_S),
+            "--max-model-len", "8192"]
+    with launch_server(args, tmp_path) as server:
+        models = httpx.get(f"{server.base_url}/v1/models", headers=server.auth, timeout=10)
+        assert [m["id"] for m in models.json()["data"]] == [NAME]
+        engine_procs = psutil.Process(server.pid).children(recursive=True)
+
+        started = threading.Barrier(10)  # 8 short streams, 1 long one, and this test
+        outs = [{} for _ in range(9)]
+        threads = [threading.Thread(target=_stream, args=(
+            server.base_url, server.auth, LONG_TOKENS if i == 8 else SHORT_TOKENS,
+            started, outs[i])) for i in range(9)]
+        for t in threads:
+            t.start()
+        started.wait(timeout=120)  # every stream has its first event
+        os.kill(server.pid, signal.SIGTERM)
+        term_at = time.monotonic()
+
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{server.base_url}/ready", timeout=5).status_code != 503:
+            assert time.monotonic() < deadline, "/ready did not turn 503 after SIGTERM"
+            time.sleep(0.05)
+        assert httpx.get(f"{server.base_url}/ready", timeout=5).json() == {"status": "draining"}
+        refused = httpx.post(f"{server.base_url}/v1/chat/completions", headers=server.auth,
+                             timeout=10, json={"model": NAME, "max_tokens": 2,
+                                               "messages": [{"role": "user", "content": "hi"}]})
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        assert refused.json()["error"]["code"] == 503
+        assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200
+
+        for t in threads:
+            t.join(timeout=DRAIN_TIMEOUT_S + 30)
+        assert not any(t.is_alive() for t in threads)
+
+        for out in outs[:8]:  # every short stream was in flight and finished with every token
+            assert out["status"] == 200 and out["done_at"] > term_at
+            events = out["events"]
+            assert events[-1] == "[DONE]"
+            chunks = [json.loads(e) for e in events[:-1]]
+            assert not any("error" in c for c in chunks)
+            assert [c["choices"][0]["finish_reason"] for c in chunks
+                    if c["choices"] and c["choices"][0]["finish_reason"]] == ["length"]
+            assert chunks[-1]["usage"]["completion_tokens"] == SHORT_TOKENS
+
+        long_events = outs[8]["events"]  # cut at the deadline, visibly
+        assert long_events[-1] == "[DONE]"
+        error = json.loads(long_events[-2])["error"]
+        assert error["code"] == 503 and "drain timeout" in error["message"]
+        assert not any(json.loads(e)["choices"][0]["finish_reason"] for e in long_events[:-2]
+                       if json.loads(e).get("choices"))
+
+        assert server.process.wait(timeout=30) == 0
+        assert time.monotonic() - term_at < DRAIN_TIMEOUT_S + 15
+        _, alive = psutil.wait_procs(engine_procs, timeout=15)
+        assert not alive, f"engine processes left running: {alive}"

@@ -1,0 +1,133 @@
+"""Every error path of the HTTP front end, the framework's own included, answers in the OpenAI
+error shape with the right status (no engine needed: the app runs without its lifespan)."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+from server.app import build_app
+from server.cli import parse_args
+from server.config import ServerSettings
+
+KEY = "k"
+
+
+@pytest.fixture(scope="module")
+def app():
+    args = parse_args(["serve", "--model", "/nonexistent"])
+    app = build_app(args, ServerSettings(api_keys=(KEY,)))
+
+    @app.get("/test/engine-dead")
+    async def engine_dead():
+        raise EngineDeadError()
+
+    @app.get("/test/engine-generate-error")
+    async def engine_generate_error():
+        raise EngineGenerateError("request abc failed")
+
+    return app
+
+
+@pytest.fixture()
+def client(app):
+    return TestClient(app, raise_server_exceptions=False)
+
+
+AUTH = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+
+
+def _openai_error(resp, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == status and error["message"]
+    return error
+
+
+def test_unknown_path_is_404(client):
+    _openai_error(client.get("/v1/nope"), 404)
+
+
+def test_wrong_method_is_405_with_allow(client):
+    resp = client.get("/v1/chat/completions", headers=AUTH)
+    _openai_error(resp, 405)
+    assert resp.headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "m", "messages": "\xff\xfe"}',  # invalid UTF-8
+    b"[" * 100_000 + b"]" * 100_000,  # nested past the JSON parser's recursion limit
+    b'{"model": ',  # truncated
+])
+def test_unparseable_bodies_are_400(client, body):
+    _openai_error(client.post("/v1/chat/completions", content=body, headers=AUTH), 400)
+
+
+def test_validation_errors_are_400_naming_the_field(app, client):
+    app.state.engine.ready = True  # past the readiness check, to the body's validation
+    try:
+        error = _openai_error(client.post("/v1/completions", json={
+            "model": "m", "prompt": "x", "max_tokens": "many"}, headers=AUTH), 400)
+    finally:
+        app.state.engine.ready = False
+    assert "max_tokens" in error["param"]
+
+
+def test_http_exceptions_from_dependencies_keep_their_status_and_headers(client):
+    _openai_error(client.post("/v1/completions", json={"model": "m", "prompt": "x"}), 401)
+    resp = client.post("/v1/completions", json={"model": "m", "prompt": "x"}, headers=AUTH)
+    error = _openai_error(resp, 503)  # the engine is not started in this app
+    assert "starting" in error["message"] and resp.headers["retry-after"] == "5"
+
+
+def test_engine_errors_carry_their_cause(client):
+    error = _openai_error(client.get("/test/engine-dead"), 503)
+    assert "engine is dead" in error["message"] and "'State'" not in error["message"]
+    error = _openai_error(client.get("/test/engine-generate-error"), 500)
+    assert "request abc failed" in error["message"]
+
+
+def test_health_and_ready_name_a_start_failure(app, client):
+    app.state.engine.error = "engine failed to start: ValueError: no such model"
+    try:
+        health = client.get("/health")
+        assert health.status_code == 503
+        assert health.json() == {"status": "dead", "error": app.state.engine.error}
+        assert client.get("/ready").json()["status"] == "dead"
+        error = _openai_error(client.post("/v1/completions", json={"model": "m", "prompt": "x"},
+                                          headers=AUTH), 503)
+        assert "no such model" in error["message"]
+    finally:
+        app.state.engine.error = None
+
+
+class _Proc:
+    def __init__(self, name: str, exitcode: int | None) -> None:
+        self.name, self.exitcode = name, exitcode
+
+
+class _Client:
+    def __init__(self, *procs: _Proc) -> None:
+        manager = type("Manager", (), {"processes": list(procs)})()
+        resources = type("Resources", (), {"engine_manager": manager})()
+        self.engine_core = type("Core", (), {"resources": resources})()
+        self.errored = True
+
+
+@pytest.mark.parametrize("procs, reason", [
+    ((_Proc("EngineCore", -9),), "engine core process EngineCore was killed by SIGKILL"),
+    ((_Proc("EngineCore_DP0", None), _Proc("EngineCore_DP1", 1)),
+     "engine core process EngineCore_DP1 exited with status 1"),
+    ((_Proc("EngineCore", None),), "the engine core failed"),
+])
+def test_death_reason_reads_the_engine_core_exit_status(procs, reason):
+    from server.engine import EngineState
+
+    state = EngineState(client=_Client(*procs))
+    assert not state.alive
+    assert state.failure().startswith(reason)
+    assert reason in state.dead_message()
