@@ -2,29 +2,91 @@
 
 The extension fields (`flux`, `kv_policy`) are validated here and reach the engine through
 `SamplingParams.extra_args`, which is how vLLM carries per-request data to its workers.
+
+Every constraint vLLM checks on a single field is declared here as a field constraint as well
+(`minimum`, `maxLength`, `minItems`, required, nullable), so that the OpenAPI document at
+`/openapi.json` states what the server accepts: a body valid against it is not rejected for its
+shape, and one invalid against it is rejected with 400 before it reaches the engine. Checks that
+need the model or the engine (context length, vocabulary, the chat template, structured-output
+grammars) stay where they are and answer 400 as well.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+import vllm.envs as envs
 from pydantic import Field, model_validator
-from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.chat_completion.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionToolsParam,
+)
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import SamplingParams
 
 from attention_backends.options import FluxOptions
 from kv_policies.options import KVPolicyOptions
+from server.messages import ChatMessage
 
 FLUX_DESCRIPTION = "fluxserve: per-request Flux layer routing (full / sparse / layers / auto)."
 KV_POLICY_DESCRIPTION = "fluxserve: per-request KV-eviction policy applied after prefill."
 
+# vLLM 0.12 removed these in favour of `structured_outputs` / `response_format` and ignores them
+# since (unconstrained output); a client that sends one expects a constraint, so it gets a 400.
+REMOVED_GUIDED_FIELDS = {
+    "guided_json": "structured_outputs.json (or response_format json_schema)",
+    "guided_regex": "structured_outputs.regex",
+    "guided_choice": "structured_outputs.choice",
+    "guided_grammar": "structured_outputs.grammar",
+    "guided_decoding_backend": "the server option --structured-outputs-config.backend",
+    "guided_whitespace_pattern": "the server option "
+                                 "--structured-outputs-config.whitespace_pattern",
+}
 
-def _check_token_limits(req: ChatCompletionRequest | CompletionRequest) -> None:
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = vars(req).get(name)  # not getattr: max_tokens warns as deprecated
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+# Field constraints shared by both endpoints: the same bounds SamplingParams checks, declared
+# so that they appear in the OpenAPI document.
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)] | None
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)] | None
+TopP = Annotated[float, Field(gt=0.0, le=1.0)] | None
+TopK = Annotated[int, Field(ge=-1, description="0 or -1: no top-k cut")] | None
+MinP = Annotated[float, Field(ge=0.0, le=1.0)] | None
+RepetitionPenalty = Annotated[float, Field(gt=0.0)] | None
+NumLogprobs = Annotated[int, Field(ge=-1, description="-1: the whole vocabulary")] | None
+NumChoices = Annotated[int, Field(ge=1, le=envs.VLLM_MAX_N_SEQUENCES)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+Stop = (NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=envs.VLLM_MAX_STOP_STRINGS)]
+        | None)
+TokenId = Annotated[int, Field(ge=0)]
+
+
+def _implies(condition: dict, then: dict) -> dict:
+    """JSON Schema for "a body that satisfies `condition` also satisfies `then`"."""
+    return {"anyOf": [{"not": condition}, then]}
+
+
+def _is_set(name: str, value: dict | None = None) -> dict:
+    """JSON Schema for "field `name` is present and not null" (and matches `value`)."""
+    prop = {"not": {"type": "null"}} if value is None else {"allOf": [{"not": {"type": "null"}},
+                                                                      value]}
+    return {"required": [name], "properties": {name: prop}}
+
+
+# Cross-field rules of vLLM's request validators, stated in the OpenAPI document as well.
+STREAM_OPTIONS_NEED_STREAM = _implies(_is_set("stream_options"), _is_set("stream", {"const": True}))
+PROMPT_LOGPROBS_NOT_STREAMED = _implies(
+    _is_set("prompt_logprobs", {"not": {"const": 0}}),
+    {"properties": {"stream": {"not": {"const": True}}}})
+
+
+def _reject_removed_guided_fields(data: Any) -> Any:
+    if isinstance(data, dict):
+        for name, replacement in REMOVED_GUIDED_FIELDS.items():
+            if name in data:
+                raise VLLMValidationError(
+                    f"`{name}` is no longer supported (vLLM removed it); use {replacement}.",
+                    parameter=name)
+    return data
 
 
 def _with_extensions(params: SamplingParams, flux: FluxOptions | None,
@@ -39,28 +101,117 @@ def _with_extensions(params: SamplingParams, flux: FluxOptions | None,
 
 
 class ChatRequest(ChatCompletionRequest):
+    """`POST /v1/chat/completions`. `max_tokens` / `max_completion_tokens` are at least 1: a chat
+    completion always generates (there is no prompt echo to return instead)."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    tools: Annotated[list[ChatCompletionToolsParam], Field(min_length=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        deprecated="max_tokens is deprecated in favor of the max_completion_tokens field")
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    n: NumChoices | None = 1
+    frequency_penalty: Penalty = None
+    presence_penalty: Penalty = None
+    repetition_penalty: RepetitionPenalty = None
+    temperature: Temperature = None
+    top_p: TopP = None
+    top_k: TopK = None
+    min_p: MinP = None
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    stop: Stop = []
+    stop_token_ids: list[TokenId] | None = []
+    bad_words: list[NonEmptyStr] = Field(default_factory=list)
+    prompt_logprobs: NumLogprobs = None
     flux: FluxOptions | None = Field(default=None, description=FLUX_DESCRIPTION)
     kv_policy: KVPolicyOptions | None = Field(default=None, description=KV_POLICY_DESCRIPTION)
 
-    @model_validator(mode="after")
-    def _check_request(self) -> ChatRequest:
-        if not self.messages:
-            raise ValueError("messages must contain at least one message")
-        _check_token_limits(self)
-        return self
+    model_config = {
+        "json_schema_extra": {
+            "allOf": [
+                STREAM_OPTIONS_NEED_STREAM,
+                PROMPT_LOGPROBS_NOT_STREAMED,
+                _implies(_is_set("top_logprobs", {"not": {"const": 0}}),
+                         _is_set("logprobs", {"const": True})),
+                _implies(_is_set("logprob_token_ids", {"minItems": 1}),
+                         _is_set("logprobs", {"const": True})),
+                _implies(_is_set("continue_final_message", {"const": True}),
+                         _is_set("add_generation_prompt", {"const": False})),
+                _implies(_is_set("tool_choice", {"not": {"const": "none"}}), _is_set("tools")),
+            ],
+        },
+    }
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_removed_fields(cls, data: Any) -> Any:
+        return _reject_removed_guided_fields(data)
 
     def to_sampling_params(self, *args: Any, **kwargs: Any) -> SamplingParams:
         return _with_extensions(super().to_sampling_params(*args, **kwargs),
                                 self.flux, self.kv_policy)
 
 
+Prompt = (
+    NonEmptyStr
+    | Annotated[list[str], Field(min_length=1)]
+    | Annotated[list[TokenId], Field(min_length=1)]
+    | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
+)
+
+
 class CompletionsRequest(CompletionRequest):
+    """`POST /v1/completions`. `max_tokens: 0` is accepted together with `echo: true` only: it
+    returns the prompt (with its logprobs when `logprobs` is set) without generating, which is
+    how prompts are scored; without `echo` there would be nothing to return."""
+
+    prompt: Prompt = Field(
+        default=None,
+        description="The prompt: a string, a list of strings, a list of token ids or a list of "
+                    "lists of token ids. Required unless `prompt_embeds` is given.")
+    max_tokens: Annotated[int, Field(ge=0)] | None = Field(
+        default=16, description="At least 1; 0 only with `echo: true` (prompt scoring).")
+    n: NumChoices = 1
+    frequency_penalty: Penalty = None
+    presence_penalty: Penalty = None
+    repetition_penalty: RepetitionPenalty = None
+    temperature: Temperature = None
+    top_p: TopP = None
+    top_k: TopK = None
+    min_p: MinP = None
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    stop: Stop = []
+    stop_token_ids: list[TokenId] | None = []
+    bad_words: list[NonEmptyStr] = Field(default_factory=list)
+    logprobs: NumLogprobs = None
+    prompt_logprobs: NumLogprobs = None
     flux: FluxOptions | None = Field(default=None, description=FLUX_DESCRIPTION)
     kv_policy: KVPolicyOptions | None = Field(default=None, description=KV_POLICY_DESCRIPTION)
 
+    model_config = {
+        "json_schema_extra": {
+            "allOf": [
+                {"anyOf": [{"required": ["prompt"]}, _is_set("prompt_embeds")]},
+                _implies(_is_set("max_tokens", {"const": 0}), _is_set("echo", {"const": True})),
+                STREAM_OPTIONS_NEED_STREAM,
+                PROMPT_LOGPROBS_NOT_STREAMED,
+                _implies(_is_set("logprob_token_ids", {"minItems": 1}), _is_set("logprobs")),
+            ],
+        },
+    }
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_removed_fields(cls, data: Any) -> Any:
+        return _reject_removed_guided_fields(data)
+
     @model_validator(mode="after")
-    def _check_request(self) -> CompletionsRequest:
-        _check_token_limits(self)
+    def _check_max_tokens(self) -> CompletionsRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise VLLMValidationError(
+                "max_tokens must be at least 1, got 0 (0 is accepted only with echo=true, "
+                "to return the prompt and its logprobs without generating)",
+                parameter="max_tokens", value=0)
         return self
 
     def to_sampling_params(self, *args: Any, **kwargs: Any) -> SamplingParams:

@@ -17,6 +17,7 @@ from server.config import ServerSettings
 from server.engine import EngineState
 from server.metrics import DISCONNECTED, REJECTED, REQUESTS
 from server.schemas import ChatRequest, CompletionsRequest
+from server.structured_outputs import check_structured_outputs
 
 
 async def require_ready(request: Request) -> None:
@@ -63,6 +64,9 @@ async def _generate(body: ChatRequest | CompletionsRequest, raw_request: Request
                     endpoint: str, create):
     """Run one generation request through vLLM's serving class and shape its response."""
     apply_policies(body, raw_request)
+    # before admission: a streamed request must not get its 200 before the constraint is known
+    # to be servable
+    check_structured_outputs(body, raw_request.app.state.engine.client)
     streamed = str(bool(body.stream)).lower()
     try:
         result = await create(body, raw_request)
