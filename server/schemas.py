@@ -58,6 +58,7 @@ NonEmptyStr = Annotated[str, Field(min_length=1)]
 Stop = (NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=envs.VLLM_MAX_STOP_STRINGS)]
         | None)
 TokenId = Annotated[int, Field(ge=0)]
+JSONBytes = Annotated[bytes, Field(strict=False)]
 
 
 def _unset_or(name: str, schema: dict) -> dict:
@@ -132,6 +133,7 @@ class ChatRequest(ChatCompletionRequest):
     kv_policy: KVPolicyOptions | None = Field(default=None, description=KV_POLICY_DESCRIPTION)
 
     model_config = {
+        "strict": True,  # no coercion ("5" -> 5, true -> 1): what the schema rejects, we reject
         "json_schema_extra": {
             # Not stated here (schemathesis' generator gives up beyond four such rules): that
             # prompt_logprobs is not streamed; the server still answers it with a 400.
@@ -191,10 +193,13 @@ class CompletionsRequest(CompletionRequest):
     bad_words: list[NonEmptyStr] = Field(default_factory=list)
     logprobs: NumLogprobs = None
     prompt_logprobs: NumLogprobs = None
+    # JSON carries bytes as (base64) strings: the one field where conversion is expected
+    prompt_embeds: JSONBytes | list[JSONBytes] | None = None
     flux: FluxOptions | None = Field(default=None, description=FLUX_DESCRIPTION)
     kv_policy: KVPolicyOptions | None = Field(default=None, description=KV_POLICY_DESCRIPTION)
 
     model_config = {
+        "strict": True,  # no coercion ("5" -> 5, true -> 1): what the schema rejects, we reject
         "json_schema_extra": {
             "allOf": [
                 _either({"required": ["prompt"]},

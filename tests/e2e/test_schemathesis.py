@@ -43,7 +43,8 @@ def openai_error_shape(ctx: Any, response: Any, case: Any) -> bool | None:
     assert isinstance(body, dict) and set(body) == {"error"}, f"not an OpenAI error: {body}"
     error = body["error"]
     assert {"message", "type", "param", "code"} <= set(error), f"incomplete error: {error}"
-    assert error["code"] == response.status_code, f"code {error['code']} in a {response.status_code}"
+    assert error["code"] == response.status_code, \
+        f"code {error['code']} in a {response.status_code}"
     return True
 
 

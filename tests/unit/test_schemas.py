@@ -165,3 +165,18 @@ def test_openapi_schema_states_the_constraints():
     prompt = completions["properties"]["prompt"]["anyOf"]
     assert {"type": "null"} not in prompt  # null is rejected, so the schema does not offer it
     assert all(b.get("minLength") == 1 or b.get("minItems") == 1 for b in prompt)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"max_tokens": "5"}, {"temperature": "1"}, {"stop_token_ids": [True]}, {"logprobs": 1},
+    {"n": True},
+])
+def test_no_type_coercion(overrides):
+    """What the OpenAPI document calls the wrong type is rejected, as OpenAI does."""
+    with pytest.raises(ValidationError):
+        ChatRequest(**{"model": "m", "messages": MESSAGES, **overrides})
+
+
+def test_prompt_embeds_still_arrive_as_base64_strings():
+    req = CompletionsRequest.model_validate({"model": "m", "prompt_embeds": "AAAA"})
+    assert req.prompt_embeds == b"AAAA"
