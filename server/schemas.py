@@ -59,6 +59,7 @@ Stop = (NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=envs.VLLM_MA
         | None)
 TokenId = Annotated[int, Field(ge=0)]
 JSONBytes = Annotated[bytes, Field(strict=False)]
+ThinkingTokenBudget = Annotated[int, Field(ge=-1, description="-1: unlimited")] | None
 
 
 def _unset_or(name: str, schema: dict) -> dict:
@@ -83,6 +84,31 @@ PROMPT_LOGPROBS_NOT_STREAMED = _either(_unset_or("prompt_logprobs", {"enum": [0,
                                        _unset_or("stream", {"enum": [False, None]}))
 NO_LOGPROB_TOKEN_IDS = _unset_or("logprob_token_ids",
                                  {"anyOf": [{"type": "null"}, {"maxItems": 0}]})
+
+
+# JSON Schema's integers include 5.0, and floats beyond this are not exact
+_EXACT_FLOAT_INT = 2**53
+
+
+def _integral_floats_to_ints(data: Any) -> Any:
+    """Turn 5.0 into 5 throughout a request body, so that strict validation (which rejects
+    `"5"` and `true` for an integer, as the schema does) still accepts 5.0, as the schema does.
+    Iterative: a deeply nested body cannot exhaust the stack here."""
+    todo = [data]
+    while todo:
+        node = todo.pop()
+        items = node.items() if isinstance(node, dict) else (
+            enumerate(node) if isinstance(node, list) else ())
+        for key, value in list(items):
+            if isinstance(value, float) and value.is_integer() and abs(value) <= _EXACT_FLOAT_INT:
+                node[key] = int(value)
+            elif isinstance(value, dict | list):
+                todo.append(value)
+    return data
+
+
+def _prepare(data: Any) -> Any:
+    return _integral_floats_to_ints(_reject_removed_guided_fields(data))
 
 
 def _reject_removed_guided_fields(data: Any) -> Any:
@@ -128,6 +154,8 @@ class ChatRequest(ChatCompletionRequest):
     stop: Stop = []
     stop_token_ids: list[TokenId] | None = []
     bad_words: list[NonEmptyStr] = Field(default_factory=list)
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
+    thinking_token_budget: ThinkingTokenBudget = None
     prompt_logprobs: NumLogprobs = None
     flux: FluxOptions | None = Field(default=None, description=FLUX_DESCRIPTION)
     kv_policy: KVPolicyOptions | None = Field(default=None, description=KV_POLICY_DESCRIPTION)
@@ -152,8 +180,8 @@ class ChatRequest(ChatCompletionRequest):
 
     @model_validator(mode="before")
     @classmethod
-    def _check_removed_fields(cls, data: Any) -> Any:
-        return _reject_removed_guided_fields(data)
+    def _prepare(cls, data: Any) -> Any:
+        return _prepare(data)
 
     def to_sampling_params(self, *args: Any, **kwargs: Any) -> SamplingParams:
         return _with_extensions(super().to_sampling_params(*args, **kwargs),
@@ -191,6 +219,8 @@ class CompletionsRequest(CompletionRequest):
     stop: Stop = []
     stop_token_ids: list[TokenId] | None = []
     bad_words: list[NonEmptyStr] = Field(default_factory=list)
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
+    thinking_token_budget: ThinkingTokenBudget = None
     logprobs: NumLogprobs = None
     prompt_logprobs: NumLogprobs = None
     # JSON carries bytes as (base64) strings: the one field where conversion is expected
@@ -215,8 +245,8 @@ class CompletionsRequest(CompletionRequest):
 
     @model_validator(mode="before")
     @classmethod
-    def _check_removed_fields(cls, data: Any) -> Any:
-        return _reject_removed_guided_fields(data)
+    def _prepare(cls, data: Any) -> Any:
+        return _prepare(data)
 
     @model_validator(mode="after")
     def _check_max_tokens(self) -> CompletionsRequest:

@@ -180,3 +180,12 @@ def test_no_type_coercion(overrides):
 def test_prompt_embeds_still_arrive_as_base64_strings():
     req = CompletionsRequest.model_validate({"model": "m", "prompt_embeds": "AAAA"})
     assert req.prompt_embeds == b"AAAA"
+
+
+def test_integral_floats_are_integers_as_in_json_schema():
+    req = ChatRequest.model_validate({"model": "m", "messages": MESSAGES, "n": 2.0,
+                                      "temperature": 1.0, "stop_token_ids": [7.0],
+                                      "max_completion_tokens": 3.0})
+    assert (req.n, req.stop_token_ids, req.max_completion_tokens) == (2, [7], 3)
+    with pytest.raises(ValidationError):
+        ChatRequest.model_validate({"model": "m", "messages": MESSAGES, "n": 2.5})
