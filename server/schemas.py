@@ -248,6 +248,11 @@ class CompletionsRequest(CompletionRequest):
     def _prepare(cls, data: Any) -> Any:
         return _prepare(data)
 
+    @property
+    def echo_only(self) -> bool:
+        """Prompt scoring: the prompt comes back (with its logprobs), nothing is generated."""
+        return bool(self.echo) and self.max_tokens == 0
+
     @model_validator(mode="after")
     def _check_max_tokens(self) -> CompletionsRequest:
         if self.max_tokens == 0 and not self.echo:

@@ -57,15 +57,13 @@ def _aim_at_the_engine(case: Any) -> None:
     if not isinstance(body, dict):
         return
     body["model"] = MODEL
-    for field in ("max_tokens", "max_completion_tokens"):
-        if isinstance(body.get(field), int) and body[field] > MAX_TOKENS:
-            body[field] = MAX_TOKENS
+    for field, cap in (("max_tokens", MAX_TOKENS), ("max_completion_tokens", MAX_TOKENS),
+                       ("min_tokens", MAX_TOKENS), ("n", MAX_CHOICES)):
+        value = body.get(field)  # integers may come as 5.0, which the schema allows
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > cap:
+            body[field] = cap
     if "max_tokens" not in body and "max_completion_tokens" not in body:
         body["max_tokens"] = MAX_TOKENS
-    if isinstance(body.get("n"), int) and body["n"] > MAX_CHOICES:
-        body["n"] = MAX_CHOICES
-    if isinstance(body.get("min_tokens"), int) and body["min_tokens"] > MAX_TOKENS:
-        body["min_tokens"] = MAX_TOKENS
 
 
 def _run(operation: Any, mode: GenerationMode, server: Any, statuses: Counter) -> None:
