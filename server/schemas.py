@@ -57,7 +57,8 @@ NumChoices = Annotated[int, Field(ge=1, le=envs.VLLM_MAX_N_SEQUENCES)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 Stop = (NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=envs.VLLM_MAX_STOP_STRINGS)]
         | None)
-TokenId = Annotated[int, Field(ge=0)]
+# vLLM holds token ids as int32; ids past the vocabulary are a 400 from the engine
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 JSONBytes = Annotated[bytes, Field(strict=False)]
 ThinkingTokenBudget = Annotated[int, Field(ge=-1, description="-1: unlimited")] | None
 
