@@ -2,29 +2,124 @@
 
 The extension fields (`flux`, `kv_policy`) are validated here and reach the engine through
 `SamplingParams.extra_args`, which is how vLLM carries per-request data to its workers.
+
+Every constraint vLLM checks on a single field is declared here as a field constraint as well
+(`minimum`, `maxLength`, `minItems`, required, nullable), so that the OpenAPI document at
+`/openapi.json` states what the server accepts: a body valid against it is not rejected for its
+shape, and one invalid against it is rejected with 400 before it reaches the engine. Checks that
+need the model or the engine (context length, vocabulary, the chat template, structured-output
+grammars) stay where they are and answer 400 as well.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+import vllm.envs as envs
 from pydantic import Field, model_validator
-from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.chat_completion.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionToolsParam,
+)
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import SamplingParams
 
 from attention_backends.options import FluxOptions
 from kv_policies.options import KVPolicyOptions
+from server.messages import ChatMessage
 
 FLUX_DESCRIPTION = "fluxserve: per-request Flux layer routing (full / sparse / layers / auto)."
 KV_POLICY_DESCRIPTION = "fluxserve: per-request KV-eviction policy applied after prefill."
 
+# vLLM 0.12 removed these in favour of `structured_outputs` / `response_format` and ignores them
+# since (unconstrained output); a client that sends one expects a constraint, so it gets a 400.
+REMOVED_GUIDED_FIELDS = {
+    "guided_json": "structured_outputs.json (or response_format json_schema)",
+    "guided_regex": "structured_outputs.regex",
+    "guided_choice": "structured_outputs.choice",
+    "guided_grammar": "structured_outputs.grammar",
+    "guided_decoding_backend": "the server option --structured-outputs-config.backend",
+    "guided_whitespace_pattern": "the server option "
+                                 "--structured-outputs-config.whitespace_pattern",
+}
 
-def _check_token_limits(req: ChatCompletionRequest | CompletionRequest) -> None:
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = vars(req).get(name)  # not getattr: max_tokens warns as deprecated
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+# Field constraints shared by both endpoints: the same bounds SamplingParams checks, declared
+# so that they appear in the OpenAPI document.
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)] | None
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)] | None
+TopP = Annotated[float, Field(gt=0.0, le=1.0)] | None
+TopK = Annotated[int, Field(ge=-1, description="0 or -1: no top-k cut")] | None
+MinP = Annotated[float, Field(ge=0.0, le=1.0)] | None
+RepetitionPenalty = Annotated[float, Field(gt=0.0)] | None
+NumLogprobs = Annotated[int, Field(ge=-1, description="-1: the whole vocabulary")] | None
+NumChoices = Annotated[int, Field(ge=1, le=envs.VLLM_MAX_N_SEQUENCES)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+Stop = (NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=envs.VLLM_MAX_STOP_STRINGS)]
+        | None)
+# vLLM holds token ids as int32; ids past the vocabulary are a 400 from the engine
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+JSONBytes = Annotated[bytes, Field(strict=False)]
+ThinkingTokenBudget = Annotated[int, Field(ge=-1, description="-1: unlimited")] | None
+
+
+def _unset_or(name: str, schema: dict) -> dict:
+    """JSON Schema: field `name` is absent or matches `schema`."""
+    return {"properties": {name: schema}}
+
+
+def _set_to(name: str, schema: dict) -> dict:
+    """JSON Schema: field `name` is present and matches `schema`."""
+    return {"required": [name], "properties": {name: schema}}
+
+
+def _either(*alternatives: dict) -> dict:
+    return {"anyOf": list(alternatives)}
+
+
+# Cross-field rules of vLLM's request validators, stated in the OpenAPI document as well (as
+# "absent or harmless, or the field it needs is set": no `not`, which generators handle poorly).
+STREAM_OPTIONS_NEED_STREAM = _either(_unset_or("stream_options", {"type": "null"}),
+                                     _set_to("stream", {"const": True}))
+PROMPT_LOGPROBS_NOT_STREAMED = _either(_unset_or("prompt_logprobs", {"enum": [0, None]}),
+                                       _unset_or("stream", {"enum": [False, None]}))
+NO_LOGPROB_TOKEN_IDS = _unset_or("logprob_token_ids",
+                                 {"anyOf": [{"type": "null"}, {"maxItems": 0}]})
+
+
+# JSON Schema's integers include 5.0, and floats beyond this are not exact
+_EXACT_FLOAT_INT = 2**53
+
+
+def _integral_floats_to_ints(data: Any) -> Any:
+    """Turn 5.0 into 5 throughout a request body, so that strict validation (which rejects
+    `"5"` and `true` for an integer, as the schema does) still accepts 5.0, as the schema does.
+    Iterative: a deeply nested body cannot exhaust the stack here."""
+    todo = [data]
+    while todo:
+        node = todo.pop()
+        items = node.items() if isinstance(node, dict) else (
+            enumerate(node) if isinstance(node, list) else ())
+        for key, value in list(items):
+            if isinstance(value, float) and value.is_integer() and abs(value) <= _EXACT_FLOAT_INT:
+                node[key] = int(value)
+            elif isinstance(value, dict | list):
+                todo.append(value)
+    return data
+
+
+def _prepare(data: Any) -> Any:
+    return _integral_floats_to_ints(_reject_removed_guided_fields(data))
+
+
+def _reject_removed_guided_fields(data: Any) -> Any:
+    if isinstance(data, dict):
+        for name, replacement in REMOVED_GUIDED_FIELDS.items():
+            if name in data:
+                raise VLLMValidationError(
+                    f"`{name}` is no longer supported (vLLM removed it); use {replacement}.",
+                    parameter=name)
+    return data
 
 
 def _with_extensions(params: SamplingParams, flux: FluxOptions | None,
@@ -39,28 +134,133 @@ def _with_extensions(params: SamplingParams, flux: FluxOptions | None,
 
 
 class ChatRequest(ChatCompletionRequest):
+    """`POST /v1/chat/completions`. `max_tokens` / `max_completion_tokens` are at least 1: a chat
+    completion always generates (there is no prompt echo to return instead)."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    tools: Annotated[list[ChatCompletionToolsParam], Field(min_length=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        deprecated="max_tokens is deprecated in favor of the max_completion_tokens field")
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    n: NumChoices | None = 1
+    frequency_penalty: Penalty = None
+    presence_penalty: Penalty = None
+    repetition_penalty: RepetitionPenalty = None
+    temperature: Temperature = None
+    top_p: TopP = None
+    top_k: TopK = None
+    min_p: MinP = None
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    stop: Stop = []
+    stop_token_ids: list[TokenId] | None = []
+    bad_words: list[NonEmptyStr] = Field(default_factory=list)
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
+    thinking_token_budget: ThinkingTokenBudget = None
+    prompt_logprobs: NumLogprobs = None
     flux: FluxOptions | None = Field(default=None, description=FLUX_DESCRIPTION)
     kv_policy: KVPolicyOptions | None = Field(default=None, description=KV_POLICY_DESCRIPTION)
 
-    @model_validator(mode="after")
-    def _check_request(self) -> ChatRequest:
-        if not self.messages:
-            raise ValueError("messages must contain at least one message")
-        _check_token_limits(self)
-        return self
+    model_config = {
+        "strict": True,  # no coercion ("5" -> 5, true -> 1): what the schema rejects, we reject
+        "json_schema_extra": {
+            # Not stated here (schemathesis' generator gives up beyond four such rules): that
+            # prompt_logprobs is not streamed; the server still answers it with a 400.
+            "allOf": [
+                STREAM_OPTIONS_NEED_STREAM,
+                _either({"properties": {**_unset_or("top_logprobs", {"enum": [0, None]})[
+                            "properties"], **NO_LOGPROB_TOKEN_IDS["properties"]}},
+                        _set_to("logprobs", {"const": True})),
+                _either(_unset_or("continue_final_message", {"const": False}),
+                        _set_to("add_generation_prompt", {"const": False})),
+                _either(_unset_or("tool_choice", {"enum": ["none", None]}),
+                        _set_to("tools", {"type": "array"})),
+            ],
+        },
+    }
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prepare(cls, data: Any) -> Any:
+        return _prepare(data)
 
     def to_sampling_params(self, *args: Any, **kwargs: Any) -> SamplingParams:
         return _with_extensions(super().to_sampling_params(*args, **kwargs),
                                 self.flux, self.kv_policy)
 
 
+Prompt = (
+    NonEmptyStr
+    | Annotated[list[str], Field(min_length=1)]
+    | Annotated[list[TokenId], Field(min_length=1)]
+    | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
+)
+
+
 class CompletionsRequest(CompletionRequest):
+    """`POST /v1/completions`. `max_tokens: 0` is accepted together with `echo: true` only: it
+    returns the prompt (with its logprobs when `logprobs` is set) without generating, which is
+    how prompts are scored; without `echo` there would be nothing to return."""
+
+    prompt: Prompt = Field(
+        default=None,
+        description="The prompt: a string, a list of strings, a list of token ids or a list of "
+                    "lists of token ids. Required unless `prompt_embeds` is given.")
+    max_tokens: Annotated[int, Field(ge=0)] | None = Field(
+        default=16, description="At least 1; 0 only with `echo: true` (prompt scoring).")
+    n: NumChoices = 1
+    frequency_penalty: Penalty = None
+    presence_penalty: Penalty = None
+    repetition_penalty: RepetitionPenalty = None
+    temperature: Temperature = None
+    top_p: TopP = None
+    top_k: TopK = None
+    min_p: MinP = None
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    stop: Stop = []
+    stop_token_ids: list[TokenId] | None = []
+    bad_words: list[NonEmptyStr] = Field(default_factory=list)
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
+    thinking_token_budget: ThinkingTokenBudget = None
+    logprobs: NumLogprobs = None
+    prompt_logprobs: NumLogprobs = None
+    # JSON carries bytes as (base64) strings: the one field where conversion is expected
+    prompt_embeds: JSONBytes | list[JSONBytes] | None = None
     flux: FluxOptions | None = Field(default=None, description=FLUX_DESCRIPTION)
     kv_policy: KVPolicyOptions | None = Field(default=None, description=KV_POLICY_DESCRIPTION)
 
+    model_config = {
+        "strict": True,  # no coercion ("5" -> 5, true -> 1): what the schema rejects, we reject
+        "json_schema_extra": {
+            "allOf": [
+                _either({"required": ["prompt"]},
+                        _set_to("prompt_embeds", {"type": ["string", "array"]})),
+                _either(_unset_or("max_tokens", {"anyOf": [{"minimum": 1}, {"type": "null"}]}),
+                        _set_to("echo", {"const": True})),
+                STREAM_OPTIONS_NEED_STREAM,
+                PROMPT_LOGPROBS_NOT_STREAMED,
+                _either(NO_LOGPROB_TOKEN_IDS, _set_to("logprobs", {"type": "integer"})),
+            ],
+        },
+    }
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prepare(cls, data: Any) -> Any:
+        return _prepare(data)
+
+    @property
+    def echo_only(self) -> bool:
+        """Prompt scoring: the prompt comes back (with its logprobs), nothing is generated."""
+        return bool(self.echo) and self.max_tokens == 0
+
     @model_validator(mode="after")
-    def _check_request(self) -> CompletionsRequest:
-        _check_token_limits(self)
+    def _check_max_tokens(self) -> CompletionsRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise VLLMValidationError(
+                "max_tokens must be at least 1, got 0 (0 is accepted only with echo=true, "
+                "to return the prompt and its logprobs without generating)",
+                parameter="max_tokens", value=0)
         return self
 
     def to_sampling_params(self, *args: Any, **kwargs: Any) -> SamplingParams:

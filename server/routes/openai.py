@@ -23,6 +23,7 @@ from server.engine import EngineState
 from server.errors import error_payload, error_response
 from server.metrics import DISCONNECTED, REJECTED, REQUESTS
 from server.schemas import ChatRequest, CompletionsRequest
+from server.structured_outputs import check_structured_outputs
 
 
 async def require_ready(request: Request) -> None:
@@ -132,6 +133,9 @@ async def _generate(body: ChatRequest | CompletionsRequest, raw_request: Request
                     endpoint: str, create):
     """Run one generation request through vLLM's serving class and shape its response."""
     apply_policies(body, raw_request)
+    # before admission: a streamed request must not get its 200 before the constraint is known
+    # to be servable
+    check_structured_outputs(body, raw_request.app.state.engine.client)
     streamed = str(bool(body.stream)).lower()
     try:
         result = await create(body, raw_request)
@@ -153,10 +157,37 @@ async def _generate(body: ChatRequest | CompletionsRequest, raw_request: Request
         REJECTED.labels(endpoint, str(result.error.code)).inc()
         return JSONResponse(result.model_dump(), status_code=result.error.code)
     REQUESTS.labels(endpoint, body.flux.mode, body.kv_policy.name).inc()
+    echo_only = isinstance(body, CompletionsRequest) and body.echo_only
     if hasattr(result, "model_dump"):
-        return JSONResponse(result.model_dump())
+        payload = result.model_dump()
+        if echo_only:
+            _count_no_generated_tokens(payload)
+        return JSONResponse(payload)
+    if echo_only:
+        result = _echo_only_events(result)
     return StreamingResponse(_count_disconnect(result, endpoint, engine),
                              media_type="text/event-stream")
+
+
+def _count_no_generated_tokens(payload: dict) -> None:
+    """vLLM serves `echo` with `max_tokens: 0` by generating one token and dropping it, and
+    still counts it in `usage`; nothing was returned, so nothing is counted."""
+    usage = payload.get("usage")
+    if usage:
+        usage["completion_tokens"] = 0
+        usage["total_tokens"] = usage["prompt_tokens"]
+
+
+async def _echo_only_events(events: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
+    try:
+        async for event in events:
+            if event.startswith("data: {") and '"usage"' in event:
+                payload = json.loads(event[len("data: "):])
+                _count_no_generated_tokens(payload)
+                event = f"data: {json.dumps(payload)}\n\n"
+            yield event
+    finally:
+        await events.aclose()
 
 
 async def _count_disconnect(events: AsyncGenerator[str, None], endpoint: str,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
+from vllm.exceptions import VLLMValidationError
 
 from attention_backends.options import FluxOptions
 from kv_policies.options import KVPolicyOptions
@@ -57,3 +58,134 @@ def test_bad_kv_policy_options_are_rejected(kv):
 def test_bad_chat_requests_are_rejected(overrides):
     with pytest.raises(ValidationError):
         ChatRequest(**{"model": "m", "messages": MESSAGES, **overrides})
+
+
+# OpenAI's message rules: each role with the fields it requires, text content only.
+BAD_MESSAGES = {
+    "user without content": [{"role": "user"}],
+    "user content null": [{"role": "user", "content": None}],
+    "system content null": [{"role": "system", "content": None}],
+    "developer without content": [{"role": "developer"}],
+    "empty content parts": [{"role": "user", "content": []}],
+    "part without text": [{"role": "user", "content": [{"type": "text"}]}],
+    "image part": [{"role": "user", "content": [{"type": "image_url",
+                                                 "image_url": {"url": "http://x/y.png"}}]}],
+    "unknown role": [{"role": "narrator", "content": "hi"}],
+    "no role": [{"content": "hi"}],
+    "not an object": ["hi"],
+    "assistant says nothing": [{"role": "user", "content": "hi"}, {"role": "assistant"}],
+    "assistant null content, no tool calls": [{"role": "assistant", "content": None}],
+    "assistant empty tool_calls": [{"role": "assistant", "content": None, "tool_calls": []}],
+    "tool call without id": [{"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "{}"}}]}],
+    "tool without tool_call_id": [{"role": "tool", "content": "42"}],
+    "tool without content": [{"role": "tool", "tool_call_id": "c1"}],
+    "function without name": [{"role": "function", "content": "42"}],
+}
+
+GOOD_MESSAGES = {
+    "text parts": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+    "empty string content": [{"role": "user", "content": ""}],
+    "developer": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "x"}],
+    "assistant with tool calls and null content": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "content": "42", "tool_call_id": "c1"}],
+    "assistant as the openai client dumps it": [
+        {"role": "assistant", "content": "ok", "refusal": None, "audio": None,
+         "function_call": None, "annotations": None}],
+    "assistant refusal part": [{"role": "assistant",
+                                "content": [{"type": "refusal", "refusal": "no"}]}],
+    "function": [{"role": "function", "content": None, "name": "f"}],
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MESSAGES))
+def test_messages_openai_rejects_are_rejected(case):
+    with pytest.raises(ValidationError):
+        ChatRequest(model="m", messages=BAD_MESSAGES[case])
+
+
+@pytest.mark.parametrize("case", list(GOOD_MESSAGES))
+def test_messages_openai_accepts_are_accepted_as_plain_dicts(case):
+    req = ChatRequest(model="m", messages=GOOD_MESSAGES[case])
+    assert req.messages == GOOD_MESSAGES[case]
+    assert all(type(m) is dict for m in req.messages)  # what vLLM's renderer reads
+
+
+def test_reasoning_content_still_reaches_vllm_as_reasoning():
+    req = ChatRequest(model="m", messages=[
+        {"role": "assistant", "content": "x", "reasoning_content": "because"}])
+    assert req.messages[0]["reasoning"] == "because"
+
+
+@pytest.mark.parametrize("overrides", [
+    {"tools": []}, {"n": 0}, {"temperature": -0.1}, {"temperature": 2.5}, {"top_p": 0},
+    {"top_k": -2}, {"min_p": 1.5}, {"presence_penalty": 3}, {"repetition_penalty": 0},
+    {"stop": ""}, {"stop": ["a", ""]}, {"stop": ["a", "b", "c", "d", "e"]},
+    {"stop_token_ids": [-1]}, {"guided_json": {"type": "object"}}, {"guided_regex": "a+"},
+    {"min_tokens": -1}, {"prompt_logprobs": -2},
+])
+def test_bounds_are_enforced_on_chat(overrides):
+    with pytest.raises((ValidationError, VLLMValidationError)):  # both answer 400
+        ChatRequest(**{"model": "m", "messages": MESSAGES, **overrides})
+
+
+@pytest.mark.parametrize("overrides", [
+    {"prompt": None}, {"prompt": ""}, {"prompt": []}, {"prompt": [[]]}, {"prompt": [-1]},
+    {"max_tokens": 0}, {"max_tokens": 0, "echo": False}, {"max_tokens": -1, "echo": True},
+    {"logprobs": -2}, {"n": 0}, {"guided_choice": ["a"]},
+])
+def test_bad_completion_requests_are_rejected(overrides):
+    with pytest.raises((ValidationError, VLLMValidationError)):  # both answer 400
+        CompletionsRequest(**{"model": "m", "prompt": "x", **overrides})
+
+
+def test_prompt_scoring_is_accepted_and_generates_nothing_extra():
+    req = CompletionsRequest(model="m", prompt="x", echo=True, logprobs=1, max_tokens=0)
+    params = req.to_sampling_params(max_tokens=0, default_sampling_params={})
+    assert params.prompt_logprobs == 1  # the prompt's logprobs come back
+    assert params.max_tokens == 1  # vLLM's echo-only path: one step, its token not returned
+
+
+def _schema(model) -> dict:
+    return model.model_json_schema()
+
+
+def test_openapi_schema_states_the_constraints():
+    chat = _schema(ChatRequest)
+    props = chat["properties"]
+    assert props["messages"]["minItems"] == 1
+    assert {"minItems": 1}.items() <= props["tools"]["anyOf"][0].items()
+    assert chat["$defs"]["UserMessage"]["required"] == ["role", "content"]
+    assert chat["$defs"]["ToolMessage"]["required"] == ["role", "content", "tool_call_id"]
+    assert {b.get("minimum") for b in props["max_completion_tokens"]["anyOf"]} == {1, None}
+    completions = _schema(CompletionsRequest)
+    prompt = completions["properties"]["prompt"]["anyOf"]
+    assert {"type": "null"} not in prompt  # null is rejected, so the schema does not offer it
+    assert all(b.get("minLength") == 1 or b.get("minItems") == 1 for b in prompt)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"max_tokens": "5"}, {"temperature": "1"}, {"stop_token_ids": [True]}, {"logprobs": 1},
+    {"n": True},
+])
+def test_no_type_coercion(overrides):
+    """What the OpenAPI document calls the wrong type is rejected, as OpenAI does."""
+    with pytest.raises(ValidationError):
+        ChatRequest(**{"model": "m", "messages": MESSAGES, **overrides})
+
+
+def test_prompt_embeds_still_arrive_as_base64_strings():
+    req = CompletionsRequest.model_validate({"model": "m", "prompt_embeds": "AAAA"})
+    assert req.prompt_embeds == b"AAAA"
+
+
+def test_integral_floats_are_integers_as_in_json_schema():
+    req = ChatRequest.model_validate({"model": "m", "messages": MESSAGES, "n": 2.0,
+                                      "temperature": 1.0, "stop_token_ids": [7.0],
+                                      "max_completion_tokens": 3.0})
+    assert (req.n, req.stop_token_ids, req.max_completion_tokens) == (2, [7], 3)
+    with pytest.raises(ValidationError):
+        ChatRequest.model_validate({"model": "m", "messages": MESSAGES, "n": 2.5})

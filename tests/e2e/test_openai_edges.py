@@ -1,0 +1,227 @@
+"""OpenAI-compatible edges: prompt scoring, message rules, structured-output constraints checked
+before admission, and an OpenAPI document that states what the server accepts."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import MODEL
+
+pytestmark = pytest.mark.e2e
+
+PROMPT = "hello world, this is a scoring test"
+USER = [{"role": "user", "content": "hi"}]
+
+
+def _post(server, path: str, body: dict, **kwargs) -> httpx.Response:
+    return httpx.post(f"{server.base_url}{path}", json={"model": MODEL, **body},
+                      headers=server.auth, timeout=120, **kwargs)
+
+
+def _assert_400(resp: httpx.Response, param_part: str) -> dict:
+    assert resp.status_code == 400, resp.text
+    assert resp.headers["content-type"].startswith("application/json"), resp.headers
+    error = resp.json()["error"]
+    assert error["code"] == 400 and error["type"] and error["message"]
+    assert param_part in (error["param"] or "") or param_part in error["message"], error
+    return error
+
+
+# --- max_tokens = 0: prompt scoring on /v1/completions with echo, and nothing else -------------
+
+def test_prompt_scoring_returns_the_prompt_and_its_logprobs(server):
+    r = server.client().completions.create(model=MODEL, prompt=PROMPT, echo=True, logprobs=1,
+                                           max_tokens=0)
+    choice = r.choices[0]
+    assert choice.text == PROMPT  # the prompt and nothing generated
+    assert r.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) >= 2
+    assert lp.token_logprobs[0] is None  # the first token has no context to be scored in
+    assert all(isinstance(x, float) and x <= 0 for x in lp.token_logprobs[1:])
+
+
+def test_prompt_scoring_of_token_ids_and_several_prompts(server):
+    r = server.client().completions.create(model=MODEL, prompt=["one prompt", "and another"],
+                                           echo=True, logprobs=0, max_tokens=0)
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == \
+        ["one prompt", "and another"]
+    ids = [5, 6, 7, 8]
+    r = server.client().completions.create(model=MODEL, prompt=ids, echo=True, logprobs=1,
+                                           max_tokens=0)
+    assert len(r.choices[0].logprobs.token_logprobs) == len(ids)
+
+
+def test_prompt_scoring_streamed(server):
+    body = {"prompt": PROMPT, "echo": True, "logprobs": 1, "max_tokens": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{server.base_url}/v1/completions", json={"model": MODEL, **body},
+                      headers=server.auth, timeout=120) as resp:
+        assert resp.status_code == 200
+        events = [line[len("data: "):] for line in resp.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["text"] for chunk in chunks for c in chunk["choices"]) == PROMPT
+    usage = chunks[-1]["usage"]
+    assert usage["completion_tokens"] == 0 and usage["total_tokens"] == usage["prompt_tokens"]
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 0, "echo": False, "logprobs": 1},
+     "max_tokens"),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 0}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": USER, "max_completion_tokens": 0},
+     "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 0, "echo": True},
+     "max_tokens"),
+])
+def test_max_tokens_zero_without_echo_is_400(server, path, body, param):
+    _assert_400(_post(server, path, body), param)
+
+
+# --- messages: the fields OpenAI requires for each role ------------------------------------
+
+BAD_MESSAGES = {
+    "user without content": [{"role": "user"}],
+    "user content null": [{"role": "user", "content": None}],
+    "system content null": [{"role": "system", "content": None}, *USER],
+    "empty content parts": [{"role": "user", "content": []}],
+    "text part without text": [{"role": "user", "content": [{"type": "text"}]}],
+    "image part on a text server": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}]}],
+    "unknown role": [{"role": "narrator", "content": "hi"}],
+    "no role": [{"content": "hi"}],
+    "assistant with neither content nor tool_calls": [*USER, {"role": "assistant"}],
+    "assistant with empty tool_calls": [*USER, {"role": "assistant", "tool_calls": []}],
+    "tool without tool_call_id": [*USER, {"role": "tool", "content": "42"}],
+    "function without name": [*USER, {"role": "function", "content": "42"}],
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MESSAGES))
+def test_messages_openai_rejects_are_400(server, case):
+    _assert_400(_post(server, "/v1/chat/completions",
+                      {"messages": BAD_MESSAGES[case], "max_tokens": 2}), "messages")
+
+
+def test_message_without_content_with_the_openai_client(server):
+    with pytest.raises(openai.BadRequestError) as err:
+        server.client().chat.completions.create(model=MODEL, messages=[{"role": "user"}],
+                                                max_tokens=2)
+    assert err.value.status_code == 400
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                  {"type": "text", "text": " there"}]}],
+    [{"role": "user", "content": ""}],
+    [{"role": "system", "content": [{"type": "text", "text": "be brief"}]}, *USER,
+     {"role": "assistant", "content": "ok", "refusal": None, "audio": None,
+      "function_call": None}, {"role": "user", "content": "more"}],
+])
+def test_messages_openai_accepts_are_served(server, messages):
+    r = server.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    assert r.choices[0].finish_reason in ("length", "stop")
+
+
+# --- structured outputs: checked before admission, streams included -------------------------
+
+SELF_REF = {"$ref": "#/$defs/n", "$defs": {"n": {"$ref": "#/$defs/n"}}}
+DEAD_PROPERTY = {"type": "object", "properties": {"a": {"$ref": "#/$defs/n"}},
+                 "$defs": SELF_REF["$defs"]}
+OK_SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+def _json_schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+
+
+BAD_CONSTRAINTS = {
+    "json_schema that only refers to itself": ({"response_format": _json_schema_format(SELF_REF)},
+                                               "response_format"),
+    "optional property that admits no value": (
+        {"response_format": _json_schema_format(DEAD_PROPERTY)}, "response_format"),
+    "structured_outputs json, self-referring": ({"structured_outputs": {"json": SELF_REF}},
+                                                "structured_outputs"),
+    "regex that matches nothing": ({"structured_outputs": {"regex": "[^\\x00-\\U0010FFFF]"}},
+                                   "structured_outputs"),
+    "malformed regex": ({"structured_outputs": {"regex": "("}}, "structured_outputs"),
+    "EBNF rule that never ends": ({"structured_outputs": {"grammar": "root ::= a\na ::= a"}},
+                                  "structured_outputs"),
+    "lark rule that never ends": ({"structured_outputs": {"grammar": 'start: a\na: a "x"'}},
+                                  "structured_outputs"),
+    "malformed grammar": ({"structured_outputs": {"grammar": "root ::= ("}},
+                          "structured_outputs"),
+    "empty choice": ({"structured_outputs": {"choice": []}}, "structured_outputs"),
+    "json_schema that is not JSON": ({"structured_outputs": {"json": "{not json"}},
+                                     "structured_outputs"),
+    "named tool whose parameters admit nothing": (
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": SELF_REF}}],
+         "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tools"),
+    "removed guided_json": ({"guided_json": OK_SCHEMA}, "guided_json"),
+    "removed guided_regex": ({"guided_regex": "a+"}, "guided_regex"),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("case", list(BAD_CONSTRAINTS))
+def test_unservable_constraints_are_400_before_generation(server, case, stream):
+    extra, param = BAD_CONSTRAINTS[case]
+    body = {"messages": USER, "max_tokens": 4, "stream": stream, **extra}
+    _assert_400(_post(server, "/v1/chat/completions", body), param)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_unservable_constraint_on_completions(server, stream):
+    body = {"prompt": PROMPT, "max_tokens": 4, "stream": stream,
+            "response_format": _json_schema_format(SELF_REF)}
+    _assert_400(_post(server, "/v1/completions", body), "response_format")
+
+
+def test_servable_constraints_still_generate(server):
+    client = server.client()
+    for extra in ({"response_format": _json_schema_format(OK_SCHEMA)},
+                  {"structured_outputs": {"regex": "[a-z]{3}"}},
+                  {"structured_outputs": {"choice": ["yes", "no"]}},
+                  {"structured_outputs": {"grammar": 'root ::= "x" | a\na ::= a'}}):
+        r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=6,
+                                           extra_body=extra)
+        assert r.choices[0].message.content is not None, extra
+    r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=8, extra_body={
+        "structured_outputs": {"choice": ["yes", "no"]}})
+    assert r.choices[0].message.content in ("yes", "no")
+
+
+def test_engine_serves_after_the_bad_constraints(server):
+    assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
+    r = server.client().chat.completions.create(model=MODEL, messages=USER, max_tokens=3)
+    assert r.choices[0].message.content is not None
+
+
+# --- the OpenAPI document states what the server checks ------------------------------------
+
+def test_openapi_document_agrees_with_validation(server):
+    doc = httpx.get(f"{server.base_url}/openapi.json", timeout=30).json()
+    schemas = doc["components"]["schemas"]
+    chat, completions = schemas["ChatRequest"], schemas["CompletionsRequest"]
+    assert chat["properties"]["messages"]["minItems"] == 1
+    tools = chat["properties"]["tools"]["anyOf"]
+    assert {"type": "null"} in tools and any(t.get("minItems") == 1 for t in tools)
+    assert schemas["UserMessage"]["required"] == ["role", "content"]
+    assert schemas["ToolMessage"]["required"] == ["role", "content", "tool_call_id"]
+    assert "null" not in json.dumps(completions["properties"]["prompt"])
+    temperature = chat["properties"]["temperature"]["anyOf"][0]
+    assert (temperature["minimum"], temperature["maximum"]) == (0, 2)
+    # what the document calls invalid is rejected ...
+    _assert_400(_post(server, "/v1/chat/completions", {"messages": USER, "tools": []}), "tools")
+    _assert_400(_post(server, "/v1/completions", {"prompt": None}), "prompt")
+    _assert_400(_post(server, "/v1/chat/completions", {"messages": USER, "max_tokens": "5"}),
+                "max_tokens")
+    # ... and an integer written as 5.0 is an integer, as in JSON Schema
+    r = _post(server, "/v1/chat/completions", {"messages": USER, "max_tokens": 2.0})
+    assert r.status_code == 200, r.text
