@@ -6,9 +6,9 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
-from attention_backends.options import FluxOptions
-from attention_backends.router import router_available
-from kv_policies.options import POLICY_NAMES, KVPolicyOptions
+from attention_backends.flux.options import FluxOptions
+from attention_backends.flux.router import router_available
+from kv_policies.eviction.options import POLICY_NAMES, KVPolicyOptions
 
 API_KEY_ENV = "FLUXSERVE_API_KEY"
 

@@ -1,9 +1,9 @@
 """Triton paged attention: a prefill kernel and a split-KV decode kernel with a reduce step.
 
 Both kernels read the paged KV cache ``[num_blocks, Hkv, block_size, 2 * D]`` and apply the
-sink / window / gap mask of ``attention_backends.ops.paged_attention``. Work is skipped at KV-tile
-granularity: for the queries a program owns, the visible key slots are at most three intervals
-(``[0, seq)`` minus the freed gap ``[kept_end, gap_end)`` minus the window hole
+sink / window / gap mask of ``attention_backends.kernels.ops.paged_attention``. Work is skipped at
+KV-tile granularity: for the queries a program owns, the visible key slots are at most three
+intervals (``[0, seq)`` minus the freed gap ``[kept_end, gap_end)`` minus the window hole
 ``[sink, p_lo - window + 1)``), and the kernels loop only over the tiles of those intervals.
 Rows of a tile outside its interval are never loaded, so stale gap blocks are never read.
 
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attention_backends.sdpa_prefill import dense_prefill_sdpa
+from attention_backends.kernels.sdpa_prefill import dense_prefill_sdpa
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

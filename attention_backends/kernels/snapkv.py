@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from attention_backends.kernels.paged_attention import _mma, _num_sms
-from attention_backends.reference import max_pool_same
+from attention_backends.kernels.reference import max_pool_same
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

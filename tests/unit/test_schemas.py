@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from attention_backends.options import FluxOptions
-from kv_policies.options import KVPolicyOptions
+from attention_backends.flux.options import FluxOptions
+from kv_policies.eviction.options import KVPolicyOptions
 from server.schemas import ChatRequest, CompletionsRequest
 
 MESSAGES = [{"role": "user", "content": "hi"}]
