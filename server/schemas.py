@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.sampling_params import SamplingParams
 
-from attention_backends.options import FluxOptions
-from kv_policies.options import KVPolicyOptions
+from attention_backends.flux.options import EXTRA_ARGS_KEY as FLUX_KEY
+from attention_backends.flux.options import FluxOptions
+from kv_policies.eviction.options import EXTRA_ARGS_KEY as KV_POLICY_KEY
+from kv_policies.eviction.options import KVPolicyOptions
 
 FLUX_DESCRIPTION = "fluxserve: per-request Flux layer routing (full / sparse / layers / auto)."
 KV_POLICY_DESCRIPTION = "fluxserve: per-request KV-eviction policy applied after prefill."
@@ -27,21 +29,25 @@ def _check_token_limits(req: ChatCompletionRequest | CompletionRequest) -> None:
             raise ValueError(f"{name} must be at least 1, got {value}")
 
 
-def _with_extensions(params: SamplingParams, flux: FluxOptions | None,
-                     kv_policy: KVPolicyOptions | None) -> SamplingParams:
-    extra: dict[str, Any] = dict(params.extra_args or {})
-    if flux is not None:
-        extra["flux"] = flux.to_extra_args()
-    if kv_policy is not None:
-        extra["kv_policy"] = kv_policy.to_extra_args()
-    params.extra_args = extra or None
-    return params
+class _Extensions(BaseModel):
+    """fluxserve's extension fields, shared by both request models; they travel to the engine in
+    ``SamplingParams.extra_args`` under each options model's ``EXTRA_ARGS_KEY``."""
 
-
-class ChatRequest(ChatCompletionRequest):
     flux: FluxOptions | None = Field(default=None, description=FLUX_DESCRIPTION)
     kv_policy: KVPolicyOptions | None = Field(default=None, description=KV_POLICY_DESCRIPTION)
 
+    def to_sampling_params(self, *args: Any, **kwargs: Any) -> SamplingParams:
+        params = super().to_sampling_params(*args, **kwargs)  # type: ignore[misc]
+        extra: dict[str, Any] = dict(params.extra_args or {})
+        if self.flux is not None:
+            extra[FLUX_KEY] = self.flux.to_extra_args()
+        if self.kv_policy is not None:
+            extra[KV_POLICY_KEY] = self.kv_policy.to_extra_args()
+        params.extra_args = extra or None
+        return params
+
+
+class ChatRequest(_Extensions, ChatCompletionRequest):
     @model_validator(mode="after")
     def _check_request(self) -> ChatRequest:
         if not self.messages:
@@ -49,20 +55,9 @@ class ChatRequest(ChatCompletionRequest):
         _check_token_limits(self)
         return self
 
-    def to_sampling_params(self, *args: Any, **kwargs: Any) -> SamplingParams:
-        return _with_extensions(super().to_sampling_params(*args, **kwargs),
-                                self.flux, self.kv_policy)
 
-
-class CompletionsRequest(CompletionRequest):
-    flux: FluxOptions | None = Field(default=None, description=FLUX_DESCRIPTION)
-    kv_policy: KVPolicyOptions | None = Field(default=None, description=KV_POLICY_DESCRIPTION)
-
+class CompletionsRequest(_Extensions, CompletionRequest):
     @model_validator(mode="after")
     def _check_request(self) -> CompletionsRequest:
         _check_token_limits(self)
         return self
-
-    def to_sampling_params(self, *args: Any, **kwargs: Any) -> SamplingParams:
-        return _with_extensions(super().to_sampling_params(*args, **kwargs),
-                                self.flux, self.kv_policy)
