@@ -41,7 +41,6 @@ class FluxRequestState:
     created: float = field(default_factory=time.monotonic)
     prefill_done_at: float | None = None
     prompt_done_pending: bool = False  # the prompt completed in the step being run
-    router_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

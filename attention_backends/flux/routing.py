@@ -47,9 +47,4 @@ def route_layer(step: RoutingStep | None, q: Tensor, layer_idx: int, head_dim: i
     step.set_decisions(layer_idx, sparse)
     for rr, sp in zip(step.route_rows, sparse, strict=True):
         reg.record_decision(rr.req_id, layer_idx, sp, step.num_layers)
-    dt = time.perf_counter() - t0
-    for rr in step.route_rows:
-        st = reg.states.get(rr.req_id)
-        if st is not None:
-            st.router_seconds += dt / len(step.route_rows)
-    metrics.observe_router_step(dt)
+    metrics.observe_router_step(time.perf_counter() - t0)

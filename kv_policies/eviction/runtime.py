@@ -56,9 +56,6 @@ class RequestKVState:
     layers: dict[int, LayerCalibration] = field(default_factory=dict)
     compressed_layers: set[int] = field(default_factory=set)
 
-    def nbytes(self) -> int:
-        return sum(c.q_ref.nbytes + c.o_e.nbytes + c.lse_e.nbytes for c in self.layers.values())
-
 
 class KVPolicyRuntime:
     """Per-worker eviction state of the running requests (see the module docstring)."""
