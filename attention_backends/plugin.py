@@ -1,26 +1,36 @@
 """vLLM general plugin (entry point ``fluxserve``): runs in every vLLM process before models load.
 
-``register()`` is idempotent and cheap (no model code is imported until vLLM resolves a name):
+``register()`` is idempotent and cheap (no model code is imported until vLLM resolves a name).
+Public vLLM extension points:
 
 - overrides ``CPU_ATTN`` with our CPU backend (the CPU platform ignores --attention-backend);
 - registers ``CUSTOM`` as our GPU backend (select it with ``--attention-backend CUSTOM``);
-- registers the Flux checkpoint architectures ``PawLlamaForCausalLM`` / ``PawQwen3ForCausalLM``;
-- wraps three V1 model-runner methods (``runner_hooks``) to feed per-request routing state;
-- calls the KV-policy package's registration hook.
+- registers the Flux checkpoint architectures (``flux.router.PAW_ARCHITECTURES``) with
+  ``ModelRegistry``.
+
+Private ones, all in ``vllm_glue.vllm_private``: it checks them against the installed vLLM and
+installs the model-runner and input-processor hooks (see that module and the README).
 """
 
 from __future__ import annotations
 
 import logging
 
+from prometheus_client import Counter
+
+from attention_backends.flux.router import PAW_ARCHITECTURES
+
 logger = logging.getLogger(__name__)
 
-CPU_BACKEND = "attention_backends.backend.FluxCPUAttentionBackend"
-GPU_BACKEND = "attention_backends.backend_gpu.FluxGPUAttentionBackend"
-MODELS = {
-    "PawLlamaForCausalLM": "attention_backends.flux_models:PawLlamaForCausalLM",
-    "PawQwen3ForCausalLM": "attention_backends.flux_models:PawQwen3ForCausalLM",
-}
+CPU_BACKEND = "attention_backends.vllm_glue.backend_cpu.FluxCPUAttentionBackend"
+GPU_BACKEND = "attention_backends.vllm_glue.backend_gpu.FluxGPUAttentionBackend"
+MODELS = {arch: f"attention_backends.vllm_glue.models:{arch}" for arch in PAW_ARCHITECTURES}
+
+PLUGIN_LOADS = Counter(
+    "fluxserve:plugin_loads",
+    "Times the fluxserve vLLM plugin registered itself, by process (API, engine core, worker).",
+    ["process"],
+)
 
 _DONE = False
 
@@ -32,22 +42,14 @@ def register() -> None:
     from vllm import ModelRegistry
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
+    from attention_backends.vllm_glue import vllm_private
+
     register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND)
     register_backend(AttentionBackendEnum.CUSTOM, GPU_BACKEND)
     for arch, path in MODELS.items():
         if arch not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(arch, path)
-
-    from attention_backends import runner_hooks
-
-    runner_hooks.install()
-
-    try:
-        from kv_policies import engine as kv_engine
-    except ImportError:  # the KV-policy package is optional for Flux
-        kv_engine = None
-    if kv_engine is not None and hasattr(kv_engine, "register"):
-        kv_engine.register()
+    vllm_private.install()
     _DONE = True
     _record_load()
 
@@ -55,7 +57,5 @@ def register() -> None:
 def _record_load() -> None:
     # Evidence of where the plugin ran (vLLM names its processes, e.g. EngineCore, VllmWorker-0).
     import multiprocessing
-
-    from attention_backends.metrics import PLUGIN_LOADS
 
     PLUGIN_LOADS.labels(multiprocessing.current_process().name).inc()

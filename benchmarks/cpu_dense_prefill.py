@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from attention_backends import reference as ref
-from attention_backends.sdpa_prefill import dense_prefill_sdpa
+from attention_backends.kernels import reference as ref
+from attention_backends.kernels.sdpa_prefill import dense_prefill_sdpa
 
 
 def _seconds(fn, reps: int) -> float:

@@ -1,4 +1,4 @@
-"""The attention backends' shared step (`flux_attention.run_attention`) on the GPU, without vLLM.
+"""The backends' shared attention step (`vllm_glue.attention.run_attention`) on the GPU, no vLLM.
 
 What vLLM's model runner would drive per layer, driven here directly: the per-step routing
 metadata (`FluxBatch`, built from the request registry and each request's `extra_args`), KV
@@ -28,13 +28,21 @@ from types import SimpleNamespace
 import torch
 from timing import cuda_ms  # benchmarks/timing.py (the script's own folder)
 
-from attention_backends import ops
-from attention_backends.flux_attention import run_attention, write_kv
-from attention_backends.metadata import build_flux_batch
-from attention_backends.request_state import BatchRow, FluxRegistry
-from kv_policies.runtime import get_runtime
+from attention_backends.flux.request_state import BatchRow, FluxRegistry
+from attention_backends.kernels import ops
+from attention_backends.vllm_glue.attention import run_attention, write_kv
+from attention_backends.vllm_glue.metadata import build_step_metadata
+from kv_policies.eviction.runtime import get_runtime
 
 HQ, HKV, D = 32, 8, 128
+
+
+def _metadata(step, qsl, seq_lens, block_table, num_tokens: int, max_query_len: int,
+              max_seq_len: int) -> SimpleNamespace:
+    """What a backend's metadata gives ``run_attention``."""
+    return SimpleNamespace(step=step, query_start_loc=qsl, seq_lens=seq_lens,
+                           block_table=block_table, num_actual_tokens=num_tokens,
+                           max_query_len=max_query_len, max_seq_len=max_seq_len)
 LAYER = SimpleNamespace(layer_name="model.layers.1.self_attn.attn", _flux_layer_idx=1)
 NUM_LAYERS = 2
 
@@ -71,7 +79,7 @@ class Batch:
     def _poison_freed_blocks(self, fb, bt: torch.Tensor, kv: torch.Tensor) -> None:
         """What vLLM does with freed blocks (hands them to other requests): garbage them, so a
         read of the gap would show up as NaN in the decode output."""
-        for row, plan in enumerate(fb.kv_plans):
+        for row, plan in enumerate(fb.eviction.plans):
             if plan is not None:
                 blocks = bt[row, list(plan.freed_blocks)].long()
                 kv[blocks] = float("nan")
@@ -87,9 +95,9 @@ class Batch:
         res = {}
         for step, (num_computed, q_len, data) in enumerate(
                 [(0, self.p, self.prefill), (self.p, 1, self.decode)]):
-            reg.set_batch([BatchRow(i, self.p, num_computed) for i in ids])
+            rows = [BatchRow(i, self.p, num_computed, extra.get(i)) for i in ids]
             qsl = torch.arange(len(ids) + 1, dtype=torch.int32) * q_len
-            fb = build_flux_batch(len(ids), qsl, reg, NUM_LAYERS, extra.get, self.bs)
+            fb = build_step_metadata(len(ids), qsl, rows, reg, NUM_LAYERS, self.bs)
             q = torch.cat([t[0] for t in data]).to(device)
             k = torch.cat([t[1] for t in data]).to(device)
             v = torch.cat([t[2] for t in data]).to(device)
@@ -99,8 +107,8 @@ class Batch:
             seq_lens = torch.full((len(ids),), num_computed + q_len, dtype=torch.int32,
                                   device=device)
             out = torch.full_like(q, float("nan"))
-            run_attention(LAYER, q, kv, fb, qsl.to(device), seq_lens, bt, q.shape[0], scale, out,
-                          q_len, num_computed + q_len)
+            run_attention(LAYER, q, kv, _metadata(fb, qsl.to(device), seq_lens, bt, q.shape[0],
+                                                  q_len, num_computed + q_len), scale, out)
             res[f"out{step}"] = out.float().cpu()
             if step == 0:
                 self._poison_freed_blocks(fb, bt, kv)
@@ -169,18 +177,19 @@ def time_decode(batch: int, ctx: int, block_size: int, reps: int = 50) -> dict:
     for mode, extra in [("full", None),
                         ("sparse", {"flux": {"mode": "sparse", "sink": 128, "window": 2048}})]:
         reg = FluxRegistry()
-        reg.set_batch([BatchRow(f"t{i}", ctx - 1, ctx - 1) for i in range(batch)])
+        rows = [BatchRow(f"t{i}", ctx - 1, ctx - 1, extra) for i in range(batch)]
         qsl_dev = qsl.to(dev)
 
-        fb = build_flux_batch(batch, qsl, reg, NUM_LAYERS, lambda r, e=extra: e, block_size)
+        fb = build_step_metadata(batch, qsl, rows, reg, NUM_LAYERS, block_size)
+        md = _metadata(fb, qsl_dev, seq_lens, bt, batch, 1, ctx)
 
-        def step(fb=fb, qsl_dev=qsl_dev):
-            run_attention(LAYER, q, kv, fb, qsl_dev, seq_lens, bt, batch, scale, out, 1, ctx)
+        def step(md=md):
+            run_attention(LAYER, q, kv, md, scale, out)
 
-        def metadata(reg=reg, extra=extra):
-            build_flux_batch(batch, qsl, reg, NUM_LAYERS, lambda r: extra, block_size)
+        def metadata(reg=reg, rows=rows):
+            build_step_metadata(batch, qsl, rows, reg, NUM_LAYERS, block_size)
 
-        # run_attention: once per layer; build_flux_batch: once per step (all layers share it)
+        # run_attention: once per layer; build_step_metadata: once per step (all layers share it)
         res[f"{mode}_run_attention_us"] = 1e3 * event_ms(step)
         res[f"{mode}_metadata_per_step_us"] = 1e3 * event_ms(metadata)
         sink = window = None

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from attention_backends import ops  # noqa: E402
-from attention_backends import reference as ref  # noqa: E402
+from attention_backends.kernels import ops  # noqa: E402
+from attention_backends.kernels import reference as ref  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 DT = torch.bfloat16

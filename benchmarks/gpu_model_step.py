@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from timing import cuda_ms  # benchmarks/timing.py (the script's own folder)
 
-from attention_backends import ops
+from attention_backends.kernels import ops
 
 LAYERS, HID, HQ, HKV, D, MLP = 32, 4096, 32, 8, 128, 14336
 BS = 16

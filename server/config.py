@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from attention_backends.options import FluxOptions
-from attention_backends.router import router_available
-from kv_policies.options import POLICY_NAMES, KVPolicyOptions
+from attention_backends.flux.options import FluxOptions
+from attention_backends.flux.router import router_available
+from kv_policies.eviction.options import POLICY_NAMES, KVPolicyOptions
 from server.transport import TransportLimits
 
 API_KEY_ENV = "FLUXSERVE_API_KEY"

@@ -15,7 +15,7 @@ from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from kv_policies import engine as kv_engine
+from kv_policies.vllm_glue import engine as kv_engine
 
 logger = logging.getLogger("fluxserve.engine")
 

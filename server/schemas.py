@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import vllm.envs as envs
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionRequest,
     ChatCompletionToolsParam,
@@ -25,8 +25,10 @@ from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import SamplingParams
 
-from attention_backends.options import FluxOptions
-from kv_policies.options import KVPolicyOptions
+from attention_backends.flux.options import EXTRA_ARGS_KEY as FLUX_KEY
+from attention_backends.flux.options import FluxOptions
+from kv_policies.eviction.options import EXTRA_ARGS_KEY as KV_POLICY_KEY
+from kv_policies.eviction.options import KVPolicyOptions
 from server.messages import ChatMessage
 
 FLUX_DESCRIPTION = "fluxserve: per-request Flux layer routing (full / sparse / layers / auto)."
@@ -122,28 +124,11 @@ def _reject_removed_guided_fields(data: Any) -> Any:
     return data
 
 
-def _with_extensions(params: SamplingParams, flux: FluxOptions | None,
-                     kv_policy: KVPolicyOptions | None) -> SamplingParams:
-    extra: dict[str, Any] = dict(params.extra_args or {})
-    if flux is not None:
-        extra["flux"] = flux.to_extra_args()
-    if kv_policy is not None:
-        extra["kv_policy"] = kv_policy.to_extra_args()
-    params.extra_args = extra or None
-    return params
+class _Extensions(BaseModel):
+    """The fields and checks both request models share: vLLM's sampling bounds declared so that
+    they appear in the OpenAPI document, and fluxserve's extension fields, which travel to the
+    engine in ``SamplingParams.extra_args`` under each options model's ``EXTRA_ARGS_KEY``."""
 
-
-class ChatRequest(ChatCompletionRequest):
-    """`POST /v1/chat/completions`. `max_tokens` / `max_completion_tokens` are at least 1: a chat
-    completion always generates (there is no prompt echo to return instead)."""
-
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    tools: Annotated[list[ChatCompletionToolsParam], Field(min_length=1)] | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
-        default=None,
-        deprecated="max_tokens is deprecated in favor of the max_completion_tokens field")
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    n: NumChoices | None = 1
     frequency_penalty: Penalty = None
     presence_penalty: Penalty = None
     repetition_penalty: RepetitionPenalty = None
@@ -157,9 +142,37 @@ class ChatRequest(ChatCompletionRequest):
     bad_words: list[NonEmptyStr] = Field(default_factory=list)
     allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
     thinking_token_budget: ThinkingTokenBudget = None
-    prompt_logprobs: NumLogprobs = None
     flux: FluxOptions | None = Field(default=None, description=FLUX_DESCRIPTION)
     kv_policy: KVPolicyOptions | None = Field(default=None, description=KV_POLICY_DESCRIPTION)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prepare(cls, data: Any) -> Any:
+        return _prepare(data)
+
+    def to_sampling_params(self, *args: Any, **kwargs: Any) -> SamplingParams:
+        params = super().to_sampling_params(*args, **kwargs)  # type: ignore[misc]
+        extra: dict[str, Any] = dict(params.extra_args or {})
+        if self.flux is not None:
+            extra[FLUX_KEY] = self.flux.to_extra_args()
+        if self.kv_policy is not None:
+            extra[KV_POLICY_KEY] = self.kv_policy.to_extra_args()
+        params.extra_args = extra or None
+        return params
+
+
+class ChatRequest(_Extensions, ChatCompletionRequest):
+    """`POST /v1/chat/completions`. `max_tokens` / `max_completion_tokens` are at least 1: a chat
+    completion always generates (there is no prompt echo to return instead)."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    tools: Annotated[list[ChatCompletionToolsParam], Field(min_length=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        deprecated="max_tokens is deprecated in favor of the max_completion_tokens field")
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    n: NumChoices | None = 1
+    prompt_logprobs: NumLogprobs = None
 
     model_config = {
         "strict": True,  # no coercion ("5" -> 5, true -> 1): what the schema rejects, we reject
@@ -179,15 +192,6 @@ class ChatRequest(ChatCompletionRequest):
         },
     }
 
-    @model_validator(mode="before")
-    @classmethod
-    def _prepare(cls, data: Any) -> Any:
-        return _prepare(data)
-
-    def to_sampling_params(self, *args: Any, **kwargs: Any) -> SamplingParams:
-        return _with_extensions(super().to_sampling_params(*args, **kwargs),
-                                self.flux, self.kv_policy)
-
 
 Prompt = (
     NonEmptyStr
@@ -197,7 +201,7 @@ Prompt = (
 )
 
 
-class CompletionsRequest(CompletionRequest):
+class CompletionsRequest(_Extensions, CompletionRequest):
     """`POST /v1/completions`. `max_tokens: 0` is accepted together with `echo: true` only: it
     returns the prompt (with its logprobs when `logprobs` is set) without generating, which is
     how prompts are scored; without `echo` there would be nothing to return."""
@@ -209,25 +213,10 @@ class CompletionsRequest(CompletionRequest):
     max_tokens: Annotated[int, Field(ge=0)] | None = Field(
         default=16, description="At least 1; 0 only with `echo: true` (prompt scoring).")
     n: NumChoices = 1
-    frequency_penalty: Penalty = None
-    presence_penalty: Penalty = None
-    repetition_penalty: RepetitionPenalty = None
-    temperature: Temperature = None
-    top_p: TopP = None
-    top_k: TopK = None
-    min_p: MinP = None
-    min_tokens: Annotated[int, Field(ge=0)] = 0
-    stop: Stop = []
-    stop_token_ids: list[TokenId] | None = []
-    bad_words: list[NonEmptyStr] = Field(default_factory=list)
-    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
-    thinking_token_budget: ThinkingTokenBudget = None
     logprobs: NumLogprobs = None
     prompt_logprobs: NumLogprobs = None
     # JSON carries bytes as (base64) strings: the one field where conversion is expected
     prompt_embeds: JSONBytes | list[JSONBytes] | None = None
-    flux: FluxOptions | None = Field(default=None, description=FLUX_DESCRIPTION)
-    kv_policy: KVPolicyOptions | None = Field(default=None, description=KV_POLICY_DESCRIPTION)
 
     model_config = {
         "strict": True,  # no coercion ("5" -> 5, true -> 1): what the schema rejects, we reject
@@ -244,11 +233,6 @@ class CompletionsRequest(CompletionRequest):
         },
     }
 
-    @model_validator(mode="before")
-    @classmethod
-    def _prepare(cls, data: Any) -> Any:
-        return _prepare(data)
-
     @property
     def echo_only(self) -> bool:
         """Prompt scoring: the prompt comes back (with its logprobs), nothing is generated."""
@@ -262,7 +246,3 @@ class CompletionsRequest(CompletionRequest):
                 "to return the prompt and its logprobs without generating)",
                 parameter="max_tokens", value=0)
         return self
-
-    def to_sampling_params(self, *args: Any, **kwargs: Any) -> SamplingParams:
-        return _with_extensions(super().to_sampling_params(*args, **kwargs),
-                                self.flux, self.kv_policy)

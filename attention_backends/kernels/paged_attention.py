@@ -1,9 +1,9 @@
 """Triton paged attention: a prefill kernel and a split-KV decode kernel with a reduce step.
 
 Both kernels read the paged KV cache ``[num_blocks, Hkv, block_size, 2 * D]`` and apply the
-sink / window / gap mask of ``attention_backends.ops.paged_attention``. Work is skipped at KV-tile
-granularity: for the queries a program owns, the visible key slots are at most three intervals
-(``[0, seq)`` minus the freed gap ``[kept_end, gap_end)`` minus the window hole
+sink / window / gap mask of ``attention_backends.kernels.ops.paged_attention``. Work is skipped at
+KV-tile granularity: for the queries a program owns, the visible key slots are at most three
+intervals (``[0, seq)`` minus the freed gap ``[kept_end, gap_end)`` minus the window hole
 ``[sink, p_lo - window + 1)``), and the kernels loop only over the tiles of those intervals.
 Rows of a tile outside its interval are never loaded, so stale gap blocks are never read.
 
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attention_backends.sdpa_prefill import dense_prefill_sdpa
+from attention_backends.kernels.sdpa_prefill import dense_prefill_sdpa
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -151,30 +151,43 @@ def _attend_tile(q, k, v, offs_n, jvalid, pos, m_i, l_i, acc, sink, window, scal
 
 
 @triton.jit
+def _calib_weights(qf, qref, lse2, lse_e2, tau_ptr, en_ptr, s, AXIS: tl.constexpr):
+    """The calibration merge of ``_finish`` / ``_finish_row``, for rows of ``q`` (``AXIS = 1``:
+    ``qf``, ``qref`` ``[rows, D]``, ``lse2``, ``lse_e2`` ``[rows]``) or one row (``AXIS = 0``).
+
+    Returns ``hit`` (cos(q, q_ref) >= tau[s] on an enabled sequence ``s``) and the LSE-merge
+    weights ``w1`` (kept keys, log2 ``lse2``), ``w2`` (evicted set, log2 ``lse_e2``) and their
+    sum ``den2`` (1 where both are empty): merged = ``(o * w1 + o_e * w2) / den2``.
+    """
+    num = tl.sum(qf * qref, AXIS)
+    den = tl.sqrt(tl.sum(qf * qf, AXIS) * tl.sum(qref * qref, AXIS))
+    cos = num / tl.maximum(den, 1e-12)
+    hit = (cos >= tl.load(tau_ptr + s)) & (tl.load(en_ptr + s) != 0)
+    mm = tl.maximum(lse2, lse_e2)
+    mm = tl.where(mm == float("-inf"), 0.0, mm)
+    w1 = tl.exp2(lse2 - mm)
+    w2 = tl.exp2(lse_e2 - mm)
+    den2 = w1 + w2
+    return hit, w1, w2, tl.where(den2 > 0, den2, 1.0)
+
+
+@triton.jit
 def _finish(o, lse2, q, s, t_abs, h_r, row_ok, out_ptr, hits_ptr, stride_ot, stride_oh,
             qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau_ptr, HQ: tl.constexpr, D: tl.constexpr,
             HAS_CALIB: tl.constexpr):
     """Optional calibration merge, then store the rows (o normalised, lse2 in log2 units)."""
     offs_d = tl.arange(0, D)
     if HAS_CALIB:
-        en = tl.load(en_ptr + s)
-        qf = q.to(tl.float32)
         cal_off = (s * HQ + h_r).to(tl.int64)
         qref = tl.load(qref_ptr + cal_off[:, None] * D + offs_d[None, :], mask=row_ok[:, None],
                        other=0.0).to(tl.float32)
-        num = tl.sum(qf * qref, 1)
-        den = tl.sqrt(tl.sum(qf * qf, 1) * tl.sum(qref * qref, 1))
-        cos = num / tl.maximum(den, 1e-12)
-        hit = (cos >= tl.load(tau_ptr + s)) & (en != 0) & row_ok
         lse_e2 = tl.load(lsee_ptr + cal_off, mask=row_ok, other=float("-inf")) * 1.4426950408889634
         o_e = tl.load(oe_ptr + cal_off[:, None] * D + offs_d[None, :], mask=row_ok[:, None],
                       other=0.0)
-        mm = tl.maximum(lse2, lse_e2)
-        mm = tl.where(mm == float("-inf"), 0.0, mm)
-        w1 = tl.exp2(lse2 - mm)
-        w2 = tl.exp2(lse_e2 - mm)
-        den2 = w1 + w2
-        merged = (o * w1[:, None] + o_e * w2[:, None]) / tl.where(den2 > 0, den2, 1.0)[:, None]
+        hit, w1, w2, den2 = _calib_weights(q.to(tl.float32), qref, lse2, lse_e2, tau_ptr, en_ptr,
+                                           s, 1)
+        hit = hit & row_ok
+        merged = (o * w1[:, None] + o_e * w2[:, None]) / den2[:, None]
         o = tl.where(hit[:, None], merged, o)
         tl.store(hits_ptr + t_abs.to(tl.int64) * HQ + h_r, hit.to(tl.int8), mask=row_ok)
     o_ptrs = out_ptr + t_abs.to(tl.int64)[:, None] * stride_ot + h_r[:, None] * stride_oh \
@@ -189,22 +202,13 @@ def _finish_row(o, lse2, q, s, t_abs, h, out_ptr, hits_ptr, stride_ot, stride_oh
     """``_finish`` for a single (token, head) row: o [D] normalised, lse2 scalar (log2)."""
     offs_d = tl.arange(0, D)
     if HAS_CALIB:
-        en = tl.load(en_ptr + s)
-        qf = q.to(tl.float32)
         cal_off = (s * HQ + h).to(tl.int64)
         qref = tl.load(qref_ptr + cal_off * D + offs_d).to(tl.float32)
-        num = tl.sum(qf * qref, 0)
-        den = tl.sqrt(tl.sum(qf * qf, 0) * tl.sum(qref * qref, 0))
-        cos = num / tl.maximum(den, 1e-12)
-        hit = (cos >= tl.load(tau_ptr + s)) & (en != 0)
         lse_e2 = tl.load(lsee_ptr + cal_off) * 1.4426950408889634
         o_e = tl.load(oe_ptr + cal_off * D + offs_d)
-        mm = tl.maximum(lse2, lse_e2)
-        mm = tl.where(mm == float("-inf"), 0.0, mm)
-        w1 = tl.exp2(lse2 - mm)
-        w2 = tl.exp2(lse_e2 - mm)
-        den2 = w1 + w2
-        merged = (o * w1 + o_e * w2) / tl.where(den2 > 0, den2, 1.0)
+        hit, w1, w2, den2 = _calib_weights(q.to(tl.float32), qref, lse2, lse_e2, tau_ptr, en_ptr,
+                                           s, 0)
+        merged = (o * w1 + o_e * w2) / den2
         o = tl.where(hit, merged, o)
         tl.store(hits_ptr + t_abs.to(tl.int64) * HQ + h, hit.to(tl.int8))
     tl.store(out_ptr + t_abs.to(tl.int64) * stride_ot + h * stride_oh + offs_d,

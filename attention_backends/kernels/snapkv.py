@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from attention_backends.kernels.paged_attention import _mma, _num_sms
-from attention_backends.reference import max_pool_same
+from attention_backends.kernels.reference import max_pool_same
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -32,13 +32,11 @@ def _load_k(kv_ptr, row_ptr, kvh, offs_n, valid, stride_kb, stride_kh, stride_ks
 
 
 @triton.jit
-def _obs_lse_kernel(q_ptr, kv_ptr, row_ptr, part_ptr, prompt_len, w, scale_log2, tiles_per_split,
-                    stride_qt, stride_qh, stride_kb, stride_kh, stride_ks,
-                    G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
-    """Partial log2-sum-exp of each observation query over one split of the keys."""
+def _obs_queries(q_ptr, prompt_len, w, stride_qt, stride_qh, G: tl.constexpr, D: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """Query head ``h = program_id(0)``'s observation queries: ``(h, kv head, row offsets
+    [BLOCK_M], row mask (< w), prompt positions, q [BLOCK_M, D] (0 beyond w))``."""
     h = tl.program_id(0)
-    split = tl.program_id(1)
     kvh = h // G
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
@@ -46,6 +44,18 @@ def _obs_lse_kernel(q_ptr, kv_ptr, row_ptr, part_ptr, prompt_len, w, scale_log2,
     pos = prompt_len - w + offs_m
     q = tl.load(q_ptr + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
+    return h, kvh, offs_m, row_ok, pos, q
+
+
+@triton.jit
+def _obs_lse_kernel(q_ptr, kv_ptr, row_ptr, part_ptr, prompt_len, w, scale_log2, tiles_per_split,
+                    stride_qt, stride_qh, stride_kb, stride_kh, stride_ks,
+                    G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """Partial log2-sum-exp of each observation query over one split of the keys."""
+    h, kvh, offs_m, row_ok, pos, q = _obs_queries(q_ptr, prompt_len, w, stride_qt, stride_qh,
+                                                  G, D, BLOCK_M)
+    split = tl.program_id(1)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     n_tiles = tl.cdiv(prompt_len, BLOCK_N)
@@ -74,15 +84,9 @@ def _obs_colsum_kernel(q_ptr, kv_ptr, row_ptr, lse_ptr, out_ptr, prompt_len, w, 
                        G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Sum over the observation queries of their softmax probabilities, per key."""
-    h = tl.program_id(0)
+    h, kvh, offs_m, row_ok, pos, q = _obs_queries(q_ptr, prompt_len, w, stride_qt, stride_qh,
+                                                  G, D, BLOCK_M)
     t = tl.program_id(1)
-    kvh = h // G
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    row_ok = offs_m < w
-    pos = prompt_len - w + offs_m
-    q = tl.load(q_ptr + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(lse_ptr + h * BLOCK_M + offs_m)
     offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
     valid = offs_n < prompt_len

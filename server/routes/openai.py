@@ -15,8 +15,8 @@ from pydantic import ValidationError
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
 
-from attention_backends.options import FluxOptions
-from kv_policies.options import KVPolicyOptions
+from attention_backends.flux.options import FluxOptions
+from kv_policies.eviction.options import KVPolicyOptions
 from server.auth import require_api_key
 from server.config import ServerSettings
 from server.engine import EngineState

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from kv_policies.options import POLICY_NAMES
+from kv_policies.eviction.options import POLICY_NAMES
 from tests.e2e.conftest import MODEL
 from tests.e2e.test_engine_safety import assert_engine_settles, assert_openai_error
 

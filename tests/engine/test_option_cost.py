@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from attention_backends.options import MAX_LAYERS, FluxOptions
-from kv_policies.options import MAX_POOL_KERNEL, KVPolicyOptions
+from attention_backends.flux.options import MAX_LAYERS, FluxOptions
+from kv_policies.eviction.options import MAX_POOL_KERNEL, KVPolicyOptions
 from server.default_model import NUM_LAYERS
 from tests.engine.conftest import CHUNK, MAX_MODEL_LEN
 

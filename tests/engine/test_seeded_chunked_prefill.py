@@ -2,9 +2,9 @@
 
 vLLM 0.32 rewinds a partially prefilled request's generator with ``get_offset``/``set_offset``,
 which CPU generators lack, so a seeded request whose prompt spans several prefill chunks killed
-the engine (``CPU Generator does not use offset``). ``attention_backends.runner_hooks`` saves
-and restores CPU generator state instead; these tests pin both "no crash" and "same seed, same
-text, however the prompt was chunked".
+the engine (``CPU Generator does not use offset``). ``attention_backends.vllm_glue.vllm_private``
+saves and restores CPU generator state instead; these tests pin both "no crash" and "same seed,
+same text, however the prompt was chunked".
 """
 
 from __future__ import annotations

@@ -208,7 +208,7 @@ def test_mixed_batch_equals_solo(llm):
 def test_metrics_and_no_leaks(llm):
     from prometheus_client import REGISTRY
 
-    from attention_backends.request_state import get_registry
+    from attention_backends.flux.request_state import get_registry
 
     def val(name, **labels):
         return REGISTRY.get_sample_value(name, labels) or 0.0

@@ -8,10 +8,9 @@ import json
 import pytest
 import torch
 
-from attention_backends.metadata import build_flux_batch
-from attention_backends.options import FluxOptions
-from attention_backends.request_state import BatchRow, FluxRegistry
-from attention_backends.router import (
+from attention_backends.flux.options import FluxOptions
+from attention_backends.flux.request_state import BatchRow, FluxRegistry
+from attention_backends.flux.router import (
     FluxRouter,
     RouterSpec,
     load_router_file,
@@ -19,6 +18,8 @@ from attention_backends.router import (
     router_available,
     split_router_state,
 )
+from attention_backends.flux.step import build_routing_step
+from attention_backends.vllm_glue.metadata import build_step_metadata
 from tests.flux.reference import reference_router_sparse
 from tests.flux.tiny_models import HEAD_DIM, NUM_LAYERS, make_router, router_tensors
 
@@ -108,6 +109,11 @@ def test_flux_options():
         FluxOptions(mode="auto", extra=1)
 
 
+def _rows(extra: dict, rows: list[tuple[str, int, int]]) -> list[BatchRow]:
+    """The step's rows (req_id, prompt_len, num_computed) with each request's extra_args."""
+    return [BatchRow(r, p, c, extra.get(r)) for r, p, c in rows]
+
+
 def _registry(with_router: bool) -> FluxRegistry:
     reg = FluxRegistry()
     if with_router:
@@ -123,10 +129,9 @@ def test_metadata_modes_and_routing_rows():
         "c": {"flux": {"mode": "layers", "sparse_layers": [1, 3, 9]}},
         "d": {"flux": {"mode": "auto"}},
     }
-    reg.set_batch([BatchRow("a", 10, 0), BatchRow("b", 100, 0), BatchRow("c", 50, 0),
-                   BatchRow("d", 300, 0)])
+    rows = _rows(extra, [("a", 10, 0), ("b", 100, 0), ("c", 50, 0), ("d", 300, 0)])
     qsl = torch.tensor([0, 10, 110, 160, 288], dtype=torch.int32)
-    fb = build_flux_batch(5, torch.cat([qsl, qsl[-1:]]), reg, NUM_LAYERS, extra.get)
+    fb = build_routing_step(5, torch.cat([qsl, qsl[-1:]]).tolist(), rows, reg, NUM_LAYERS)
     assert fb.req_ids == ["a", "b", "c", "d", None]  # row 4: padding
     assert fb.sparse[:, 0].tolist() == [False] * 4
     assert fb.sparse[:, 1].tolist() == [True] * 4
@@ -140,9 +145,7 @@ def test_metadata_modes_and_routing_rows():
     # Routing this step fixes the decision; the next chunk and decode reuse it.
     for layer in range(NUM_LAYERS):
         reg.record_decision("d", layer, layer % 2 == 0, NUM_LAYERS)
-    reg.set_batch([BatchRow("d", 300, 128)])
-    fb2 = build_flux_batch(1, torch.tensor([0, 128], dtype=torch.int32), reg, NUM_LAYERS,
-                           extra.get)
+    fb2 = build_routing_step(1, [0, 128], _rows(extra, [("d", 300, 128)]), reg, NUM_LAYERS)
     assert fb2.route_rows == []
     assert fb2.sparse[:, 0].tolist() == [True, False, True, False]
     reg.release("d")
@@ -157,20 +160,19 @@ def test_max_kv_tokens_bounds_every_rows_visible_keys():
         "c": {"kv_policy": {"name": "calidrop", "budget": 64, "window": 8}},
     }
     # decode step: one token each; c's 500-token prompt was compressed to 64 kept slots
-    reg.set_batch([BatchRow("a", 999, 999), BatchRow("b", 199, 199), BatchRow("c", 500, 500)])
+    rows = _rows(extra, [("a", 999, 999), ("b", 199, 199), ("c", 500, 500)])
     qsl = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
-    fb = build_flux_batch(3, qsl, reg, 2, extra.get, block_size=16)
+    fb = build_step_metadata(3, qsl, rows, reg, 2, block_size=16)
     # layer 0: b runs full over its 200 keys; layer 1: a 21, b 13, c 64 + 1
     assert fb.max_kv_tokens == [200, 65]
-    fb_ab = build_flux_batch(2, qsl[:3], reg, 2, extra.get, block_size=16)
+    fb_ab = build_step_metadata(2, qsl[:3], rows, reg, 2, block_size=16)
     assert fb_ab.max_kv_tokens == [200, 21]
 
 
 def test_auto_without_router_runs_full():
     reg = _registry(with_router=False)
-    reg.set_batch([BatchRow("x", 400, 0)])
-    fb = build_flux_batch(1, torch.tensor([0, 400], dtype=torch.int32), reg, NUM_LAYERS,
-                          lambda r: {"flux": {"mode": "auto"}})
+    fb = build_routing_step(1, [0, 400], [BatchRow("x", 400, 0, {"flux": {"mode": "auto"}})],
+                            reg, NUM_LAYERS)
     assert fb.route_rows == [] and not bool(fb.sparse.any())
     assert reg.states["x"].mode == "full"
 
@@ -193,8 +195,8 @@ def test_gpu_backend_step_on_cpu_tensors():
     ops dispatch to the float32 reference), against a dense masked reference."""
     from types import SimpleNamespace
 
-    from attention_backends.backend_gpu import FluxGPUMetadata
-    from attention_backends.flux_attention import run_attention, write_kv
+    from attention_backends.vllm_glue.attention import run_attention, write_kv
+    from attention_backends.vllm_glue.backend_gpu import FluxGPUMetadata
 
     torch.manual_seed(0)
     hq, hkv, d, bs = 4, 2, 16, 8
@@ -207,16 +209,14 @@ def test_gpu_backend_step_on_cpu_tensors():
     q, k, v = torch.randn(t, hq, d), torch.randn(t, hkv, d), torch.randn(t, hkv, d)
     write_kv(k, v, kv_cache, torch.tensor(slots))
     reg = _registry(with_router=False)
-    reg.set_batch([BatchRow("s", 40, 0), BatchRow("f", 5, 0)])
+    extra = {"s": {"flux": {"mode": "sparse", "sink": 3, "window": 7}}, "f": None}
     qsl = torch.tensor([0, 40, 45], dtype=torch.int32)
-    fb = build_flux_batch(2, qsl, reg, 2, {"s": {"flux": {"mode": "sparse", "sink": 3,
-                                                          "window": 7}}, "f": None}.get)
+    fb = build_step_metadata(2, qsl, _rows(extra, [("s", 40, 0), ("f", 5, 0)]), reg, 2)
     md = FluxGPUMetadata(t, 40, 40, qsl, torch.tensor(lens, dtype=torch.int32), block_table,
                          torch.tensor(slots), fb)
     layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
     out = torch.empty(t, hq, d)
-    run_attention(layer, q, kv_cache, md.flux, md.query_start_loc, md.seq_lens, md.block_table,
-                  md.num_actual_tokens, d ** -0.5, out)
+    run_attention(layer, q, kv_cache, md, d ** -0.5, out)
     ref0 = _dense_masked(q[:40], k[:40], v[:40], torch.arange(40), 3, 7, d ** -0.5)
     ref1 = _dense_masked(q[40:], k[40:], v[40:], torch.arange(5), 0, 0, d ** -0.5)
     torch.testing.assert_close(out[:40], ref0, rtol=1e-4, atol=1e-5)
@@ -224,7 +224,7 @@ def test_gpu_backend_step_on_cpu_tensors():
 
 
 def test_prefix_cache_salt():
-    from attention_backends.prefix_cache import flux_cache_salt, salted
+    from attention_backends.flux.prefix_cache import flux_cache_salt, salted
 
     assert flux_cache_salt(None, "r1") is None
     assert flux_cache_salt({"mode": "full"}, "r1") is None

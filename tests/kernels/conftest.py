@@ -2,7 +2,7 @@
 
 ``TRITON_INTERPRET`` is read when a ``@triton.jit`` function is defined, so it is set here, at
 import time, before any test module imports the kernels. ``FLUXSERVE_FORCE_TRITON`` routes
-``attention_backends.ops`` to the Triton path for CPU tensors; it is set per test only.
+``attention_backends.kernels.ops`` to the Triton path for CPU tensors; it is set per test only.
 """
 
 import os

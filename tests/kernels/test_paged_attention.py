@@ -9,8 +9,8 @@ import pytest
 import torch
 from kvcache_builder import TOL, build_paged_kv, needs_triton, rel_err
 
-from attention_backends import ops
-from attention_backends import reference as ref
+from attention_backends.kernels import ops
+from attention_backends.kernels import reference as ref
 
 
 def _i32(xs):
@@ -79,7 +79,7 @@ def test_dense_prefill_through_sdpa(dtype):
     """The dense prefill path on torch SDPA: whole prompts, GQA, ragged, sequence ends off
     block boundaries; decode rows are left to the decode kernel; a chunk over a cached prefix
     sends the batch back to the Triton kernel."""
-    from attention_backends.sdpa_prefill import dense_prefill_sdpa
+    from attention_backends.kernels.sdpa_prefill import dense_prefill_sdpa
 
     chunked, q1, qsl1 = _make_inputs(901, dtype, 8, 2, 64, 16, [(70, 70), (100, 37)])
     assert dense_prefill_sdpa(q1, chunked.kv_cache, chunked.block_table, chunked.seq_lens,

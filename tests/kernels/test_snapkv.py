@@ -10,8 +10,8 @@ import pytest
 import torch
 from kvcache_builder import TOL, build_paged_kv, needs_triton, rel_err
 
-from attention_backends import ops
-from attention_backends import reference as ref
+from attention_backends.kernels import ops
+from attention_backends.kernels import reference as ref
 
 
 def _setup(seed, dtype, hq, hkv, d, bs, length, w):

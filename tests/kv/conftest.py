@@ -35,7 +35,7 @@ def llm(model_dir):
             mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
 
-        from kv_policies.engine import SCHEDULER_CLS
+        from kv_policies.vllm_glue.engine import SCHEDULER_CLS
 
         engine = LLM(model=model_dir, dtype="float32", enforce_eager=True,
                      block_size=BLOCK_SIZE, num_gpu_blocks_override=NUM_BLOCKS,

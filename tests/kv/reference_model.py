@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
 
-from kv_policies.base import resolved_options
+from kv_policies.eviction.base import resolved_options
 
 
 class RefLlama:

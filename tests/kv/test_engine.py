@@ -144,7 +144,7 @@ def test_preempted_compressed_request_recomputes(llm, scheduler, ref):
     attention, is compressed again (gap freed again, fresh calibration state) and decodes on."""
     from vllm.inputs import TokensPrompt
 
-    from kv_policies.runtime import get_runtime
+    from kv_policies.eviction.runtime import get_runtime
 
     policy = {"name": "calidrop", "budget": 64, "window": 8, "tau": -1.0}
     prompt = _prompt(500, 41)
@@ -257,7 +257,7 @@ def test_compression_runs_4x_more_long_requests_at_once(llm, scheduler):
 
 
 def test_no_block_leak_after_1000_requests(llm, scheduler):
-    from kv_policies.runtime import get_runtime
+    from kv_policies.eviction.runtime import get_runtime
 
     start = scheduler.kv_policy_stats()
     policies = [None, {"name": "calidrop", "budget": 16, "window": 4},

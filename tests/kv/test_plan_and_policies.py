@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from attention_backends import ops, reference
-from kv_policies.base import SelectionInputs, resolved_options
-from kv_policies.options import POLICY_NAMES, KVPolicyOptions
-from kv_policies.plan import eviction_plan
-from kv_policies.registry import get_policy, policy_names
-from kv_policies.runtime import KVPolicyRuntime
+from attention_backends.kernels import ops, reference
+from kv_policies.eviction.base import SelectionInputs, resolved_options
+from kv_policies.eviction.options import POLICY_NAMES, KVPolicyOptions
+from kv_policies.eviction.plan import eviction_plan
+from kv_policies.eviction.registry import get_policy, policy_names
+from kv_policies.eviction.runtime import KVPolicyRuntime
 
 HQ, HKV, D, BS = 4, 2, 16, 4
 
@@ -216,7 +216,7 @@ def test_ops_paged_attention_masks_the_gap_after_compaction():
 def _manager(num_blocks=64, caching=False):
     from vllm.v1.core.block_pool import BlockPool
 
-    from kv_policies.manager import KVPolicyAttentionSpec, KVPolicyManager, register_spec
+    from kv_policies.vllm_glue.manager import KVPolicyAttentionSpec, KVPolicyManager, register_spec
 
     register_spec()
     spec = KVPolicyAttentionSpec(block_size=BS, num_kv_heads=HKV, head_size=D,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention_backends import ops
-from attention_backends import reference as ref
+from attention_backends.kernels import ops
+from attention_backends.kernels import reference as ref
 
 
 def _paged(lens, hkv, d, bs, dtype, gen):

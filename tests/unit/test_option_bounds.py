@@ -8,9 +8,9 @@ import msgspec
 import pytest
 from pydantic import ValidationError
 
-from attention_backends.options import MAX_LAYERS, FluxOptions
-from kv_policies.options import MAX_POOL_KERNEL, MAX_TOKENS_OPTION, KVPolicyOptions
-from kv_policies.plan import checked_options, eviction_plan, policy_name
+from attention_backends.flux.options import MAX_LAYERS, FluxOptions
+from kv_policies.eviction.options import MAX_POOL_KERNEL, MAX_TOKENS_OPTION, KVPolicyOptions
+from kv_policies.eviction.plan import checked_options, eviction_plan, policy_name
 
 INT64_MAX = 2**63 - 1
 

@@ -6,8 +6,8 @@ import pytest
 from pydantic import ValidationError
 from vllm.exceptions import VLLMValidationError
 
-from attention_backends.options import FluxOptions
-from kv_policies.options import KVPolicyOptions
+from attention_backends.flux.options import FluxOptions
+from kv_policies.eviction.options import KVPolicyOptions
 from server.schemas import ChatRequest, CompletionsRequest
 
 MESSAGES = [{"role": "user", "content": "hi"}]

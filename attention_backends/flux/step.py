@@ -1,0 +1,109 @@
+"""The routing part of a step's attention metadata, built and updated by the Flux code only.
+
+``build_routing_step`` turns the step's rows (request ids in batch order, prompt lengths, tokens
+computed so far, ``extra_args``) and the request registry into a ``RoutingStep``:
+
+- ``sparse [num_layers, num_rows]`` bool: the decision of every (layer, request) pair; rows of
+  ``auto`` requests being routed in this step start False and get their decision from
+  ``flux.routing.route_layer`` during the forward, each layer before its attention runs
+  (``set_decisions``).
+- ``sink`` / ``window [num_rows]`` int32: the request's SA shape (used where ``sparse``).
+- ``route_rows``: the rows routed in this step, with their query-token span in the batch.
+
+A row beyond the given rows (padding, dummy/profile runs) is full attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from attention_backends.flux.request_state import BatchRow, FluxRegistry
+
+
+@dataclass
+class RouteRow:
+    row: int
+    req_id: str
+    q_start: int
+    q_len: int
+
+
+@dataclass
+class RoutingStep:
+    req_ids: list[str | None]
+    sparse: torch.Tensor  # [L, R] bool, CPU
+    sink: torch.Tensor  # [R] int32, CPU
+    window: torch.Tensor  # [R] int32, CPU
+    route_rows: list[RouteRow]
+    num_layers: int
+    prompt_done: list[bool] = field(default_factory=list)  # prompt completes in this step
+    _device_windows: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def any_sparse(self, layer: int) -> bool:
+        return bool(self.sparse[layer].any())
+
+    def layer_window(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sink, window)`` int32 on ``device`` for this layer: window 0 (= full) on FA rows."""
+        if not self.route_rows:
+            # Every decision is known before the forward: copy all layers' masks to the device
+            # once per step rather than once per layer (a host-to-device copy each).
+            if self._device_windows is None or self._device_windows[0].device != device:
+                self._device_windows = tuple(
+                    torch.where(self.sparse, t[None], torch.zeros_like(t)[None]).to(device)
+                    for t in (self.sink, self.window))
+            return self._device_windows[0][layer], self._device_windows[1][layer]
+        # Rows routed in this step get their decision layer by layer during the forward.
+        w = torch.where(self.sparse[layer], self.window, torch.zeros_like(self.window))
+        s = torch.where(self.sparse[layer], self.sink, torch.zeros_like(self.sink))
+        return s.to(device), w.to(device)
+
+    def set_decisions(self, layer: int, sparse: Sequence[bool]) -> None:
+        """Record the router's decisions for ``route_rows`` (in order) at ``layer``, so that this
+        layer's attention, later in the same forward, already uses them."""
+        for rr, sp in zip(self.route_rows, sparse, strict=True):
+            self.sparse[layer, rr.row] = sp
+
+
+def build_routing_step(num_rows: int, query_start_loc: Sequence[int],
+                       rows: Sequence[BatchRow | None], registry: FluxRegistry,
+                       num_layers: int) -> RoutingStep:
+    """The step's routing metadata. ``query_start_loc [num_rows + 1]`` host ints; ``rows`` in
+    batch order (None or missing: padding). Creates the registry entry of a request the first
+    time it is seen (from ``extra_args["flux"]``)."""
+    qsl = query_start_loc
+    req_ids: list[str | None] = []
+    # Python lists, turned into tensors once at the end: per-element tensor writes cost
+    # microseconds each, and this runs every step for every request.
+    sink_l = [0] * num_rows
+    window_l = [0] * num_rows
+    known: list[tuple[int, torch.Tensor]] = []  # rows whose per-layer decisions are fixed
+    route_rows: list[RouteRow] = []
+    prompt_done: list[bool] = []
+    for i in range(num_rows):
+        r = rows[i] if i < len(rows) else None
+        if r is None:
+            req_ids.append(None)
+            prompt_done.append(False)
+            continue
+        st = registry.resolve(r.req_id, r.extra_args, r.prompt_len, num_layers)
+        req_ids.append(r.req_id)
+        q_len = qsl[i + 1] - qsl[i]
+        done = r.num_computed < r.prompt_len <= r.num_computed + q_len
+        prompt_done.append(done)
+        if done and st.prefill_done_at is None:
+            st.prompt_done_pending = True
+        sink_l[i] = st.sink
+        window_l[i] = st.window
+        if st.sparse is not None:
+            known.append((i, st.sparse))
+        elif q_len > 0:
+            route_rows.append(RouteRow(i, r.req_id, qsl[i], q_len))
+    sparse = torch.zeros(num_layers, num_rows, dtype=torch.bool)
+    if known:
+        sparse[:, [i for i, _ in known]] = torch.stack([col for _, col in known], 1)
+    sink = torch.tensor(sink_l, dtype=torch.int32)
+    window = torch.tensor(window_l, dtype=torch.int32)
+    return RoutingStep(req_ids, sparse, sink, window, route_rows, num_layers, prompt_done)

@@ -1,0 +1,267 @@
+"""Float32 PyTorch references for the attention kernels.
+
+These functions define what the Triton kernels compute and are also the CPU path of
+``attention_backends.kernels.ops``. They are written for clarity first, but vectorised: loops run
+over sequences, KV heads and chunks of queries, never over single tokens.
+
+Paged KV layout: ``kv_cache[num_blocks, num_kv_heads, block_size, 2 * head_size]``; K is
+``[..., :D]`` and V is ``[..., D:]``. Slot ``j`` of sequence ``s`` lives in physical block
+``block_table[s, j // block_size]`` at offset ``j % block_size``.
+
+Visibility of key slot ``j`` for the query at slot ``p`` of sequence ``s``::
+
+    j <= p
+    and (j < kept_end[s] or j >= gap_end[s])
+    and (window[s] <= 0 or j < sink[s] or j > p - window[s])
+
+Slots in ``[kept_end, gap_end)`` belong to freed blocks: their block-table entries are stale and
+nothing here ever reads them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Queries handled at once by the reference paged attention (bounds the score matrix size).
+_REF_Q_CHUNK = 256
+
+
+def _per_seq(x: Tensor | None, num_seqs: int) -> list[int]:
+    if x is None:
+        return [0] * num_seqs
+    return [int(v) for v in x.tolist()]
+
+
+def visible_mask(pos: Tensor, cols: Tensor, sink: int, window: int, kept_end: int,
+                 gap_end: int) -> Tensor:
+    """Boolean ``[len(pos), len(cols)]``: is key slot ``cols[c]`` visible to query ``pos[r]``."""
+    p = pos[:, None]
+    j = cols[None, :]
+    m = j <= p
+    m &= (j < kept_end) | (j >= gap_end)
+    if window > 0:
+        m &= (j < sink) | (j > p - window)
+    return m
+
+
+def visible_union(p_lo: int, p_hi: int, sink: int, window: int, kept_end: int,
+                  gap_end: int) -> Tensor:
+    """Slots visible to at least one query at slots ``p_lo .. p_hi - 1`` (int64, ascending)."""
+    j = torch.arange(p_hi, dtype=torch.int64)
+    keep = (j < kept_end) | (j >= gap_end)
+    if window > 0:
+        keep &= (j < sink) | (j > p_lo - window)
+    return j[keep]
+
+
+def gather_kv(kv_cache: Tensor, block_row: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+    """K and V of the given slots as contiguous float32 ``[Hkv, n, D]`` each."""
+    bs = kv_cache.shape[2]
+    d = kv_cache.shape[3] // 2
+    slots = slots.to(torch.int64)
+    # whole blocks first (one index_select), then the slots within them: much cheaper on the
+    # CPU than indexing every slot of the paged cache by advanced indexing
+    blocks, rank = torch.unique(torch.div(slots, bs, rounding_mode="floor"), return_inverse=True)
+    kv = torch.index_select(kv_cache, 0, block_row.to(torch.int64)[blocks])  # [nb, Hkv, bs, 2D]
+    kv = kv.transpose(0, 1).reshape(kv.shape[1], blocks.numel() * bs, kv.shape[3])
+    kv = kv.index_select(1, rank * bs + slots % bs).to(torch.float32)
+    return kv[..., :d].contiguous(), kv[..., d:].contiguous()
+
+
+def lse_merge(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> Tensor:
+    """Merge two softmax-normalised partial outputs by their log-sum-exps (natural log).
+
+    ``o*`` are ``[..., D]``, ``lse*`` are ``[...]``. A side with ``lse = -inf`` contributes
+    nothing; if both are ``-inf`` the result is 0.
+    """
+    m = torch.maximum(lse1, lse2)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w1 = torch.exp(lse1 - m)
+    w2 = torch.exp(lse2 - m)
+    den = w1 + w2
+    num = o1 * w1[..., None] + o2 * w2[..., None]
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    return torch.where((den > 0)[..., None], num / safe[..., None], torch.zeros_like(num))
+
+
+def masked_softmax_attention(scores: Tensor, mask: Tensor | None, v: Tensor
+                             ) -> tuple[Tensor, Tensor]:
+    """``softmax(scores masked) @ v`` and the log-sum-exp of the visible scores.
+
+    ``scores [..., n, k]``, ``mask`` broadcastable to it (None: every key visible),
+    ``v [..., k, D]``. Rows with no visible key give output 0 and lse ``-inf``.
+    """
+    s = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    p = torch.exp(s - safe_lse[..., None])  # exp(-inf) = 0 on masked keys and empty rows
+    return p @ v, lse
+
+
+def cosine(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:
+    """Cosine similarity along the last dim, in float32."""
+    a = a.to(torch.float32)
+    b = b.to(torch.float32)
+    num = (a * b).sum(-1)
+    den = torch.sqrt((a * a).sum(-1) * (b * b).sum(-1))
+    return num / torch.clamp(den, min=eps)
+
+
+def paged_attention_ref(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
+                        query_start_loc: Tensor, scale: float, *, sink: Tensor | None = None,
+                        window: Tensor | None = None, kept_end: Tensor | None = None,
+                        gap_end: Tensor | None = None, calibration=None,
+                        out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Paged varlen attention with sink/window/gap masks and optional calibration (float32).
+
+    See ``attention_backends.kernels.ops.paged_attention`` for the contract.
+    """
+    t_total, hq, d = q.shape
+    hkv = kv_cache.shape[1]
+    g = hq // hkv
+    num_seqs = seq_lens.shape[0]
+    lens = _per_seq(seq_lens, num_seqs)
+    qsl = [int(v) for v in query_start_loc.tolist()]
+    sinks = _per_seq(sink, num_seqs)
+    windows = _per_seq(window, num_seqs)
+    kept_ends = _per_seq(kept_end, num_seqs)
+    gap_ends = _per_seq(gap_end, num_seqs)
+
+    res = torch.zeros(t_total, hq, d, dtype=torch.float32, device=q.device)
+    hits = None
+    if calibration is not None:
+        hits = torch.zeros(t_total, hq, dtype=torch.bool, device=q.device)
+        enabled = calibration.enabled.tolist()
+
+    for s in range(num_seqs):
+        q_len = qsl[s + 1] - qsl[s]
+        if q_len <= 0:
+            continue
+        ctx = lens[s] - q_len
+        row_table = block_table[s]
+        for c0 in range(0, q_len, _REF_Q_CHUNK):
+            c1 = min(q_len, c0 + _REF_Q_CHUNK)
+            t0, t1 = qsl[s] + c0, qsl[s] + c1
+            cols = visible_union(ctx + c0, ctx + c1, sinks[s], windows[s], kept_ends[s],
+                                 gap_ends[s]).to(q.device)
+            k, v = gather_kv(kv_cache, row_table, cols)  # [Hkv, n, D]
+            n_q = c1 - c0
+            if n_q == 1:  # a single query sees all of the union of what it can see
+                mask = None
+            else:
+                pos = torch.arange(ctx + c0, ctx + c1, dtype=torch.int64, device=q.device)
+                mask = visible_mask(pos, cols, sinks[s], windows[s], kept_ends[s], gap_ends[s])
+                mask = mask.repeat(g, 1)  # rows ordered (G, n_q), as in qc below
+            # the G query heads of a KV head as extra rows: one plain batched matmul per KV head
+            qc = q[t0:t1].to(torch.float32).reshape(n_q, hkv, g, d).permute(1, 2, 0, 3)
+            qc = qc.reshape(hkv, g * n_q, d)
+            scores = (qc @ k.transpose(-1, -2)) * scale  # [Hkv, G * n_q, n_k]
+            o, lse = masked_softmax_attention(scores, mask, v)
+            o = o.reshape(hkv, g, n_q, d).permute(2, 0, 1, 3).reshape(n_q, hq, d)
+            lse = lse.reshape(hkv, g, n_q).permute(2, 0, 1).reshape(n_q, hq)
+            if calibration is not None and enabled[s]:
+                cos = cosine(q[t0:t1], calibration.q_ref[s][None])  # [n_q, Hq]
+                hit = cos >= float(calibration.tau_of(s))
+                merged = lse_merge(o, lse, calibration.o_e[s][None].to(torch.float32),
+                                   calibration.lse_e[s][None].to(torch.float32))
+                o = torch.where(hit[..., None], merged, o)
+                hits[t0:t1] = hit
+            res[t0:t1] = o
+
+    if out is None:
+        out = torch.empty(t_total, hq, d, dtype=q.dtype, device=q.device)
+    out.copy_(res)
+    return out, hits
+
+
+# ----------------------------------------------------------------------------- SnapKV / CaliDrop
+
+
+def snapkv_scores_ref(q_obs: Tensor, kv_cache: Tensor, block_row: Tensor, prompt_len: int,
+                      scale: float, pool_kernel: int) -> Tensor:
+    """Per-KV-head SnapKV scores ``[Hkv, prompt_len]`` float32.
+
+    Softmax (causal) of the observation queries over the prompt keys, summed over the queries,
+    max-pooled along positions per query head, then summed over each GQA group.
+    """
+    w, hq, d = q_obs.shape
+    hkv = kv_cache.shape[1]
+    g = hq // hkv
+    dev = q_obs.device
+    slots = torch.arange(prompt_len, dtype=torch.int64, device=dev)
+    pos = torch.arange(prompt_len - w, prompt_len, dtype=torch.int64, device=dev)
+    causal = slots[None, :] <= pos[:, None]  # [w, L]
+    k, _ = gather_kv(kv_cache, block_row, slots)  # [Hkv, L, D]
+    per_qhead = torch.empty(hq, prompt_len, dtype=torch.float32, device=dev)
+    for h in range(hkv):
+        qh = q_obs[:, h * g:(h + 1) * g].to(torch.float32).permute(1, 0, 2)  # [G, w, D]
+        scores = (qh @ k[h].T) * scale  # [G, w, L]
+        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        per_qhead[h * g:(h + 1) * g] = probs.sum(dim=1)
+    pooled = max_pool_same(per_qhead, pool_kernel)
+    return pooled.reshape(hkv, g, prompt_len).sum(dim=1)
+
+
+def max_pool_same(x: Tensor, kernel: int) -> Tensor:
+    """1-D max pool along the last dim, stride 1, padding ``kernel // 2``, same length."""
+    if kernel <= 1:
+        return x
+    n = x.shape[-1]
+    pooled = F.max_pool1d(x[:, None, :], kernel_size=kernel, stride=1, padding=kernel // 2)
+    return pooled[:, 0, :n]
+
+
+def select_kept(scores: Tensor, budget: int, window: int) -> Tensor:
+    """Kept slots per KV head, ``[Hkv, budget]`` int64 ascending.
+
+    Top ``budget - window`` scores among positions ``[0, L - window)`` plus all of the last
+    ``window`` positions. Requires ``window < budget < L`` (the caller skips eviction when the
+    prompt already fits the budget).
+    """
+    hkv, length = scores.shape
+    if not 0 <= window < budget:
+        raise ValueError(f"select_kept needs 0 <= window < budget (window={window}, "
+                         f"budget={budget})")
+    if budget >= length:
+        raise ValueError(f"select_kept needs budget < prompt length (budget={budget}, "
+                         f"length={length}); nothing to evict")
+    top = torch.topk(scores[:, :length - window], budget - window, dim=-1).indices
+    tail = torch.arange(length - window, length, device=scores.device, dtype=top.dtype)
+    kept = torch.cat([top, tail.expand(hkv, window)], dim=-1)
+    return torch.sort(kept, dim=-1).values
+
+
+def evicted_partial_ref(q_ref: Tensor, kv_cache: Tensor, block_row: Tensor, kept_idx: Tensor,
+                        prompt_len: int, scale: float) -> tuple[Tensor, Tensor]:
+    """Attention of ``q_ref [Hq, D]`` over the prompt slots NOT kept for its KV head.
+
+    Returns ``(o_e [Hq, D] float32, lse_e [Hq] float32)``; ``lse_e = -inf`` and ``o_e = 0`` where
+    nothing was evicted.
+    """
+    hq, d = q_ref.shape
+    hkv = kv_cache.shape[1]
+    g = hq // hkv
+    dev = q_ref.device
+    slots = torch.arange(prompt_len, dtype=torch.int64, device=dev)
+    k, v = gather_kv(kv_cache, block_row, slots)
+    evicted = torch.ones(hkv, prompt_len, dtype=torch.bool, device=dev)
+    evicted.scatter_(1, kept_idx.to(torch.int64), False)
+    qh = q_ref.to(torch.float32).reshape(hkv, g, d)
+    scores = (qh @ k.transpose(-1, -2)) * scale  # [Hkv, G, L]
+    o, lse = masked_softmax_attention(scores, evicted[:, None, :], v)
+    return o.reshape(hq, d), lse.reshape(hq)
+
+
+def compact_kv_ref(kv_cache: Tensor, block_row: Tensor, kept_idx: Tensor) -> None:
+    """In place: for KV head h, slot j (j < budget) <- old slot ``kept_idx[h, j]``."""
+    hkv, budget = kept_idx.shape
+    bs = kv_cache.shape[2]
+    row = block_row.to(torch.int64)
+    src = kept_idx.to(torch.int64)
+    heads = torch.arange(hkv, device=kv_cache.device)[:, None].expand(hkv, budget)
+    dst = torch.arange(budget, device=kv_cache.device)[None, :].expand(hkv, budget)
+    moved = kv_cache[row[src // bs], heads, src % bs].clone()  # gather before any write
+    kv_cache[row[dst // bs], heads, dst % bs] = moved
+

@@ -1,0 +1,115 @@
+"""GPU attention backend (``--attention-backend CUSTOM``): every layer through our Triton kernel.
+
+Same KV layout as our CPU backend (``[num_blocks, num_kv_heads, block_size, 2 * head_size]``,
+K then V on the last dim), same per-step metadata (``StepMetadata``), same op:
+``ops.paged_attention`` with per-row ``sink``/``window`` for the layer (``window = 0`` on
+full-attention rows), so full and
+sparse rows of one batch run in one kernel launch. KV writes are a scatter on the slot mapping.
+
+Needs vLLM's V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``): the routing hooks wrap it.
+Prefill routing runs Python per step, so run with ``enforce_eager`` or with piecewise CUDA
+graphs that split at attention (vLLM's default); our routing op is opaque to torch.compile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+)
+from vllm.v1.kv_cache_layout import KVCacheLayout
+
+from attention_backends.vllm_glue.attention import run_attention, write_kv
+from attention_backends.vllm_glue.metadata import StepMetadata, step_metadata_for
+
+
+@dataclass
+class FluxGPUMetadata:
+    num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    step: StepMetadata | None
+
+
+class FluxGPUMetadataBuilder(AttentionMetadataBuilder[FluxGPUMetadata]):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.vllm_config = vllm_config
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> FluxGPUMetadata:
+        cm = common_attn_metadata
+        return FluxGPUMetadata(
+            num_actual_tokens=cm.num_actual_tokens, max_query_len=cm.max_query_len,
+            max_seq_len=cm.max_seq_len, query_start_loc=cm.query_start_loc,
+            seq_lens=cm.seq_lens, block_table=cm.block_table_tensor,
+            slot_mapping=cm.slot_mapping, step=step_metadata_for(cm, self.vllm_config),
+        )
+
+
+class FluxGPUAttentionImpl(AttentionImpl):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 alibi_slopes=None, sliding_window=None, kv_cache_dtype: str = "auto",
+                 logits_soft_cap=None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name=None, **kwargs) -> None:
+        if alibi_slopes is not None or sliding_window is not None or logits_soft_cap:
+            raise NotImplementedError("CUSTOM (fluxserve) backend: no alibi/sliding window/"
+                                      "softcap models")
+        if attn_type != AttentionType.DECODER:
+            raise NotImplementedError("CUSTOM (fluxserve) backend: decoder attention only")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        write_kv(key, value, kv_cache, slot_mapping)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization")
+        if attn_metadata is None:  # profiling run
+            return output
+        return run_attention(layer, query, kv_cache, attn_metadata, self.scale, output)
+
+
+class FluxGPUAttentionBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16,
+                                                      torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type[FluxGPUAttentionImpl]:
+        return FluxGPUAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[FluxGPUMetadataBuilder]:
+        return FluxGPUMetadataBuilder
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return [64, 80, 96, 128, 256]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        return (KVCacheLayout.LBHNC,)

@@ -1,0 +1,84 @@
+"""Per-step metadata of the fluxserve backends (CPU and GPU alike), composed from its owners' parts.
+
+- ``routing``: a ``flux.step.RoutingStep``, built by the Flux code (and updated by it during the
+  forward, when ``auto`` requests are routed);
+- ``eviction``: a ``kv_policies.eviction.step.EvictionStep``, built by the KV-policy code;
+- what the attention kernel needs from both: ``max_kv_tokens`` and the host ``query_start_loc``.
+
+The model runner's hook (``vllm_private``) publishes the step's rows (``publish_batch``) just
+before vLLM builds the attention metadata, because vLLM's metadata builders only see
+``CommonAttentionMetadata``, which has no request ids; the builders read them back
+(``step_metadata_for``). Both run in the worker, one step at a time, so a module-level slot is
+enough.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from attention_backends.flux.request_state import BatchRow, FluxRegistry, get_registry
+from attention_backends.flux.step import RoutingStep, build_routing_step
+from kv_policies.eviction.runtime import KVPolicyRuntime, get_runtime
+from kv_policies.eviction.step import EvictionStep, build_eviction_step
+
+
+@dataclass
+class StepMetadata:
+    routing: RoutingStep
+    eviction: EvictionStep
+    # per layer, an upper bound on the keys any row sees (host ints): sizes the split-KV grid
+    max_kv_tokens: list[int]
+    # the step's query_start_loc as host ints (reading the device tensor would sync)
+    query_start_loc: list[int]
+
+
+def build_step_metadata(num_rows: int, query_start_loc_cpu: torch.Tensor,
+                        rows: Sequence[BatchRow | None], registry: FluxRegistry,
+                        num_layers: int, block_size: int | None = None,
+                        runtime: KVPolicyRuntime | None = None) -> StepMetadata:
+    """The step's metadata. ``query_start_loc_cpu [num_rows + 1]`` int32 on the host; ``rows``
+    in batch order (None or missing: padding); ``block_size`` None: no KV eviction."""
+    qsl = query_start_loc_cpu.tolist()
+    routing = build_routing_step(num_rows, qsl, rows, registry, num_layers)
+    eviction = build_eviction_step(num_rows, qsl, rows, block_size,
+                                   runtime if runtime is not None else get_runtime())
+    return StepMetadata(routing, eviction, _max_kv_tokens(rows, qsl, num_rows, routing, eviction),
+                        qsl)
+
+
+def _max_kv_tokens(rows: Sequence[BatchRow | None], qsl: list[int], num_rows: int,
+                   routing: RoutingStep, eviction: EvictionStep) -> list[int]:
+    """Per layer, the most keys any row can see: seq_len, or sink + window + q_len on sparse
+    rows, or kept + tail on compressed rows. Rows still to be routed count as full, so the bound
+    holds whatever the routers decide."""
+    q_lens = [qsl[i + 1] - qsl[i] for i in range(num_rows)]
+    seq = torch.tensor([rows[i].num_computed + q_lens[i]
+                        if i < len(rows) and rows[i] is not None else 0
+                        for i in range(num_rows)], dtype=torch.int64)
+    q_len = torch.tensor(q_lens, dtype=torch.int64)
+    full = seq
+    if eviction.kept_end is not None:
+        kept_end, gap_end = eviction.kept_end, eviction.gap_end
+        full = torch.where(kept_end > 0, torch.minimum(seq, kept_end + seq - gap_end), seq)
+    sa = torch.minimum(full, routing.sink.long() + routing.window.long() + q_len)
+    bounds = torch.where(routing.sparse, sa[None], full[None])  # [layers, rows]
+    return bounds.amax(1).tolist() if num_rows else [0] * routing.sparse.shape[0]
+
+
+_BATCH: list[BatchRow | None] | None = None
+
+
+def publish_batch(rows: list[BatchRow | None] | None) -> None:
+    """Set (or clear, with None) the rows of the step whose metadata is being built."""
+    global _BATCH
+    _BATCH = rows
+
+
+def step_metadata_for(cm, vllm_config) -> StepMetadata:
+    """The step's ``StepMetadata`` from vLLM's ``CommonAttentionMetadata`` (both backends)."""
+    layers = int(vllm_config.model_config.hf_text_config.num_hidden_layers)
+    return build_step_metadata(cm.num_reqs, cm.query_start_loc_cpu, _BATCH or [], get_registry(),
+                               layers, vllm_config.cache_config.block_size)

@@ -1,0 +1,377 @@
+"""Every private vLLM name fluxserve depends on, checked against the installed vLLM, and the hooks
+installed on them.
+
+vLLM has no public extension point for what these do, so they are the part of fluxserve that a
+vLLM upgrade can break. ``PRIVATE_HOOKS`` lists each one; when the vLLM module that defines it is
+imported (in whichever process imports it), ``check_hook`` verifies that the name still exists
+with the parameters we rely on (``inspect.signature``) and raises ``PrivateAPIError`` naming the
+installed vLLM version if not, before anything is patched. The hooks, each calling the original
+unchanged:
+
+- ``GPUModelRunner._update_states`` (wrapped; the CPU runner inherits it): release the Flux and
+  eviction state of finished/aborted requests (and the eviction state of preempted ones), close
+  the prefill timers of requests whose prompt completed last step.
+- ``GPUModelRunner._build_attention_metadata`` (wrapped): publish the step's rows (request ids in
+  batch order, prompt lengths, computed tokens, ``extra_args``) for the backends' metadata
+  builders (``metadata.publish_batch``).
+- ``GPUModelRunner.load_model`` / ``CPUModelRunner.load_model`` (wrapped): for a stock model
+  started with a standalone router (``additional_config={"flux_router": PATH}``), load the
+  router and install routing.
+- ``GPUModelRunner._sample`` / ``_bookkeeping_sync`` (wrapped; the CPU runner inherits them):
+  seeded sampling with chunked prefill on CPU (see the sampling section below).
+- ``InputProcessor.process_inputs`` (wrapped, API process): salt the prefix cache by the
+  request's Flux options (``flux.prefix_cache``).
+- ``Scheduler._free_blocks`` (overridden by ``kv_policies.vllm_glue.scheduler``): observe the
+  blocks a request holds when it finishes, drop its eviction plan.
+- ``SingleTypeKVCacheManager._remove_blocks_in_range`` (called by
+  ``kv_policies.vllm_glue.manager``): free an evicted request's gap blocks.
+
+The model runner is only imported by worker processes (it costs seconds), so hooks are installed
+right after the module that defines them is imported (``_AfterImport``), never by importing it.
+``install()`` is called by the plugin in every process; it is idempotent.
+
+Adding a hook: one ``PrivateHook`` entry, and for a wrap one ``(owner, name, make)`` entry in
+``_WRAPS`` with its ``make(orig) -> wrapper`` function (see the sampling section below).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.util
+import inspect
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from attention_backends.flux import metrics
+from attention_backends.flux.prefix_cache import request_cache_salt
+from attention_backends.flux.request_state import BatchRow, get_registry
+from attention_backends.flux.router import load_router_file
+from attention_backends.vllm_glue import metadata
+from attention_backends.vllm_glue.routing_hooks import attach_routers, install_routing
+from kv_policies.eviction.runtime import get_runtime as get_kv_runtime
+
+logger = logging.getLogger(__name__)
+
+TESTED_VLLM = "0.32.0"
+
+_GPU_RUNNER = "vllm.v1.worker.gpu_model_runner"
+_CPU_RUNNER = "vllm.v1.worker.cpu_model_runner"
+_INPUT = "vllm.v1.engine.input_processor"
+_SCHEDULER = "vllm.v1.core.sched.scheduler"
+_KV_MANAGER = "vllm.v1.core.single_type_kv_cache_manager"
+
+
+@dataclass(frozen=True)
+class PrivateHook:
+    """A private vLLM attribute ``module.owner.name`` that fluxserve wraps, overrides or calls.
+
+    ``params``: the parameter names it must start with, in order (ours pass the rest through).
+    ``own_only``: checked only when ``owner`` defines it itself (a subclass override we wrap).
+    """
+
+    module: str
+    owner: str
+    name: str
+    params: tuple[str, ...]
+    use: str
+    own_only: bool = False
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module}.{self.owner}.{self.name}"
+
+
+PRIVATE_HOOKS: tuple[PrivateHook, ...] = (
+    PrivateHook(_GPU_RUNNER, "GPUModelRunner", "_update_states", ("self", "scheduler_output"),
+                "wrapped: release finished/preempted requests' Flux and eviction state"),
+    PrivateHook(_GPU_RUNNER, "GPUModelRunner", "_build_attention_metadata",
+                ("self", "num_tokens", "num_reqs", "max_query_len"),
+                "wrapped: publish the step's rows for the attention metadata builders"),
+    PrivateHook(_GPU_RUNNER, "GPUModelRunner", "load_model", ("self", "load_dummy_weights"),
+                "wrapped: load a standalone Flux router"),
+    PrivateHook(_CPU_RUNNER, "CPUModelRunner", "load_model", ("self", "load_dummy_weights"),
+                "wrapped: load a standalone Flux router (the CPU runner overrides it)",
+                own_only=True),
+    PrivateHook(_INPUT, "InputProcessor", "process_inputs",
+                ("self", "request_id", "prompt", "params"),
+                "wrapped: salt the prefix cache by the request's Flux options"),
+    PrivateHook(_SCHEDULER, "Scheduler", "_free_blocks", ("self", "request"),
+                "overridden by kv_policies.vllm_glue.scheduler: KV bytes held, drop the plan"),
+    PrivateHook(_KV_MANAGER, "SingleTypeKVCacheManager", "_remove_blocks_in_range",
+                ("self", "request_id", "first_block", "last_block"),
+                "called by kv_policies.vllm_glue.manager: free an evicted request's gap"),
+    PrivateHook(_GPU_RUNNER, "GPUModelRunner", "_sample",
+                ("self", "logits", "spec_decode_metadata"),
+                "wrapped: keep a CPU generator's state across a discarded partial-prefill sample"),
+    PrivateHook(_GPU_RUNNER, "GPUModelRunner", "_bookkeeping_sync",
+                ("self", "scheduler_output", "sampler_output"),
+                "wrapped: hide CPU generators from vLLM's CUDA-only offset rewind"),
+)
+
+
+class PrivateAPIError(RuntimeError):
+    """The installed vLLM lacks a private name fluxserve hooks, or its signature changed."""
+
+
+def _vllm_version() -> str:
+    try:
+        from vllm import __version__
+    except ImportError:
+        return "unknown"
+    return __version__
+
+
+def check_hook(hook: PrivateHook, owner: type | None) -> None:
+    """Raise ``PrivateAPIError`` unless ``owner`` (None: missing) has ``hook.name`` whose
+    parameters start with ``hook.params``."""
+    where = (f"fluxserve hooks vLLM's private {hook.qualname} ({hook.use}); the installed vLLM "
+             f"{_vllm_version()} (fluxserve is tested with {TESTED_VLLM})")
+    attr = getattr(owner, hook.name, None) if owner is not None else None
+    if attr is None:
+        raise PrivateAPIError(f"{where} has no such attribute. Install vLLM {TESTED_VLLM} or "
+                              f"port {__name__} to this version.")
+    if hook.own_only and hook.name not in owner.__dict__:
+        return
+    try:
+        names = tuple(inspect.signature(attr).parameters)
+    except (TypeError, ValueError) as e:
+        raise PrivateAPIError(f"{where}: its signature cannot be read ({e}).") from e
+    if names[:len(hook.params)] != hook.params:
+        raise PrivateAPIError(
+            f"{where} has parameters {names}, expected them to start with {hook.params}. "
+            f"Install vLLM {TESTED_VLLM} or port {__name__} to this version.")
+
+
+def check_module(module_name: str) -> None:
+    """Check every hook defined in ``module_name`` (which must be imported)."""
+    module = sys.modules[module_name]
+    for hook in PRIVATE_HOOKS:
+        if hook.module == module_name:
+            check_hook(hook, getattr(module, hook.owner, None))
+
+
+# ------------------------------------------------------------------ the hooks' bodies
+
+
+def _release_finished(runner, scheduler_output) -> None:
+    reg = get_registry()
+    now = time.monotonic()
+    # Requests whose prompt completed in the previous step: their prefill ends here.
+    for st in reg.states.values():
+        if st.prefill_done_at is None and st.prompt_done_pending:
+            st.prefill_done_at = now
+            metrics.observe_prefill(st, now - st.created)
+    kv = get_kv_runtime()
+    for req_id in getattr(scheduler_output, "finished_req_ids", ()) or ():
+        st = reg.release(req_id)
+        if st is not None:
+            metrics.observe_finished(st, now)
+        kv.release(req_id)
+    # A preempted request recomputes its prompt with full attention and is compressed again
+    # when the recompute passes the prompt's end: calibration state kept across the preemption
+    # would be merged into the recompute's attention. Its routing decision stays.
+    for req_id in getattr(scheduler_output, "preempted_req_ids", ()) or ():
+        kv.release(req_id)
+
+
+def _batch_rows(runner) -> list[BatchRow | None]:
+    ib = runner.input_batch
+    rows: list[BatchRow | None] = []
+    for i, req_id in enumerate(ib.req_ids):
+        st = runner.requests.get(req_id) if req_id is not None else None
+        if st is None:
+            rows.append(None)
+            continue
+        sp = getattr(st, "sampling_params", None)
+        rows.append(BatchRow(req_id, st.num_prompt_tokens, int(ib.num_computed_tokens_cpu[i]),
+                             getattr(sp, "extra_args", None) if sp is not None else None))
+    return rows
+
+
+def _load_standalone_router(runner) -> None:
+    cfg = getattr(runner.vllm_config, "additional_config", None) or {}
+    reg = get_registry()
+    default = cfg.get("flux_default") if isinstance(cfg, dict) else None
+    if default:
+        reg.default_options = dict(default)
+    path = cfg.get("flux_router") if isinstance(cfg, dict) else None
+    if not path:
+        return
+    if reg.has_router:
+        logger.warning("flux_router %s ignored: the checkpoint ships its own routers", path)
+        return
+    routers, spec = load_router_file(path)
+    dev = next(runner.model.parameters()).device
+    routers = {i: r.to(dev) for i, r in routers.items()}
+    attach_routers(runner.model, routers)
+    n = install_routing(runner.model)
+    if n != len(routers):
+        raise ValueError(f"flux_router {path}: {len(routers)} routers for a {n}-layer model")
+    reg.set_routers(routers, spec)
+    logger.info("Loaded Flux router %s (%d layers, pool %d)", path, n, spec.pool_size)
+
+
+def _make_update_states(orig):
+    def _update_states(self, scheduler_output, *a, **kw):
+        _release_finished(self, scheduler_output)
+        return orig(self, scheduler_output, *a, **kw)
+    return _update_states
+
+
+def _make_build_attention_metadata(orig):
+    def _build_attention_metadata(self, *a, **kw):
+        metadata.publish_batch(_batch_rows(self))
+        try:
+            return orig(self, *a, **kw)
+        finally:
+            metadata.publish_batch(None)
+    return _build_attention_metadata
+
+
+def _make_load_model(orig):
+    def load_model(self, *a, **kw):
+        out = orig(self, *a, **kw)
+        _load_standalone_router(self)
+        return out
+    return load_model
+
+
+def _make_process_inputs(orig):
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        req = orig(self, request_id, prompt, params, *args, **kwargs)
+        req.cache_salt = request_cache_salt(req.cache_salt, getattr(params, "extra_args", None),
+                                            request_id)
+        return req
+    return process_inputs
+
+
+# -- sampling: seeded sampling (``SamplingParams.seed``) with chunked prefill on CPU.
+#
+# vLLM samples every row of a step, then discards the token of a request whose prompt is only
+# partially prefilled and rewinds that request's generator in ``_bookkeeping_sync`` with
+# ``gen.set_offset(gen.get_offset() - 4)``: Philox offsets, which only CUDA generators have. A CPU
+# generator (Mersenne Twister) raises ``RuntimeError: CPU Generator does not use offset`` and the
+# engine dies (stock vLLM 0.32 on CPU too). For CPU generators we instead save the full generator
+# state before ``_sample`` and restore it after, and hide them from the offset rewind; CUDA
+# generators keep vLLM's path. A request's random stream thus advances only on the steps that
+# keep its token, so the same seed gives the same text however the prompt is chunked.
+
+
+def _discarded_cpu_generators(runner) -> dict[int, object]:
+    """Batch row -> CPU ``torch.Generator`` of the seeded requests whose token this step
+    samples and then discards (a partially prefilled prompt)."""
+    gens = runner.input_batch.generators
+    if not gens:
+        return {}
+    mask = runner.discard_request_mask.np[:runner.input_batch.num_reqs]
+    return {i: g for i, g in gens.items()
+            if i < len(mask) and mask[i] and g.device.type == "cpu"}
+
+
+def _make_sample(orig):
+    def _sample(self, *a, **kw):
+        saved = [(g, g.get_state()) for g in _discarded_cpu_generators(self).values()]
+        out = orig(self, *a, **kw)
+        for gen, state in saved:
+            gen.set_state(state)
+        return out
+    return _sample
+
+
+def _make_bookkeeping_sync(orig):
+    def _bookkeeping_sync(self, *a, **kw):
+        skip = _discarded_cpu_generators(self)
+        if not skip:
+            return orig(self, *a, **kw)
+        gens = self.input_batch.generators
+        # The sampling metadata holds this same dict: swap the attribute, not the contents.
+        self.input_batch.generators = {i: g for i, g in gens.items() if i not in skip}
+        try:
+            return orig(self, *a, **kw)
+        finally:
+            self.input_batch.generators = gens
+    return _bookkeeping_sync
+
+
+# (module, owner, name, make): wrapped right after ``module`` is imported, once checked.
+_WRAPS: tuple[tuple[str, str, str, Callable], ...] = (
+    (_GPU_RUNNER, "GPUModelRunner", "_update_states", _make_update_states),
+    (_GPU_RUNNER, "GPUModelRunner", "_build_attention_metadata", _make_build_attention_metadata),
+    (_GPU_RUNNER, "GPUModelRunner", "load_model", _make_load_model),
+    (_CPU_RUNNER, "CPUModelRunner", "load_model", _make_load_model),
+    (_INPUT, "InputProcessor", "process_inputs", _make_process_inputs),
+    (_GPU_RUNNER, "GPUModelRunner", "_sample", _make_sample),
+    (_GPU_RUNNER, "GPUModelRunner", "_bookkeeping_sync", _make_bookkeeping_sync),
+)
+
+_MARK = "_fluxserve_wrapped"
+
+
+def _wrap(cls, name: str, make) -> None:
+    orig = getattr(cls, name)
+    if getattr(orig, _MARK, False):
+        return
+    wrapped = functools.wraps(orig)(make(orig))
+    setattr(wrapped, _MARK, True)
+    setattr(cls, name, wrapped)
+
+
+def _on_import(module_name: str) -> None:
+    """Check the hooks of a just-imported vLLM module, then install its wraps."""
+    check_module(module_name)
+    module = sys.modules[module_name]
+    for mod, owner, name, make in _WRAPS:
+        if mod != module_name:
+            continue
+        cls = getattr(module, owner)
+        # CPUModelRunner overrides load_model; other inherited methods are wrapped on the base.
+        if name in cls.__dict__:
+            _wrap(cls, name, make)
+
+
+_MODULES = tuple(dict.fromkeys(h.module for h in PRIVATE_HOOKS))
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``_on_import`` right after the vLLM modules it hooks are imported.
+
+    Importing the model runner costs seconds; only worker processes do it, so the API and
+    engine-core processes never pay for it on our account.
+    """
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in _MODULES:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return None
+        orig_exec = spec.loader.exec_module
+
+        def exec_module(module):
+            orig_exec(module)
+            _on_import(fullname)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+_FINDER: _AfterImport | None = None
+
+
+def install() -> None:
+    """Check and install the hooks of the modules already imported, the others once they are."""
+    global _FINDER
+    for name in _MODULES:
+        if name in sys.modules:
+            _on_import(name)
+    if _FINDER is None:
+        _FINDER = _AfterImport()
+        sys.meta_path.insert(0, _FINDER)

@@ -1,0 +1,236 @@
+"""Worker-side eviction: selection, calibration state and in-place compaction.
+
+The attention backend owns when things happen; it calls, per worker process
+(``get_runtime()``):
+
+- ``plan_for`` while building each step's metadata (``kv_policies.eviction.step``), for the
+  request's eviction plan (computed once per request).
+- ``compress_layer`` once per (request, layer), right after that layer's attention for the step
+  in which the request's prompt completes. It selects the kept slots, (calidrop) computes the
+  evicted set's partial attention under the last prompt query, then compacts the kept KV into
+  slots ``[0, budget)``. From then on the backend masks slots ``[plan.kept_end, plan.gap_end)``.
+- ``calibration_for`` before a layer's attention, to get the batched calibration inputs for
+  ``ops.paged_attention`` (None when no request of the batch is calibrated at that layer).
+- ``record_hits`` after it, with the ``calib_hits`` the kernel returned (counts for metrics).
+- ``release`` when a request finishes, is aborted or is preempted (a preempted request
+  recomputes its prompt and is compressed again, so nothing must survive it). ``retain_only``
+  drops the state of every request not in a given set (a safety net against leaks).
+
+All of it is deterministic: the selection depends only on the request's KV, its queries and its
+``kv_policy`` dict, the same inputs the PyTorch reference uses.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from attention_backends.kernels import ops
+from kv_policies.eviction.base import SelectionInputs, resolved_options
+from kv_policies.eviction.plan import EvictionPlan, eviction_plan
+from kv_policies.eviction.registry import get_policy
+
+# Flush the on-device hit counters to Prometheus every this many record_hits calls, so decode
+# steps do not synchronise with the device once per layer just to count.
+_FLUSH_EVERY = 512
+
+
+@dataclass
+class LayerCalibration:
+    """The evicted set of one (request, layer), summarised per query head."""
+
+    q_ref: Tensor  # [Hq, D], the last prompt query (RoPE applied), in the query dtype
+    o_e: Tensor  # [Hq, D] float32, attention output of q_ref over the evicted slots
+    lse_e: Tensor  # [Hq] float32, log-sum-exp of q_ref's scores over the evicted slots
+
+
+@dataclass
+class RequestKVState:
+    plan: EvictionPlan
+    policy: str
+    tau: float
+    layers: dict[int, LayerCalibration] = field(default_factory=dict)
+    compressed_layers: set[int] = field(default_factory=set)
+
+
+class KVPolicyRuntime:
+    """Per-worker eviction state of the running requests (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, RequestKVState] = {}
+        self._checks = 0
+        self._hits: Tensor | None = None
+        self._hit_calls = 0
+        # req_id -> (prompt_len, block_size, kv_policy, plan): a plan depends only on what the
+        # request fixed, and the step metadata asks for it every step.
+        self._plans: dict[str, tuple[int, int, dict, EvictionPlan | None]] = {}
+
+    # ------------------------------------------------------------------ eviction
+
+    def plan_for(self, req_id: str, kv_policy: dict, prompt_len: int,
+                 block_size: int) -> EvictionPlan | None:
+        """``plan.eviction_plan`` of a running request, computed once per request."""
+        cached = self._plans.get(req_id)
+        if cached is None or cached[:3] != (prompt_len, block_size, kv_policy):
+            cached = (prompt_len, block_size, kv_policy,
+                      eviction_plan(kv_policy, prompt_len, block_size))
+            self._plans[req_id] = cached
+        return cached[3]
+
+    def compress_layer(self, req_id: str, layer_idx: int, plan: EvictionPlan, policy: dict,
+                       q_chunk: Tensor, kv_cache: Tensor, block_row: Tensor, scale: float,
+                       q_end: int | None = None) -> None:
+        """Evict one layer of one request in place.
+
+        ``q_chunk [n, Hq, D]``: the queries (RoPE applied) of this request's tokens in the step
+        that completed its prompt; row ``q_end - 1`` (default: the last row) must be the query
+        of prompt position ``plan.gap_end - 1`` (a recompute after preemption may carry output
+        tokens after it). The observation window is the last ``min(window, q_end)`` of those
+        rows: when a chunk boundary falls inside the window, fewer observation queries are used.
+        ``kv_cache [num_blocks, Hkv, block_size, 2*D]`` is this layer's cache and ``block_row``
+        the request's block-table row, both already holding the whole prompt's KV.
+        """
+        opts = resolved_options(policy)
+        impl = get_policy(opts["name"])
+        if not impl.evicts:
+            return
+        prompt_len = plan.gap_end
+        q_end = q_chunk.shape[0] if q_end is None else q_end
+        n_obs = min(int(opts["window"]), q_end)
+        q_obs = q_chunk[q_end - n_obs:q_end]
+        inputs = SelectionInputs(q_obs=q_obs, kv_cache=kv_cache, block_row=block_row,
+                                 prompt_len=prompt_len, scale=scale, options=opts)
+        kept = impl.select(inputs)
+
+        state = self._states.get(req_id)
+        if state is not None and layer_idx in state.compressed_layers:
+            # This layer is compressed again: a recompute after preemption whose release we
+            # did not see. Start over rather than mix two evictions.
+            state = None
+        if state is None or state.plan != plan:
+            state = RequestKVState(plan=plan, policy=impl.name, tau=float(opts["tau"]))
+            self._states[req_id] = state
+        if impl.calibrates:
+            q_ref = q_chunk[q_end - 1]
+            # Must run before compaction overwrites the slots it reads.
+            o_e, lse_e = ops.evicted_partial(q_ref, kv_cache, block_row, kept, prompt_len, scale)
+            state.layers[layer_idx] = LayerCalibration(q_ref=q_ref.detach().clone(),
+                                                       o_e=o_e, lse_e=lse_e)
+        ops.compact_kv(kv_cache, block_row, kept)
+        state.compressed_layers.add(layer_idx)
+
+    def is_compressed(self, req_id: str, layer_idx: int) -> bool:
+        state = self._states.get(req_id)
+        return state is not None and layer_idx in state.compressed_layers
+
+    # ------------------------------------------------------------------ decode-time calibration
+
+    def calibration_for(self, layer_idx: int, req_ids: Sequence[str], device):
+        """Batched ``ops.Calibration`` for the requests of a batch, in batch order, or None.
+
+        Requests without calibration at this layer get ``enabled = False`` (zeros elsewhere);
+        each request keeps its own ``tau``.
+        """
+        rows = [self._layer_state(r, layer_idx) for r in req_ids]
+        present = [c for c in rows if c is not None]
+        if not present:
+            return None
+        ref = present[0][1]
+        s, (hq, d) = len(req_ids), ref.q_ref.shape
+        q_ref = torch.zeros(s, hq, d, dtype=ref.q_ref.dtype, device=device)
+        o_e = torch.zeros(s, hq, d, dtype=torch.float32, device=device)
+        lse_e = torch.full((s, hq), float("-inf"), dtype=torch.float32, device=device)
+        enabled = torch.zeros(s, dtype=torch.bool)
+        taus = [1.0] * s
+        for i, row in enumerate(rows):
+            if row is None:
+                continue
+            tau, cal = row
+            q_ref[i] = cal.q_ref
+            o_e[i] = cal.o_e
+            lse_e[i] = cal.lse_e
+            enabled[i] = True
+            taus[i] = tau
+        return ops.Calibration(q_ref=q_ref, o_e=o_e, lse_e=lse_e, enabled=enabled.to(device),
+                               tau=torch.tensor(taus, dtype=torch.float32, device=device))
+
+    def record_hits(self, layer_idx: int, req_ids: Sequence[str], hits: Tensor | None,
+                    query_start_loc: Sequence[int] | Tensor | None = None) -> None:
+        """Count calibration checks and hits of one layer's attention call.
+
+        ``hits [T, Hq]`` bool as returned by ``ops.paged_attention``; ``query_start_loc``
+        (``[S+1]``, host-side preferred) maps tokens to requests (default: one token each).
+        Only calibrated requests' tokens count as checks.
+        """
+        if hits is None:
+            return
+        hq = int(hits.shape[1])
+        if query_start_loc is None:
+            counts = [1] * len(req_ids)
+        else:
+            qsl = (query_start_loc.tolist() if isinstance(query_start_loc, Tensor)
+                   else list(query_start_loc))
+            counts = [int(qsl[i + 1]) - int(qsl[i]) for i in range(len(req_ids))]
+        self._checks += hq * sum(
+            c for r, c in zip(req_ids, counts, strict=True)
+            if self._layer_state(r, layer_idx) is not None)
+        total = hits.sum()
+        self._hits = total if self._hits is None else self._hits + total
+        self._hit_calls += 1
+        if self._hit_calls >= _FLUSH_EVERY:
+            self.flush_metrics()
+
+    def flush_metrics(self) -> None:
+        from kv_policies.eviction import metrics
+
+        if self._checks:
+            metrics.CALIBRATION_CHECKS.inc(self._checks)
+        if self._hits is not None:
+            hits = int(self._hits.item())
+            if hits:
+                metrics.CALIBRATION_HITS.inc(hits)
+        self._checks, self._hits, self._hit_calls = 0, None, 0
+
+    # ------------------------------------------------------------------ lifetime
+
+    def release(self, req_id: str) -> None:
+        """Drop a finished, aborted or preempted request's state (a no-op if it has none)."""
+        self._plans.pop(req_id, None)
+        if self._states.pop(req_id, None) is not None:
+            self.flush_metrics()
+
+    def retain_only(self, req_ids: Iterable[str]) -> None:
+        keep = set(req_ids)
+        for r in [r for r in {*self._states, *self._plans} if r not in keep]:
+            self.release(r)
+
+    def state_of(self, req_id: str) -> RequestKVState | None:
+        return self._states.get(req_id)
+
+    def num_requests(self) -> int:
+        return len(self._states)
+
+    def _layer_state(self, req_id: str, layer_idx: int) -> tuple[float, LayerCalibration] | None:
+        state = self._states.get(req_id)
+        if state is None:
+            return None
+        cal = state.layers.get(layer_idx)
+        return None if cal is None else (state.tau, cal)
+
+
+_RUNTIME: KVPolicyRuntime | None = None
+_LOCK = threading.Lock()
+
+
+def get_runtime() -> KVPolicyRuntime:
+    """The worker process's runtime (created on first use)."""
+    global _RUNTIME
+    if _RUNTIME is None:
+        with _LOCK:
+            if _RUNTIME is None:
+                _RUNTIME = KVPolicyRuntime()
+    return _RUNTIME

@@ -1,0 +1,57 @@
+"""The one-way layering of docs/architecture.md, as import-linter contracts in pyproject.toml:
+kernels -> Flux routing | KV policies -> vLLM glue -> plugin -> server, and no vLLM import
+below the glue."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("server", "attention_backends", "kv_policies")
+
+
+def _lint_imports(root: Path) -> subprocess.CompletedProcess:
+    code = ("import sys; from importlinter.cli import lint_imports; "
+            "sys.exit(lint_imports(config_filename='pyproject.toml', no_cache=True, no_logo=True))")
+    return subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+
+
+def test_imports_follow_the_layers():
+    res = _lint_imports(ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "2 kept, 0 broken" in res.stdout
+
+
+def _copy_tree(tmp_path: Path) -> Path:
+    for pkg in PACKAGES:
+        shutil.copytree(ROOT / pkg, tmp_path / pkg,
+                        ignore=shutil.ignore_patterns("__pycache__", "assets"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    return tmp_path
+
+
+def _append(path: Path, line: str) -> None:
+    path.write_text(path.read_text() + line + "\n")
+
+
+def test_an_import_against_the_direction_breaks_the_contract(tmp_path):
+    root = _copy_tree(tmp_path)
+    # a kernel reaching up into the glue, hidden inside a function as the old cycles were
+    _append(root / "attention_backends" / "kernels" / "ops.py",
+            "def _up():\n    from attention_backends.vllm_glue import metadata  # noqa: F401")
+    res = _lint_imports(root)
+    assert res.returncode == 1, res.stdout
+    assert "attention_backends.kernels.ops -> attention_backends.vllm_glue.metadata" in res.stdout
+
+
+def test_vllm_below_the_glue_breaks_the_contract(tmp_path):
+    root = _copy_tree(tmp_path)
+    _append(root / "kv_policies" / "eviction" / "plan.py", "import vllm  # noqa: F401,E402")
+    res = _lint_imports(root)
+    assert res.returncode == 1, res.stdout
+    assert "kv_policies.eviction.plan -> vllm" in res.stdout
