@@ -10,6 +10,7 @@ from http import HTTPStatus
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.tokenize.protocol import TokenizeRequest
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
 
 from server.auth import require_api_key
@@ -126,3 +127,16 @@ async def list_models(raw_request: Request) -> JSONResponse:
         for card in payload["data"]:
             card["owned_by"] = "fluxserve-smoke-test (random weights: output is meaningless)"
     return JSONResponse(payload)
+
+
+@router.post("/tokenize", dependencies=[Depends(validate_json_request)],
+             responses=ERROR_RESPONSES)
+@with_cancellation
+async def tokenize(body: TokenizeRequest, raw_request: Request) -> JSONResponse:
+    """vLLM's tokenization endpoint (a ``prompt``, or chat ``messages`` rendered with the chat
+    template): token ids, their count and the model's context length. `fluxserve eval` fits
+    its prompts to exact lengths with it."""
+    result = await raw_request.app.state.serving_tokenization.create_tokenize(body, raw_request)
+    if isinstance(result, ErrorResponse):
+        return JSONResponse(result.model_dump(), status_code=result.error.code)
+    return JSONResponse(result.model_dump())

@@ -1,0 +1,73 @@
+"""Matplotlib figures written to PNG files (headless: the Agg backend). Shared by the evaluation
+commands."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+
+def line_plot(path: str | Path, series: dict[str, Sequence[tuple[float, float]]], *,
+              title: str, xlabel: str, ylabel: str, log2_x: bool = False,
+              ylim: tuple[float, float] | None = None) -> Path:
+    """One line (with markers) per series of (x, y) points, sorted by x."""
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for label, points in series.items():
+        points = sorted(points)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    if log2_x:
+        ax.set_xscale("log", base=2)
+        xs = sorted({p[0] for pts in series.values() for p in pts})
+        ax.set_xticks(xs, [f"{int(x) // 1024}K" if x >= 1024 else str(int(x)) for x in xs])
+    _finish(ax, title, xlabel, ylabel, ylim, legend=bool(series))
+    return _save(fig, path)
+
+
+def scatter_plot(path: str | Path, points: dict[str, Sequence[tuple[float, float]]], *,
+                 title: str, xlabel: str, ylabel: str,
+                 ylim: tuple[float, float] | None = None) -> Path:
+    """One marker group per label; each point annotated with nothing, labels in the legend."""
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for label, pts in points.items():
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=label, s=36)
+    _finish(ax, title, xlabel, ylabel, ylim, legend=bool(points))
+    return _save(fig, path)
+
+
+def heatmap(path: str | Path, matrix: Sequence[Sequence[float]], *, title: str, xlabel: str,
+            ylabel: str, colorbar_label: str) -> Path:
+    """A matrix as an image, row 0 at the top, with a colour bar."""
+    rows, cols = len(matrix), len(matrix[0]) if matrix else 0
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * cols + 2), max(3.0, 0.3 * rows + 1.5)),
+                           dpi=120)
+    image = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label=colorbar_label)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return _save(fig, path)
+
+
+def _finish(ax, title, xlabel, ylabel, ylim, legend: bool) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.grid(True, alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8, loc="best")
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
