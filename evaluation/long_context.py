@@ -316,20 +316,24 @@ def run(cfg: EvalConfig) -> dict:
         plan, api_notes = _resolve_api(sync, info, cfg.api, cfg.seed)
         notes += api_notes
         if not info.extension_fields:
-            notes.append("the server does not declare the flux/kv_policy fields: only the "
-                         "`full` policy can run there")
+            notes.append("the server does not declare the flux/kv_policy request fields: only "
+                         "the `full` policy can run there")
 
         runnable: list[tuple[Policy, dict]] = []
+        unsupported: list[str] = []
         for policy in policies:
             try:
                 fields = policy.request_fields(info.extension_fields)
-            except PolicySpecError as exc:
-                notes.append(f"skipped policy {policy.name}: {exc}")
+            except PolicySpecError:
+                unsupported.append(policy.name)
                 continue
             if fields and (error := _probe(sync, plan, fields)) is not None:
                 notes.append(f"skipped policy {policy.name}: the server refused it: {error}")
                 continue
             runnable.append((policy, fields))
+        if unsupported:
+            notes.append(f"skipped {len(unsupported)} policies that need fluxserve's request "
+                         f"fields: {', '.join(unsupported)}")
         if not runnable:
             raise EvalError("no policy can run on this server:\n  " + "\n  ".join(notes))
 

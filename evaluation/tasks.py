@@ -113,6 +113,10 @@ class Task:
     def min_units(self) -> int:
         return 1
 
+    def max_units(self) -> int | None:
+        """The most units the task can use (None: unbounded)."""
+        return None
+
 
 # ---------------------------------------------------------------------------------------------
 # haystacks
@@ -338,6 +342,11 @@ class CommonWords(Task):
     def min_units(self) -> int:
         return self.num_common + 1
 
+    def max_units(self) -> int:
+        # every word of the vocabulary used once: as in RULER, the longest lengths (about
+        # 100K tokens and up) then end shorter than their target
+        return len(words.vocabulary())
+
     def _list(self, rng: random.Random, num_words: int, common_reps: int, rare_reps: int
               ) -> tuple[str, list[str]]:
         chosen = rng.sample(words.vocabulary(), num_words)
@@ -512,7 +521,8 @@ def _fit(task: Task, seed: str, length: int, count: TokenCount, start: int | Non
     """The largest haystack size (or one within tolerance of it) whose sample fits `length`.
 
     Secant steps from `start` (or a guess) inside a bracket, then bisection; about 3 token counts
-    when `start` comes from a sibling sample, 5-8 from scratch."""
+    when `start` comes from a sibling sample, 5-8 from scratch. A task with `max_units` stops
+    there, short of the target, when even that fits."""
     budget = length - task.max_tokens
     lo_n, hi_n = task.min_units() - 1, None  # lo fits (or is below the minimum), hi does not
     lo_t: int | None = None
@@ -520,13 +530,14 @@ def _fit(task: Task, seed: str, length: int, count: TokenCount, start: int | Non
     floor = length * (1 - LENGTH_TOLERANCE / 2) - task.max_tokens  # aim inside the tolerance
     n = start or max(task.min_units(), int(budget / task.tokens_per_unit_guess()))
     prev: tuple[int, int] | None = None
+    cap = task.max_units()
     for _ in range(60):
-        n = max(task.min_units(), n)
+        n = max(task.min_units(), n if cap is None else min(n, cap))
         built = task.build(seed, n, length)
         t = count(built)
         if t <= budget:
             lo_n, lo_t, lo_built = n, t, built
-            if t >= floor:
+            if t >= floor or n == cap:
                 break
         else:
             hi_n = n

@@ -147,3 +147,10 @@ def test_local_tasks_ask_about_the_end(count):
     for sample in (pattern, copy):
         tail = sample.prompt[sample.needles[0].char_start:]
         assert len(tail) < 300  # within the last few dozen tokens
+
+
+def test_common_words_stop_at_the_vocabulary(count):
+    task = tasks.TASKS["cwe"]
+    # a target far beyond what the vocabulary can fill: every word is used, none repeats
+    sample, units = tasks.generate("cwe", 1 << 20, 0, 1, lambda b: len(b.prompt) // 4)
+    assert units == task.max_units() and sample.num_tokens < 1 << 20
