@@ -47,6 +47,10 @@ def heatmap(path: str | Path, matrix: Sequence[Sequence[float]], *, title: str, 
                            dpi=120)
     image = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest")
     fig.colorbar(image, ax=ax, label=colorbar_label)
+    if cols <= 48:
+        ax.set_xticks(range(cols))
+    if rows <= 48:
+        ax.set_yticks(range(rows))
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
