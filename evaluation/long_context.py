@@ -259,6 +259,16 @@ def _plots(out: Path, rows: list[dict], policies: list[str], notes: list[str]) -
             out / "accuracy_vs_length.png", series, title="Accuracy vs context length "
             "(mean over tasks)", xlabel="context length (tokens)", ylabel="accuracy (%)",
             log2_x=True, ylim=(-2, 102)))
+    panels: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(
+        lambda: defaultdict(list))
+    for r in rows:
+        if r["task"] != AVERAGE and r["accuracy"] is not None:
+            panels[r["task"]][r["policy"]].append((r["length"], r["accuracy"]))
+    if panels:
+        paths.append(plotting.small_multiples(
+            out / "accuracy_vs_length_by_task.png", panels, title="Accuracy vs context length "
+            "per task", xlabel="context length (tokens)", ylabel="accuracy (%)", log2_x=True,
+            ylim=(-2, 102)))
     points: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for r in avg:
         if r["attention_work_saved"] is not None:

@@ -28,6 +28,43 @@ def line_plot(path: str | Path, series: dict[str, Sequence[tuple[float, float]]]
     return _save(fig, path)
 
 
+def small_multiples(path: str | Path,
+                    panels: dict[str, dict[str, Sequence[tuple[float, float]]]], *,
+                    title: str, xlabel: str, ylabel: str, log2_x: bool = False,
+                    ylim: tuple[float, float] | None = None, columns: int = 4) -> Path:
+    """One small line plot per panel (same series in each), sharing axes and one legend."""
+    rows = max(1, -(-len(panels) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), dpi=110,
+                             sharex=True, sharey=True, squeeze=False)
+    handles: dict[str, object] = {}
+    for ax, (panel, series) in zip(axes.flat, panels.items(), strict=False):
+        for label, points in series.items():
+            points = sorted(points)
+            (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                              markersize=3, label=label)
+            handles.setdefault(label, line)
+        ax.set_title(panel, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        if log2_x:
+            ax.set_xscale("log", base=2)
+        if ylim:
+            ax.set_ylim(*ylim)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    xs = sorted({p[0] for series in panels.values() for pts in series.values() for p in pts})
+    for ax in list(axes.flat)[:len(panels)]:
+        ax.tick_params(labelbottom=True, labelleft=True, labelsize=7)
+        if log2_x:
+            ax.set_xticks(xs, [f"{int(x) // 1024}K" if x >= 1024 else str(int(x)) for x in xs])
+    fig.supxlabel(xlabel)
+    fig.supylabel(ylabel)
+    fig.suptitle(title)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
+    return _save(fig, path, tight=False)
+
+
 def scatter_plot(path: str | Path, points: dict[str, Sequence[tuple[float, float]]], *,
                  title: str, xlabel: str, ylabel: str,
                  ylim: tuple[float, float] | None = None) -> Path:
@@ -68,10 +105,11 @@ def _finish(ax, title, xlabel, ylabel, ylim, legend: bool) -> None:
         ax.legend(fontsize=8, loc="best")
 
 
-def _save(fig, path: str | Path) -> Path:
+def _save(fig, path: str | Path, tight: bool = True) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path

@@ -84,7 +84,7 @@ def test_full_run_on_a_plain_server(oracle_url, tmp_path):
     assert rows[("niah_multikey_3", 2048)]["accuracy"] == 100.0
     assert rows[("average", 2048)]["attention_work_saved"] == 0.75
     for name in ("summary.csv", "summary.json", "results.jsonl", "accuracy_vs_length.png",
-                 "accuracy_vs_work_saved.png"):
+                 "accuracy_vs_length_by_task.png", "accuracy_vs_work_saved.png"):
         assert (out / name).stat().st_size > 0, name
     assert len((out / "results.jsonl").read_text().splitlines()) == 8
 
