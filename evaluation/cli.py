@@ -30,10 +30,22 @@ tasks: niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, v
 `fluxserve eval heads CHECKPOINT` profiles the retrieval heads of a local checkpoint instead."""
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+def _bounded_int(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+        return value
+    return parse
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be in (0, 86400] seconds, got {value}")
     return value
 
 
@@ -64,10 +76,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", nargs="+", default=["all"], metavar="SPEC",
                         help="policy specs (see below); default all (only `full` runs on a "
                              "server without fluxserve's fields)")
-    parser.add_argument("--samples", type=_positive_int, default=20,
+    parser.add_argument("--samples", type=_bounded_int(1, 100_000), default=20,
                         help="samples per task and length (RULER uses 500); default 20")
     parser.add_argument("--seed", type=int, default=42, help="generation seed; default 42")
-    parser.add_argument("--concurrency", type=_positive_int, default=4,
+    parser.add_argument("--concurrency", type=_bounded_int(1, 1024), default=4,
                         help="requests in flight at once; default 4")
     parser.add_argument("--api", choices=["auto", "chat", "completions"], default="auto",
                         help="chat (the answer prefix pre-filled as the assistant turn where "
@@ -78,9 +90,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "default the server's POST /tokenize, else ~4 chars per token")
     parser.add_argument("--out", default="fluxserve-eval",
                         help="output folder (reused to resume); default ./fluxserve-eval")
-    parser.add_argument("--timeout", dest="timeout_s", type=float, default=600.0,
+    parser.add_argument("--timeout", dest="timeout_s", type=_seconds, default=600.0,
                         help="seconds per request; default 600")
-    parser.add_argument("--max-retries", type=int, default=4,
+    parser.add_argument("--max-retries", type=_bounded_int(0, 20), default=4,
                         help="retries on 429/502/503/504 and connection errors; default 4")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bars")
@@ -94,12 +106,12 @@ def add_heads_arguments(parser: argparse.ArgumentParser) -> None:
                              "niah_single_2, niah_multikey_2")
     parser.add_argument("--lengths", nargs="+", type=_length, default=[2048], metavar="TOKENS",
                         help="prompt lengths in tokens; default 2048")
-    parser.add_argument("--samples", type=_positive_int, default=4,
+    parser.add_argument("--samples", type=_bounded_int(1, 10_000), default=4,
                         help="samples per task and length; default 4")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default="cpu", help="torch device; default cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--top", type=_positive_int, default=20,
+    parser.add_argument("--top", type=_bounded_int(1, 1 << 20), default=20,
                         help="heads printed (all are written); default 20")
     parser.add_argument("--out", default="fluxserve-heads",
                         help="output folder; default ./fluxserve-heads")

@@ -10,6 +10,7 @@ metric, and write the table, CSV, JSON and plots. Every finished item is appende
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import statistics
 import sys
@@ -291,8 +292,6 @@ def _plots(out: Path, rows: list[dict], policies: list[str], notes: list[str]) -
 def _check_run_folder(out: Path, fingerprint: dict) -> None:
     run_file = out / "run.json"
     if run_file.exists():
-        import json
-
         previous = json.loads(run_file.read_text())
         if previous != fingerprint:
             changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
