@@ -43,6 +43,9 @@ def build_parser():
     make_arg_parser(serve)
     config.add_cli_args(serve)
     serve.set_defaults(model=None)
+    from evaluation.cli import add_eval_parser
+
+    add_eval_parser(commands)
     return parser
 
 
@@ -195,10 +198,16 @@ def _exit(code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:
+        # an HTTP client of any server: it needs neither vLLM nor the server's modules
+        from evaluation.cli import main as eval_main
+
+        sys.exit(eval_main(argv[1:]))
     _prepare_metrics_dir()
     logging.basicConfig(level=logging.INFO,
                         format="%(levelname)s %(asctime)s %(name)s: %(message)s")
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     if args.command == "serve":
         serve(args)
 

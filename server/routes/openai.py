@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.tokenize.protocol import TokenizeRequest
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
 
 from attention_backends.flux.options import FluxOptions
@@ -237,3 +238,16 @@ async def list_models(raw_request: Request) -> JSONResponse:
         for card in payload["data"]:
             card["owned_by"] = "fluxserve-smoke-test (random weights: output is meaningless)"
     return JSONResponse(payload)
+
+
+@router.post("/tokenize", dependencies=[Depends(validate_json_request)],
+             responses=ERROR_RESPONSES)
+@with_cancellation
+async def tokenize(body: TokenizeRequest, raw_request: Request) -> JSONResponse:
+    """vLLM's tokenization endpoint (a ``prompt``, or chat ``messages`` rendered with the chat
+    template): token ids, their count and the model's context length. `fluxserve eval` fits
+    its prompts to exact lengths with it."""
+    result = await raw_request.app.state.serving_tokenization.create_tokenize(body, raw_request)
+    if isinstance(result, ErrorResponse):
+        return JSONResponse(result.model_dump(), status_code=result.error.code)
+    return JSONResponse(result.model_dump())

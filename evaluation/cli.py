@@ -1,0 +1,166 @@
+"""Arguments of `fluxserve eval` and `fluxserve eval heads`.
+
+`add_eval_parser` adds the ``eval`` command to fluxserve's command parser; `main` runs it alone
+(what ``fluxserve eval ...`` does, without importing vLLM or the server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from evaluation.client import DEFAULT_URL
+
+EVAL_HELP = "Long-context accuracy (RULER-style) of each policy, through the HTTP API."
+EVAL_DESCRIPTION = """\
+Runs RULER-style synthetic long-context tasks against an OpenAI-compatible server (fluxserve,
+stock vLLM, ...) under each policy, with greedy decoding, and prints the accuracy per task x
+length x policy. Writes results.jsonl (every finished item: rerun the same command to resume),
+summary.csv, summary.json and PNG plots to --out. See docs/quality.md.
+
+policy specs (space-separated):
+  full | auto | sparse[:WINDOW] | layers:0-3,8 | streaming[:B] | snapkv[:B] | calidrop[:B]
+  joined with '+' (e.g. sparse+snapkv:512); calidrop:256,512,1024 expands to one policy per
+  budget B; 'all' = every policy at budgets 256-2048.
+tasks: niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, cwe, fwe,
+  local_pattern, local_copy; groups: all, ruler, niah, local.
+
+`fluxserve eval heads CHECKPOINT` profiles the retrieval heads of a local checkpoint instead."""
+
+
+def _bounded_int(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+        return value
+    return parse
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be in (0, 86400] seconds, got {value}")
+    return value
+
+
+def _length(text: str) -> int:
+    """A length in tokens: ``4096``, ``4K`` or ``128k``."""
+    text = text.strip().lower()
+    try:
+        return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a length in tokens: {text!r}") from None
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from evaluation.long_context import DEFAULT_LENGTHS
+
+    parser.add_argument("--url", default=DEFAULT_URL,
+                        help=f"server root URL (a trailing /v1 is fine); default {DEFAULT_URL}")
+    parser.add_argument("--api-key", default=None,
+                        help="bearer token; default $FLUXSERVE_API_KEY, else $OPENAI_API_KEY")
+    parser.add_argument("--model", default=None,
+                        help="served model name; default the server's first model")
+    parser.add_argument("--tasks", nargs="+", default=["all"], metavar="TASK",
+                        help="tasks or groups (all, ruler, niah, local); default all")
+    parser.add_argument("--lengths", nargs="+", type=_length, default=DEFAULT_LENGTHS,
+                        metavar="TOKENS",
+                        help="target lengths in tokens (4096, 4K, 128K; 256 to 1M); default "
+                             "RULER's 4K-128K (lengths above the model's context are skipped)")
+    parser.add_argument("--policies", nargs="+", default=["all"], metavar="SPEC",
+                        help="policy specs (see below); default all (only `full` runs on a "
+                             "server without fluxserve's fields)")
+    parser.add_argument("--samples", type=_bounded_int(1, 100_000), default=20,
+                        help="samples per task and length (RULER uses 500); default 20")
+    parser.add_argument("--seed", type=int, default=42, help="generation seed; default 42")
+    parser.add_argument("--concurrency", type=_bounded_int(1, 1024), default=4,
+                        help="requests in flight at once; default 4")
+    parser.add_argument("--api", choices=["auto", "chat", "completions"], default="auto",
+                        help="chat (the answer prefix pre-filled as the assistant turn where "
+                             "the server allows) or completions (RULER's plain template); "
+                             "auto: chat when the server accepts it")
+    parser.add_argument("--tokenizer", default=None, metavar="PATH",
+                        help="HF tokenizer directory or tokenizer.json for exact lengths; "
+                             "default the server's POST /tokenize, else ~4 chars per token")
+    parser.add_argument("--out", default="fluxserve-eval",
+                        help="output folder (reused to resume); default ./fluxserve-eval")
+    parser.add_argument("--timeout", dest="timeout_s", type=_seconds, default=600.0,
+                        help="seconds per request; default 600")
+    parser.add_argument("--max-retries", type=_bounded_int(0, 20), default=4,
+                        help="retries on 429/502/503/504 and connection errors; default 4")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars")
+
+
+def add_heads_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="local Hugging Face checkpoint directory")
+    parser.add_argument("--tasks", nargs="+", default=["niah_single_1", "niah_single_2",
+                                                      "niah_multikey_2"], metavar="TASK",
+                        help="needle tasks to average over; default niah_single_1, "
+                             "niah_single_2, niah_multikey_2")
+    parser.add_argument("--lengths", nargs="+", type=_length, default=[2048], metavar="TOKENS",
+                        help="prompt lengths in tokens; default 2048")
+    parser.add_argument("--samples", type=_bounded_int(1, 10_000), default=4,
+                        help="samples per task and length; default 4")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--device", default="cpu", help="torch device; default cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--top", type=_bounded_int(1, 1 << 20), default=20,
+                        help="heads printed (all are written); default 20")
+    parser.add_argument("--out", default="fluxserve-heads",
+                        help="output folder; default ./fluxserve-heads")
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``eval`` (and its ``heads`` sub-command) to an argparse sub-parser group."""
+    parser = subparsers.add_parser("eval", help=EVAL_HELP, description=EVAL_DESCRIPTION,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_eval_arguments(parser)
+    sub = parser.add_subparsers(dest="eval_command", metavar="{heads}")
+    heads = sub.add_parser(
+        "heads", help="retrieval-attention profile of a local checkpoint (HF transformers)",
+        description="Per (layer, head), the attention mass that the answer tokens' queries put "
+                    "on the needle span, averaged over generated needle tasks. Writes heads.json "
+                    "(ranked) and heads.png (heat map).")
+    add_heads_arguments(heads)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed ``eval`` command; returns the exit status."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "eval_command", None) == "heads":
+        from evaluation.heads import profile_from_args
+
+        profile_from_args(args)
+        return 0
+
+    from evaluation.long_context import EvalError, config_from_args
+    from evaluation.long_context import run as run_eval
+
+    if args.api_key is None:
+        args.api_key = os.environ.get("FLUXSERVE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    try:
+        run_eval(config_from_args(args))
+    except (EvalError, ValueError) as exc:
+        print(f"fluxserve eval: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished items are kept in {args.out}/results.jsonl; run the "
+              "same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fluxserve eval ...`` with `argv` the arguments after ``eval``."""
+    parser = argparse.ArgumentParser(prog="fluxserve")
+    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
+    return run(args)

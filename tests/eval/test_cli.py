@@ -1,0 +1,39 @@
+"""`fluxserve eval` on the command line, and the package's independence from the server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from server.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_eval_is_a_fluxserve_command_with_defaults():
+    args = build_parser().parse_args(["eval"])
+    assert args.command == "eval" and args.eval_command is None
+    assert args.url == "http://127.0.0.1:8000"
+    assert args.policies == ["all"] and args.tasks == ["all"]
+    assert args.lengths == [4096, 8192, 16384, 32768, 65536, 131072]
+    args = build_parser().parse_args(["eval", "--lengths", "1K", "2048", "--policies", "full",
+                                      "sparse+snapkv:512"])
+    assert args.lengths == [1024, 2048] and args.policies == ["full", "sparse+snapkv:512"]
+    heads = build_parser().parse_args(["eval", "heads", "/ckpt", "--lengths", "4k"])
+    assert (heads.eval_command, heads.checkpoint, heads.lengths) == ("heads", "/ckpt", [4096])
+
+
+def test_evaluation_imports_neither_vllm_nor_the_server():
+    code = ("import sys, evaluation.cli, evaluation.long_context, evaluation.heads\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "{'vllm', 'server', 'attention_backends', 'kv_policies'})\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)
+
+
+def test_bad_arguments_exit_with_a_message(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "eval", "--policies", "fast",
+                           "--url", "http://127.0.0.1:9", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "unknown part 'fast'" in proc.stderr
