@@ -14,7 +14,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from server.metrics import REJECTED
 
 # limited path -> the endpoint label the generation routes use in their metrics
-LIMITED_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+LIMITED_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
+                 "/v1/reward": "reward"}
 
 
 class AdmissionControl:

@@ -16,6 +16,7 @@ from server.auth import require_api_key
 from server.config import ServerSettings
 from server.engine import EngineState
 from server.metrics import DISCONNECTED, REJECTED, REQUESTS
+from server.reward.engine import reward_model_cards
 from server.schemas import ChatRequest, CompletionsRequest
 
 
@@ -125,4 +126,5 @@ async def list_models(raw_request: Request) -> JSONResponse:
     if raw_request.app.state.settings.smoke_test_model:
         for card in payload["data"]:
             card["owned_by"] = "fluxserve-smoke-test (random weights: output is meaningless)"
+    payload["data"].extend(reward_model_cards(raw_request.app))  # /v1/reward's scalar scorer
     return JSONResponse(payload)

@@ -1,0 +1,1 @@
+"""Accuracy evaluation of a served model through its HTTP API."""
