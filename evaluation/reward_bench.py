@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import csv
 import json
+import logging
 import math
 import os
 import random
@@ -158,6 +159,7 @@ async def evaluate(records: list[Record], args: argparse.Namespace) -> list[Outc
     import httpx
     from tqdm.auto import tqdm
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the bar
     orders = shuffled_orders(records, args.seed)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limit = asyncio.Semaphore(args.concurrency)
@@ -270,8 +272,9 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
         for k, fmt in enumerate(FORMATS):
             acc = {r.name: r.accuracy for r in rows if r.group == group and r.tasktype == fmt}
             xs = [i + (k - (len(FORMATS) - 1) / 2) * width for i in range(len(names))]
-            ax.bar(xs, [0 if math.isnan(acc.get(n, math.nan)) else acc[n] for n in names],
-                   width, label=fmt)
+            values = [acc.get(n, math.nan) for n in names]
+            bars = ax.bar(xs, [0 if math.isnan(v) else v for v in values], width, label=fmt)
+            ax.bar_label(bars, ["" if math.isnan(v) else f"{v:.2f}" for v in values], fontsize=7)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set_ylim(0, 1)
         ax.set_ylabel("accuracy")
