@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.reward.default_model import DEFAULT_REWARD_MODEL_NAME
+from server.reward.default_model import DEFAULT_REWARD_MODEL_NAME, ensure_default_reward_model
 from tests.e2e.conftest import MODEL
 
 pytestmark = pytest.mark.e2e
@@ -91,6 +91,26 @@ def test_scalar_pairwise_with_openai_client(server):
     # Each candidate is scored on its own: the same candidate keeps its score in another order.
     again = _ok(server, [_item(candidates=CANDIDATES[:2][::-1])])["data"][0]
     assert [c["score"] for c in again["candidates"]] == pytest.approx(scores[::-1], rel=1e-3)
+
+
+def test_scalar_score_is_the_reward_models_first_logit(server):
+    """The served score equals Hugging Face's LlamaForSequenceClassification logit on the same
+    chat-template text (float32 there, bf16 in the engine: close, not equal)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = ensure_default_reward_model()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    expected = []
+    for candidate in CANDIDATES[:3]:
+        text = tokenizer.apply_chat_template(
+            CONTEXT + [{"role": "assistant", "content": candidate}], tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            expected.append(model(input_ids=ids).logits[0][0].item())
+    result = _ok(server, [_item(candidates=CANDIDATES[:3])])["data"][0]
+    assert [c["score"] for c in result["candidates"]] == pytest.approx(expected, abs=0.03)
 
 
 def test_scalar_best_of_n_batched(server):
