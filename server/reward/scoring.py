@@ -18,6 +18,7 @@ from http import HTTPStatus
 from typing import Literal
 
 from fastapi import HTTPException, Request
+from jinja2 import TemplateError
 from vllm import PoolingParams, SamplingParams
 from vllm.entrypoints.serve.engine.protocol import UsageInfo
 from vllm.inputs import TokensPrompt
@@ -83,8 +84,11 @@ def _render_segments(tokenizer, messages: list[dict[str, str]], value: str, *,
         text = tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=add_generation_prompt,
                                              enable_thinking=False)
-    except ValueError as exc:  # transformers: "Cannot use chat template functions ..."
-        raise bad_request(f"the model's tokenizer cannot render chat messages: {exc}") from exc
+    except (ValueError, TemplateError) as exc:
+        # no chat template (transformers' ValueError), or the template refuses these messages
+        # (e.g. a system turn, via raise_exception): the caller's input, not a server fault
+        raise bad_request(f"the model's chat template cannot render these messages: {exc}"
+                          ) from exc
     parts = text.split(_PLACEHOLDER)
     if len(parts) != 2:  # the template altered the content: no protected parts, as in LongRM
         whole = text.replace(_PLACEHOLDER, value)
