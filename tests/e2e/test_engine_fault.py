@@ -23,7 +23,8 @@ def _engine_core(server_pid: int) -> psutil.Process:
 
 
 def test_dead_engine_is_reported_and_requests_fail_fast(tmp_path):
-    with launch_server([], tmp_path) as server:
+    # no reward engine: the one engine core under the server is the chat model's
+    with launch_server(["--reward-model", "none"], tmp_path) as server:
         ok = server.client().chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
         assert ok.choices[0].message.content is not None
