@@ -22,6 +22,7 @@ from jinja2 import TemplateError
 from vllm import PoolingParams, SamplingParams
 from vllm.entrypoints.serve.engine.protocol import UsageInfo
 from vllm.inputs import TokensPrompt
+from vllm.renderers.chat_utils import load_chat_template
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from server.reward import parsing, prompts
@@ -72,18 +73,21 @@ class PreparedItem:
 
 
 def _render_segments(tokenizer, messages: list[dict[str, str]], value: str, *,
-                     add_generation_prompt: bool, keep_value: bool
-                     ) -> tuple[list[int], list[int], list[int]]:
+                     add_generation_prompt: bool, keep_value: bool,
+                     chat_template: str | None = None) -> tuple[list[int], list[int], list[int]]:
     """Render ``messages`` (one content holding ``_PLACEHOLDER``, which stands for ``value``)
     through the chat template; return ``(prefix, middle, suffix)`` token ids.
 
     keep_value=False (judge): ``value`` is the context, the truncatable middle.
     keep_value=True (scalar): ``value`` is the candidate; the text before it is the middle.
+    chat_template: a template to use instead of the tokenizer's own (the chat model's
+    ``--chat-template``).
     """
     try:
+        # enable_thinking=False: as LongRM renders judge prompts (Qwen3-style templates)
         text = tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=add_generation_prompt,
-                                             enable_thinking=False)
+                                             chat_template=chat_template, enable_thinking=False)
     except (ValueError, TemplateError) as exc:
         # no chat template (transformers' ValueError), or the template refuses these messages
         # (e.g. a system turn, via raise_exception): the caller's input, not a server fault
@@ -124,8 +128,8 @@ def _prepare_scalar(tokenizer, item: RewardItem, budget: int, index: int
     return out
 
 
-def _prepare_judge(tokenizer, item: RewardItem, budget: int, index: int
-                   ) -> list[PreparedPrompt]:
+def _prepare_judge(tokenizer, item: RewardItem, budget: int, index: int,
+                   chat_template: str | None = None) -> list[PreparedPrompt]:
     kind = item.resolved_judge_prompt
     question = prompts.context_text([m.content for m in item.messages])
     orders: list[tuple[Order, list[int]]] = [("given", list(range(len(item.candidates))))]
@@ -135,7 +139,7 @@ def _prepare_judge(tokenizer, item: RewardItem, budget: int, index: int
     for order, shown in orders:
         messages = prompts.judge_messages(kind, _PLACEHOLDER, [item.candidates[c] for c in shown])
         segments = _render_segments(tokenizer, messages, question, add_generation_prompt=True,
-                                    keep_value=False)
+                                    keep_value=False, chat_template=chat_template)
         ids, info = _fit(segments, budget, f"items[{index}] ({order} order)")
         out.append(PreparedPrompt(ids, info, order=order, shown=shown))
     return out
@@ -144,6 +148,12 @@ def _prepare_judge(tokenizer, item: RewardItem, budget: int, index: int
 def _chat_names(request: Request) -> list[str]:
     args = request.app.state.args
     return list(args.served_model_name or [args.model])
+
+
+def _chat_template(request: Request) -> str | None:
+    """The chat model's ``--chat-template`` (a file or literal), else None: the tokenizer's."""
+    template = getattr(request.app.state.args, "chat_template", None)
+    return load_chat_template(template) if template else None
 
 
 def _check_model(item: RewardItem, served: str, mode: str, index: int) -> None:
@@ -175,6 +185,7 @@ async def prepare(items: list[RewardItem], request: Request) -> list[PreparedIte
             engine, model = reward.client, reward.model_name
             budget = engine.model_config.max_model_len
             build = _prepare_scalar
+            extra = ()
         else:
             names = _chat_names(request)
             if item.model is not None and item.model in names:
@@ -190,8 +201,9 @@ async def prepare(items: list[RewardItem], request: Request) -> list[PreparedIte
                                   f"for the prompt in the model's {budget + item.max_tokens}-"
                                   "token context")
             build = _prepare_judge
+            extra = (_chat_template(request),)
         tokenizer = engine.get_tokenizer()
-        built = await asyncio.to_thread(build, tokenizer, item, budget, index)
+        built = await asyncio.to_thread(build, tokenizer, item, budget, index, *extra)
         prepared.append(PreparedItem(index, item, model, built))
     return prepared
 

@@ -75,3 +75,13 @@ def test_template_errors_are_bad_requests() -> None:
     with pytest.raises(HTTPException) as err:
         scoring._prepare_judge(Refusing(), _item("q", ["a", "b"], mode="judge"), 600, 0)
     assert err.value.status_code == 400 and "System role" in err.value.detail
+
+
+def test_judge_uses_the_chat_models_template_override(tokenizer) -> None:
+    template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}[assistant] {% endif %}")
+    prompt = scoring._prepare_judge(tokenizer, _item("Q?", ["a", "b"], mode="judge"), 4096, 0,
+                                    template)[0]
+    text = tokenizer.decode(prompt.ids)
+    assert text.startswith("[system] Please act as an impartial judge")
+    assert text.endswith("[assistant] ")
