@@ -18,7 +18,8 @@ from server.lifecycle import Lifecycle
 from server.metrics import REJECTED
 
 # limited path -> the endpoint label the generation routes use in their metrics
-LIMITED_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+LIMITED_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
+                 "/v1/reward": "reward"}
 RETRY_AFTER_S = "1"
 
 

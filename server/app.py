@@ -17,7 +17,8 @@ from server.config import ServerSettings
 from server.engine import EngineState, start_engine, stop_engine
 from server.errors import install_error_handlers
 from server.lifecycle import Lifecycle, watch_engine
-from server.routes import openai, ops
+from server.reward.engine import RewardEngineState, schedule_start, stop_reward_engine
+from server.routes import openai, ops, reward
 from server.transport import BodySizeLimit
 
 
@@ -25,16 +26,19 @@ from server.transport import BodySizeLimit
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.engine.start_task = asyncio.create_task(start_engine(app, app.state.args))
     watchdog = asyncio.create_task(watch_engine(app))
+    schedule_start(app)  # the reward model's engine, if any (/v1/reward scalar mode)
     try:
         yield
     finally:
         watchdog.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watchdog
+        await stop_reward_engine(app)
         await stop_engine(app)
 
 
-def build_app(args: argparse.Namespace, settings: ServerSettings) -> FastAPI:
+def build_app(args: argparse.Namespace, settings: ServerSettings,
+              reward_engine: RewardEngineState | None = None) -> FastAPI:
     app = FastAPI(
         title="fluxserve",
         version=__version__,
@@ -44,6 +48,7 @@ def build_app(args: argparse.Namespace, settings: ServerSettings) -> FastAPI:
     app.state.args = args  # vLLM's serving and error-handling code reads its options here
     app.state.settings = settings
     app.state.engine = EngineState()
+    app.state.reward_engine = reward_engine  # None: no reward model (scalar mode answers 400)
     app.state.lifecycle = Lifecycle(drain_timeout_s=settings.drain_timeout_s)
     # Every error, the framework's own included, answers in the OpenAI error shape
     # ({"error": {"message", "type", "param", "code"}}) with the right status.
@@ -55,4 +60,5 @@ def build_app(args: argparse.Namespace, settings: ServerSettings) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.transport.max_request_body_bytes)
     app.include_router(ops.router)
     app.include_router(openai.router)
+    app.include_router(reward.router)
     return app

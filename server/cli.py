@@ -32,7 +32,9 @@ def build_parser():
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from evaluation import reward_bench
     from server import config
+    from server.reward import engine as reward_engine
 
     parser = FlexibleArgumentParser(prog="fluxserve", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -42,10 +44,12 @@ def build_parser():
                     "smoke-test model when none is given) over the OpenAI API.")
     make_arg_parser(serve)
     config.add_cli_args(serve)
+    reward_engine.add_cli_args(serve)
     serve.set_defaults(model=None)
     from evaluation.cli import add_eval_parser
 
     add_eval_parser(commands)
+    reward_bench.add_parser(commands)
     return parser
 
 
@@ -162,13 +166,15 @@ def serve(args) -> None:
     from server.app import build_app
     from server.config import ServerSettings
     from server.lifecycle import UVICORN_GRACEFUL_SHUTDOWN_S, DrainingServer
+    from server.reward.engine import resolve_reward_model
     from server.transport import LimitedHttpToolsProtocol
 
     smoke = _resolve_model(args)
     _apply_platform_defaults(args)
     _apply_flux_router(args)
     settings = ServerSettings.from_args(args, smoke_test_model=smoke)
-    app = build_app(args, settings)
+    reward = resolve_reward_model(args, chat_is_smoke_test=smoke)
+    app = build_app(args, settings, reward)
     config = uvicorn.Config(
         app, host=args.host or "0.0.0.0", port=args.port, log_level=args.uvicorn_log_level,
         access_log=not args.disable_uvicorn_access_log, http=LimitedHttpToolsProtocol,
@@ -210,6 +216,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.command == "serve":
         serve(args)
+    elif args.command == "reward-bench":
+        from evaluation.reward_bench import run_from_args
+
+        sys.exit(run_from_args(args))
 
 
 if __name__ == "__main__":

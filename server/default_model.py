@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -85,22 +86,26 @@ def model_dir(cache_dir: Path | None = None) -> Path:
 
 
 def ensure_default_model(cache_dir: Path | None = None) -> Path:
-    """Return the directory of the default model, generating it first if it is missing.
+    """Return the directory of the default model, generating it first if it is missing."""
+    return ensure_generated(model_dir(cache_dir), _write_model, DEFAULT_MODEL_NAME)
+
+
+def ensure_generated(dest: Path, write: Callable[[Path], None], name: str) -> Path:
+    """Return ``dest``, first filling it with ``write(directory)`` if it is missing.
 
     The model is built in a temporary directory next to its destination and renamed into place,
     so a half-written model is never visible; when several processes race, one rename wins and
     the others discard their copy.
     """
-    dest = model_dir(cache_dir)
     if dest.is_dir():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("Generating the default model %s in %s", DEFAULT_MODEL_NAME, dest)
+    logger.info("Generating the default model %s in %s", name, dest)
     start = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp creates it private; the final directory should not be
-        _write_model(tmp)
+        write(tmp)
         try:
             os.rename(tmp, dest)
         except OSError:

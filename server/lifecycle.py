@@ -114,14 +114,16 @@ class DrainingServer(uvicorn.Server):
 
 
 async def watch_engine(app: FastAPI) -> None:
-    """Stop the process (exit 1) once the engine has failed to start or has died."""
-    engine = app.state.engine
+    """Stop the process (exit 1) once an engine (the chat model's, or the reward model's when
+    one is served) has failed to start or has died."""
+    engines = [app.state.engine]
+    if getattr(app.state, "reward_engine", None) is not None:
+        engines.append(app.state.reward_engine)
     lifecycle: Lifecycle = app.state.lifecycle
-    while True:
+    reason = None
+    while reason is None:
         await asyncio.sleep(WATCHDOG_INTERVAL_S)
-        reason = engine.failure()
-        if reason is not None:
-            break
+        reason = next((e.failure() for e in engines if e.failure() is not None), None)
     logger.error("engine dead (%s): exiting with status %d so that the server is restarted",
                  reason, ENGINE_DEATH_EXIT_CODE)
     await asyncio.sleep(ENGINE_DEATH_GRACE_S)

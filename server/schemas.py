@@ -124,6 +124,19 @@ def _reject_removed_guided_fields(data: Any) -> Any:
     return data
 
 
+def with_extensions(params: SamplingParams, flux: FluxOptions | None,
+                    kv_policy: KVPolicyOptions | None) -> SamplingParams:
+    """``params`` with `flux` / `kv_policy` in its ``extra_args`` under each options model's
+    ``EXTRA_ARGS_KEY``: how the options reach the engine (the one mapping)."""
+    extra: dict[str, Any] = dict(params.extra_args or {})
+    if flux is not None:
+        extra[FLUX_KEY] = flux.to_extra_args()
+    if kv_policy is not None:
+        extra[KV_POLICY_KEY] = kv_policy.to_extra_args()
+    params.extra_args = extra or None
+    return params
+
+
 class _Extensions(BaseModel):
     """The fields and checks both request models share: vLLM's sampling bounds declared so that
     they appear in the OpenAPI document, and fluxserve's extension fields, which travel to the
@@ -151,14 +164,8 @@ class _Extensions(BaseModel):
         return _prepare(data)
 
     def to_sampling_params(self, *args: Any, **kwargs: Any) -> SamplingParams:
-        params = super().to_sampling_params(*args, **kwargs)  # type: ignore[misc]
-        extra: dict[str, Any] = dict(params.extra_args or {})
-        if self.flux is not None:
-            extra[FLUX_KEY] = self.flux.to_extra_args()
-        if self.kv_policy is not None:
-            extra[KV_POLICY_KEY] = self.kv_policy.to_extra_args()
-        params.extra_args = extra or None
-        return params
+        return with_extensions(super().to_sampling_params(*args, **kwargs),  # type: ignore[misc]
+                               self.flux, self.kv_policy)
 
 
 class ChatRequest(_Extensions, ChatCompletionRequest):

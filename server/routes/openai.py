@@ -23,6 +23,7 @@ from server.config import ServerSettings
 from server.engine import EngineState
 from server.errors import error_payload, error_response
 from server.metrics import DISCONNECTED, REJECTED, REQUESTS
+from server.reward.engine import reward_model_cards
 from server.schemas import ChatRequest, CompletionsRequest
 from server.structured_outputs import check_structured_outputs
 
@@ -66,7 +67,7 @@ def _options_from_xargs(body: ChatRequest | CompletionsRequest) -> tuple[list[di
     which reach the engine as-is) with the same models as the top-level fields, and move them
     there; refuse the keys vLLM reads as objects. Returns the validation errors, located under
     `vllm_xargs`, and the keys moved."""
-    xargs = body.vllm_xargs
+    xargs = getattr(body, "vllm_xargs", None)  # /v1/reward items have none
     moved: set[str] = set()
     if not xargs:
         return [], moved
@@ -237,6 +238,7 @@ async def list_models(raw_request: Request) -> JSONResponse:
     if raw_request.app.state.settings.smoke_test_model:
         for card in payload["data"]:
             card["owned_by"] = "fluxserve-smoke-test (random weights: output is meaningless)"
+    payload["data"].extend(reward_model_cards(raw_request.app))  # /v1/reward's scalar scorer
     return JSONResponse(payload)
 
 

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 
 from server.engine import EngineState
 from server.metrics import render_latest
+from server.reward.engine import RewardEngineState
 
 router = APIRouter(tags=["operations"])
 
@@ -17,6 +18,11 @@ async def health(request: Request) -> JSONResponse:
     failure = engine.failure()
     if failure is not None:
         return JSONResponse({"status": "dead", "error": failure}, status_code=503)
+    reward: RewardEngineState | None = request.app.state.reward_engine
+    failure = reward.failure() if reward is not None else None
+    if failure is not None:
+        return JSONResponse({"status": "dead", "error": f"reward engine: {failure}"},
+                            status_code=503)
     return JSONResponse({"status": "ok"})
 
 
@@ -24,16 +30,22 @@ async def health(request: Request) -> JSONResponse:
                               "draining")
 async def ready(request: Request) -> JSONResponse:
     engine: EngineState = request.app.state.engine
-    if not engine.alive:
-        return JSONResponse({"status": "dead", "error": engine.failure()}, status_code=503)
+    reward: RewardEngineState | None = request.app.state.reward_engine
+    engines = [engine] if reward is None else [engine, reward]  # the reward engine must serve too
+    for e in engines:
+        if not e.alive:
+            prefix = "" if e is engine else "reward engine: "
+            return JSONResponse({"status": "dead", "error": prefix + e.failure()},
+                                status_code=503)
     if request.app.state.lifecycle.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
-    if not engine.ready:
+    if not all(e.ready for e in engines):
         return JSONResponse({"status": "starting"}, status_code=503)
-    return JSONResponse({
-        "status": "ready",
-        "unfinished_requests": engine.client.get_num_unfinished_requests(),
-    })
+    unfinished = [e.client.get_num_unfinished_requests() for e in engines]
+    body = {"status": "ready", "unfinished_requests": sum(unfinished)}
+    if reward is not None:
+        body["reward_unfinished_requests"] = unfinished[1]
+    return JSONResponse(body)
 
 
 @router.get("/metrics", summary="Prometheus metrics (vLLM's and fluxserve's)")

@@ -61,7 +61,10 @@ def launch_server(extra_args: list[str], log_dir: Path, api_key: str = API_KEY
     log_path = log_dir / "server.log"
     cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
            "--api-key", api_key, "--max-model-len", "2048", "--enforce-eager",
-           "--max-num-seqs", "16", *extra_args]
+           "--max-num-seqs", "16",
+           # the embedded reward model's engine (/v1/reward scalar mode): a small KV cache
+           "--reward-max-model-len", "2048", "--reward-kv-cache-memory-bytes", str(64 << 20),
+           *extra_args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     with contextlib.ExitStack() as stack:

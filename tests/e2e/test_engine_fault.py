@@ -33,7 +33,8 @@ def _long_request(server, stream: bool) -> dict:
 
 
 def test_engine_death_fails_requests_in_flight_and_ends_the_process(tmp_path):
-    with launch_server([], tmp_path) as server:
+    # no reward engine: the one engine core under the server is the chat model's
+    with launch_server(["--reward-model", "none"], tmp_path) as server:
         url = f"{server.base_url}/v1/chat/completions"
         results: dict[str, object] = {}
         first_event = threading.Event()

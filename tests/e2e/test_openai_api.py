@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from server.reward.default_model import DEFAULT_REWARD_MODEL_NAME
 from tests.e2e.conftest import MODEL
 
 pytestmark = pytest.mark.e2e
@@ -15,7 +16,8 @@ MESSAGES = [{"role": "system", "content": "You are terse."},
 
 def test_models_lists_the_smoke_test_model(server):
     models = server.client().models.list().data
-    assert [m.id for m in models] == [MODEL]
+    # the embedded reward model (/v1/reward scalar mode) is listed after the chat model
+    assert [m.id for m in models] == [MODEL, DEFAULT_REWARD_MODEL_NAME]
     assert "smoke-test" in models[0].owned_by
 
 

@@ -1,0 +1,1 @@
+"""`/v1/reward`: LongRM-style scalar (discriminative) and judge (generative) reward scoring."""
