@@ -8,10 +8,11 @@ import argparse
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
 
 from server.config import ServerSettings
 from server.engine import EngineState
+from server.errors import install_error_handlers
+from server.lifecycle import Lifecycle
 from server.reward.engine import RewardEngineState
 from server.routes import ops, reward
 
@@ -23,7 +24,8 @@ def _app(reward_engine: RewardEngineState | None) -> FastAPI:
     app.state.settings = ServerSettings()
     app.state.engine = EngineState(ready=True)
     app.state.reward_engine = reward_engine
-    init_exception_handler(app)
+    app.state.lifecycle = Lifecycle()
+    install_error_handlers(app)
     app.include_router(ops.router)
     app.include_router(reward.router)
     return app
