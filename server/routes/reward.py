@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from vllm.entrypoints.serve.engine.protocol import UsageInfo
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
 
@@ -12,16 +12,27 @@ from server.reward import scoring
 from server.reward.schemas import RewardRequest, RewardResponse
 from server.routes.openai import ERROR_RESPONSES, require_ready
 
+CLIENT_CLOSED_REQUEST = 499
+
 router = APIRouter(dependencies=[Depends(require_api_key), Depends(require_ready)])
 
 
 @router.post("/v1/reward", response_model=RewardResponse, responses=ERROR_RESPONSES,
              dependencies=[Depends(validate_json_request)],
              summary="Score candidate responses to a context (LongRM scalar or judge)")
-@with_cancellation
-async def create_reward(body: RewardRequest, raw_request: Request) -> JSONResponse:
+async def create_reward(body: RewardRequest, raw_request: Request) -> Response:
     """Each item's candidates are scored by the reward model (`mode: scalar`) or compared by the
     chat model with LongRM's judge prompts (`mode: judge`). Errors use the OpenAI error shape."""
+    response = await _score(body, raw_request)
+    if response is None:
+        # with_cancellation: the client went away and its engine requests were cancelled;
+        # nobody reads this answer (499: client closed the request)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return response
+
+
+@with_cancellation
+async def _score(body: RewardRequest, raw_request: Request) -> JSONResponse:
     prepared = await scoring.prepare(body.items, raw_request)
     data = await scoring.run(prepared, raw_request)
     prompt = sum(r.usage.prompt_tokens for r in data)

@@ -47,7 +47,7 @@ def _stream(base_url: str, auth: dict, max_tokens: int, started: threading.Barri
 
 def test_sigterm_drains_streams_refuses_new_requests_and_cuts_at_the_deadline(tmp_path):
     args = ["--served-model-name", NAME, "--drain-timeout", str(DRAIN_TIMEOUT_S),
-            "--max-model-len", "8192"]
+            "--max-model-len", "8192", "--reward-model", "none"]
     with launch_server(args, tmp_path) as server:
         models = httpx.get(f"{server.base_url}/v1/models", headers=server.auth, timeout=10)
         assert [m["id"] for m in models.json()["data"]] == [NAME]

@@ -42,3 +42,13 @@ def llm(model_dir):
     yield engine
     del engine
     gc.collect()
+    # The engine ran in this process: its last step's finished requests would be released at a
+    # next step that never comes. Drop them, so that later in-process engines (tests/flux,
+    # tests/kv) start with empty worker-side registries.
+    from attention_backends.flux.request_state import get_registry
+    from kv_policies.eviction.runtime import get_runtime
+
+    registry = get_registry()
+    for req_id in list(registry.states):
+        registry.release(req_id)
+    get_runtime().retain_only(())
