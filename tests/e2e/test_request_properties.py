@@ -6,7 +6,7 @@ vLLM per-request inputs that reach the worker (logit bias, allowed/bad tokens, p
 structured-output grammars), on
 short and long prompts (a long one with n > 1 is prefilled in several chunks). Every body must
 get 200 or a 4xx in the OpenAI error shape; afterwards the engine is alive and has no
-unfinished request. Bounded: ~50 examples, at most 6 tokens each.
+unfinished request. Bounded: 60 examples, at most 6 tokens each.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def bodies(draw) -> tuple[str, dict]:
     return endpoint, body
 
 
-@settings(max_examples=50, deadline=None, database=None,
+@settings(max_examples=60, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(case=bodies())
 def test_any_body_gets_200_or_openai_4xx_and_the_engine_recovers(server, case):
