@@ -118,7 +118,7 @@ def _record_timing(key: str, seconds: float) -> None:
 @pytest.fixture(scope="module")
 def docker(tmp_path_factory: pytest.TempPathFactory) -> Docker:
     cli = _docker_cli()
-    info = subprocess.run([cli, "info", "--format", "{{.ServerVersion}}"], capture_output=True,
+    info = subprocess.run([cli, "version", "--format", "{{.Server.Version}}"], capture_output=True,
                           text=True, timeout=60)
     if info.returncode != 0:
         _unavailable(f"the Docker engine does not answer ({info.stderr.strip()[:300]})")
