@@ -34,8 +34,3 @@ def test_dashboard_queries_only_exported_fluxserve_metrics():
     base = {_base(name) for name in used}
     assert base <= defined, base - defined
 
-
-def test_kubernetes_probes_use_the_operational_endpoints():
-    text = (ROOT / "deploy/kubernetes/fluxserve.yaml").read_text()
-    assert "path: /health" in text and "path: /ready" in text
-    assert "prometheus.io/path: /metrics" in text
