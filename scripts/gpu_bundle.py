@@ -276,7 +276,6 @@ def cmd_install(args) -> None:
         wheels = sorted((work / "wheels").glob("*.whl"))
         if sorted(w.name for w in wheels) != sorted(manifest["wheels"]):
             raise SystemExit("the bundle's wheels differ from the manifest's list")
-        wheels += list(args.extra_wheel or [])
         pip = [sys.executable, "-m", "pip"]
         if args.venv is not None:
             if not (args.venv / "bin" / "python").exists():
@@ -286,9 +285,14 @@ def cmd_install(args) -> None:
             dest = []
         else:
             dest = ["--target", str(args.target), "--upgrade"]
-        subprocess.run([*pip, "install", "--no-index", "--no-deps", "--no-compile",
-                        "--no-cache-dir", "--disable-pip-version-check", "-q", *dest,
-                        *map(str, wheels)], check=True)
+        base = [*pip, "install", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+                "--disable-pip-version-check", "-q", *dest]
+        subprocess.run([*base, *map(str, wheels)], check=True)
+        if args.extra_wheel:  # a second call, so that these replace the bundle's copies
+            subprocess.run([*base, "--upgrade", "--force-reinstall", *map(str, args.extra_wheel)]
+                           if args.venv is not None else [*base, *map(str, args.extra_wheel)],
+                           check=True)
+            wheels += args.extra_wheel
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.venv is not None:
@@ -329,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--target", type=Path, help="pip --target folder (put it on PYTHONPATH)")
     where.add_argument("--venv", type=Path, help="venv (created with --system-site-packages)")
     i.add_argument("--extra-wheel", type=Path, action="append",
-                   help="another wheel to install with the bundle (e.g. a newer fluxserve)")
+                   help="a wheel to install after the bundle, over its copy "
+                   "(e.g. a newer fluxserve)")
     i.add_argument("--tmp-dir", type=Path, default=None, help="where to unpack (default: $TMPDIR)")
     i.set_defaults(func=cmd_install)
     return p
