@@ -11,7 +11,7 @@ GPU host, which needs nothing but its own Python (this script uses the standard 
 2. ``pack``: one uncompressed tar of those wheels (wheels are zip files already), written
    straight into pieces of at most ``--piece-size`` bytes, with a JSON manifest (SHA-256 of each
    piece and of the whole) so that pieces can travel over links with a size limit.
-3. ``install``: check the pieces, reassemble them as a stream (no second copy on disk), and
+3. ``install``: check every piece, reassemble them as a stream (no second copy on disk), and
    ``pip install --no-index --no-deps`` every wheel into ``--target DIR`` (then put DIR first on
    ``PYTHONPATH``) or into a virtual environment ``--venv DIR`` that also sees the host's own
    site-packages (the host image provides CUDA libraries, numpy, transformers, ...).
@@ -266,6 +266,19 @@ def cmd_install(args) -> None:
             raise SystemExit(f"missing piece {p}")
         if p.stat().st_size != meta["bytes"]:
             raise SystemExit(f"{p}: {p.stat().st_size} bytes, manifest says {meta['bytes']}")
+    # Check every piece before unpacking anything: a damaged piece then stops the install with
+    # its name, not with a tar error halfway through (one extra read of the pieces).
+    whole = hashlib.sha256()
+    for p, meta in zip(paths, manifest["pieces"], strict=True):
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+                whole.update(chunk)
+        if h.hexdigest() != meta["sha256"]:
+            raise SystemExit(f"{p}: SHA-256 differs from the manifest")
+    if whole.hexdigest() != manifest["sha256"]:
+        raise SystemExit("the pieces together: SHA-256 differs from the manifest")
     work = Path(tempfile.mkdtemp(prefix="fluxserve-bundle-", dir=args.tmp_dir))
     try:
         stream = _Concat(paths, [p["sha256"] for p in manifest["pieces"]])
