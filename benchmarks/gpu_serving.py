@@ -22,7 +22,8 @@ Llama-3.1-8B-shaped model (32 layers, hidden 4096, 32 q / 8 KV heads of 128, MLP
 Jobs, in this order, for every engine (stock ignores the fluxserve options):
 ``check`` (greedy tokens and top-5 logprobs of short requests of every mode, alone and in a
 64-request mixed batch), ``ttft`` (one 32K and one 128K prompt per mode), ``decode`` (time per
-output token at 8 and 32 concurrent 32K-context streams), ``capacity`` (most concurrent 32K
+output token at 8 and 32 concurrent 32K-context streams; by default they share one prefix, so
+one prefill serves all, see ``--distinct-contexts``), ``capacity`` (most concurrent 32K
 requests decoding in a fixed KV pool, none vs calidrop 2048), ``profile`` (torch profiler of
 decode steps). The driver compares engines and prints a table last; full results go to
 ``$OUT/gpu_serving.json``, logs to ``$OUT/engines.log``.
@@ -349,11 +350,15 @@ class Engine:
     def _streams(self, mode: str, b: int, ctx: int, steps: int, profile: bool = False) -> dict:
         """b concurrent decode streams at context ctx; returns time per output token."""
         s = self.scale
+        distinct = bool(self.spec.get("distinct_contexts"))
         base = prompt_ids(ctx - 16, SEED + 11, s.vocab)
-        prompts = [base + prompt_ids(16, SEED + 100 + i, s.vocab) for i in range(b)]
+        prompts = [(prompt_ids(ctx - 16, SEED + 300 + i, s.vocab) if distinct else base)
+                   + prompt_ids(16, SEED + 100 + i, s.vocab) for i in range(b)]
         p = self.params(mode, min(4096, s.max_model_len - ctx))
         t0 = time.perf_counter()
-        shared = mode not in ("calidrop",)  # compressed requests do not read the prefix cache
+        # Shared: one prefill, the other streams hit the prefix cache (their KV blocks are the
+        # same, which L2 partly serves). Compressed requests never read the prefix cache.
+        shared = not distinct and mode not in ("calidrop",)
         ids = [self.add(prompts[0], p)] if shared else [self.add(x, p) for x in prompts]
         self.run_until(lambda o: all(r in o and o[r].outputs[0].token_ids for r in ids))
         if shared:
@@ -532,7 +537,8 @@ def engine_specs(args, model: Path, scale: Scale, device: str) -> list[dict]:
         specs.append({"name": name, "kind": name.replace("-tp2", ""), "model": str(model),
                       "scale": asdict(scale), "device": device, "jobs": jobs,
                       "tp": 2 if name == "flux-tp2" else 1, "budget_s": args.budget_s,
-                      "calidrop_b32": args.calidrop_b32})
+                      "calidrop_b32": args.calidrop_b32,
+                      "distinct_contexts": args.distinct_contexts})
     return specs
 
 
@@ -711,6 +717,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="per engine: skip jobs that would start after this many seconds")
     ap.add_argument("--calidrop-b32", action="store_true",
                     help="also time calidrop at 32 streams (32 full 32K prefills)")
+    ap.add_argument("--distinct-contexts", action="store_true",
+                    help="decode streams with contexts of their own (one full prefill each) "
+                         "instead of one shared prefix")
     ap.add_argument("--prior", type=Path, action="append", default=[],
                     help="results JSON of an earlier run to compare with (e.g. flux TP1)")
     args = ap.parse_args(argv)
