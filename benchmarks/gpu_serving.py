@@ -406,9 +406,10 @@ class Engine:
         return res
 
     def job_ttft_short(self) -> dict:
-        ids = prompt_ids(self.scale.ctx_32k, SEED + 8, self.scale.vocab)
-        self._ttft(ids[:2048], "sparse")  # compile what sparse needs
-        return {f"32K:{m}": {"ttft_s": self._ttft(ids, m)} for m in ("none", "sparse")}
+        s = self.scale
+        self._ttft(prompt_ids(s.ctx_32k, SEED + 40, s.vocab), "sparse")  # compile what it needs
+        return {f"32K:{m}": {"ttft_s": self._ttft(prompt_ids(s.ctx_32k, SEED + 41 + i, s.vocab), m)}
+                for i, m in enumerate(("none", "sparse"))}
 
     def job_decode_short(self) -> dict:
         return {f"B8:{m}": self._streams(m, 8, self.scale.ctx_32k, self.scale.decode_steps)
@@ -555,6 +556,8 @@ def child_env(spec: dict, gpus: list[str]) -> dict:
         env["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # as `fluxserve serve` sets it on CUDA
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    elif spec["tp"] > 1:  # vLLM CPU: one core per rank, bound by hand (see ENVIRONMENT notes)
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(spec["tp"])))
     return env
 
 
