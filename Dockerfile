@@ -61,6 +61,7 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY attention_backends ./attention_backends
 COPY kv_policies ./kv_policies
+COPY evaluation ./evaluation
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=ca_bundle \
     if [ -f /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
@@ -114,6 +115,7 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY attention_backends ./attention_backends
 COPY kv_policies ./kv_policies
+COPY evaluation ./evaluation
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=ca_bundle \
     if [ -f /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
