@@ -99,7 +99,11 @@ async def start_engine(app: FastAPI, args: argparse.Namespace) -> None:
 
 
 async def stop_engine(app: FastAPI) -> None:
-    state: EngineState = app.state.engine
+    await shutdown_engine(app.state.engine)
+
+
+async def shutdown_engine(state: EngineState) -> None:
+    """Stop an engine that is starting or serving (its start cancelled, its client shut down)."""
     state.ready = False
     if state.start_task is not None and not state.start_task.done():
         state.start_task.cancel()

@@ -21,7 +21,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from server.engine import EngineState
+from server.engine import EngineState, shutdown_engine
 
 logger = logging.getLogger("fluxserve.reward")
 
@@ -164,14 +164,8 @@ async def start_reward_engine(app: FastAPI, after: asyncio.Task | None = None) -
 
 async def stop_reward_engine(app: FastAPI) -> None:
     state: RewardEngineState | None = app.state.reward_engine
-    if state is None:
-        return
-    state.ready = False
-    if state.start_task is not None and not state.start_task.done():
-        state.start_task.cancel()
-    if state.client is not None:
-        await asyncio.to_thread(state.client.shutdown)
-        state.client = None
+    if state is not None:
+        await shutdown_engine(state)
 
 
 def schedule_start(app: FastAPI) -> None:
