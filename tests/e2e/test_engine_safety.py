@@ -95,7 +95,7 @@ UNBOUNDED = {
         {"kv_policy": {"name": "snapkv", "budget": 64, "window": 64}}, "kv_policy.window"),
     "tau out of range": ({"kv_policy": {"name": "calidrop", "tau": 1.5}}, "kv_policy.tau"),
     "streaming sink not below budget": (
-        {"kv_policy": {"name": "streaming", "budget": 64, "window": 8, "sink": 64}},
+        {"kv_policy": {"name": "streaming", "budget": 64, "sink": 64}},
         "kv_policy.sink"),
     "flux window above the model's max length": (
         {"flux": {"mode": "sparse", "window": 2049}}, "flux.window"),
