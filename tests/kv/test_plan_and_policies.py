@@ -12,6 +12,7 @@ from attention_backends.kernels import ops, reference
 from kv_policies.eviction.base import SelectionInputs
 from kv_policies.eviction.options import POLICY_NAMES, parse_kv_policy
 from kv_policies.eviction.plan import eviction_plan
+from kv_policies.eviction.policies import BUILTIN_POLICIES
 from kv_policies.eviction.policies.snapkv import SnapKVOptions
 from kv_policies.eviction.registry import get_policy, policy_names
 from kv_policies.eviction.runtime import KVPolicyRuntime
@@ -58,6 +59,11 @@ def test_plan_defaults_budget_from_options():
 
 def test_registry_has_every_schema_name():
     assert set(POLICY_NAMES) <= set(policy_names())
+    # the request schema is derived from the one registration, BUILTIN_POLICIES
+    assert POLICY_NAMES == tuple(p.name for p in BUILTIN_POLICIES)
+    for p in BUILTIN_POLICIES:
+        assert p.options_cls().name == p.name
+        assert type(parse_kv_policy({"name": p.name})) is p.options_cls
     assert get_policy(None).name == "none" and not get_policy("none").evicts
     assert get_policy("calidrop").calibrates and not get_policy("snapkv").calibrates
     with pytest.raises(ValueError):
