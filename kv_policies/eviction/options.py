@@ -35,10 +35,11 @@ _UNKNOWN_NAME = "unknown_kv_policy"
 
 
 def _policy_name(value: Any) -> Any:
-    """The union's tag: the ``name`` (absent means ``none``, the default policy)."""
+    """The union's tag: the ``name`` (absent means ``none``, the default policy). A value that
+    is not an object goes to ``none``, whose model refuses it as not an object."""
     if isinstance(value, dict):
         return value.get("name", DEFAULT_POLICY)
-    return getattr(value, "name", None)
+    return value.name if isinstance(value, PolicyOptions) else DEFAULT_POLICY
 
 
 KVPolicyOptions = Annotated[
