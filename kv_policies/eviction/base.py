@@ -62,7 +62,8 @@ class SelectionInputs:
     """What a policy may look at to choose the kept slots of one layer of one request.
 
     ``q_obs [n, Hq, D]`` are the queries (RoPE applied) of the last ``n`` prompt positions,
-    ending at ``prompt_len - 1`` (``n`` = the options' ``window`` if it has one, else 0);
+    ending at ``prompt_len - 1`` (``n`` = the policy's ``observation_window``, fewer when the
+    prompt's last chunk is shorter);
     ``kv_cache``/``block_row`` locate the layer's keys and values (vLLM's paged layout
     ``[num_blocks, Hkv, block_size, 2*D]``); ``options`` is the request's validated options
     model (the policy's own class).
@@ -101,6 +102,11 @@ class KVPolicy(ABC):
 
         Called only when ``prompt_len > budget``.
         """
+
+    def observation_window(self, options: PolicyOptions) -> int:
+        """How many of the last prompt queries ``select`` reads (``SelectionInputs.q_obs``).
+        Default: none."""
+        return 0
 
     def summarize_evicted(self, inputs: SelectionInputs, kept: Tensor,
                           q_ref: Tensor) -> object | None:

@@ -107,7 +107,7 @@ class KVPolicyRuntime:
             return
         prompt_len = plan.gap_end
         q_end = q_chunk.shape[0] if q_end is None else q_end
-        n_obs = min(getattr(opts, "window", 0), q_end)  # only SnapKV-like options observe
+        n_obs = min(impl.observation_window(opts), q_end)
         q_obs = q_chunk[q_end - n_obs:q_end]
         inputs = SelectionInputs(q_obs=q_obs, kv_cache=kv_cache, block_row=block_row,
                                  prompt_len=prompt_len, scale=scale, options=opts)

@@ -62,6 +62,9 @@ class SnapKVPolicy(KVPolicy):
     name = "snapkv"
     options_cls = SnapKVOptions
 
+    def observation_window(self, options: SnapKVOptions) -> int:
+        return options.window
+
     def select(self, inputs: SelectionInputs) -> Tensor:
         opts = inputs.options
         scores = ops.snapkv_scores(inputs.q_obs, inputs.kv_cache, inputs.block_row,
