@@ -22,8 +22,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=500)
     args = ap.parse_args()
     b = args.batch
-    calidrop = {"name": "calidrop", "budget": 2048, "window": 32, "pool_kernel": 7, "tau": 0.9,
-                "sink": 4}
+    calidrop = {"name": "calidrop", "budget": 2048, "window": 32, "pool_kernel": 7, "tau": 0.9}
     extra = {f"r{i}": ({"flux": {"mode": "sparse", "sink": 128, "window": 2048}} if i % 3 == 0
                        else {"kv_policy": calidrop} if i % 3 == 1 else None) for i in range(b)}
     reg = FluxRegistry()

@@ -126,10 +126,10 @@ def check(prompt_len: int, block_size: int, hq: int, hkv: int, d: int, sink: int
         "full": None,
         "sparse": {"flux": {"mode": "sparse", "sink": sink, "window": window}},
         "calidrop": {"kv_policy": {"name": "calidrop", "budget": budget, "window": 32,
-                                   "pool_kernel": 7, "tau": -1.0, "sink": 4}},
+                                   "pool_kernel": 7, "tau": -1.0}},
         "sparse+snapkv": {"flux": {"mode": "sparse", "sink": sink, "window": window},
                           "kv_policy": {"name": "snapkv", "budget": budget, "window": 32,
-                                        "pool_kernel": 7, "tau": 0.9, "sink": 4}},
+                                        "pool_kernel": 7}},
     }
     batch = Batch(specs, prompt_len, block_size, hq, hkv, d, seed)
     gpu = batch.run("cuda" if torch.cuda.is_available() else "cpu", "dev")

@@ -5,12 +5,19 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field
+from typing import get_args
 
 from pydantic import ValidationError
 
-from attention_backends.flux.options import FluxOptions
+from attention_backends.flux.options import FluxMode, FluxOptions
 from attention_backends.flux.router import router_available
-from kv_policies.eviction.options import POLICY_NAMES, KVPolicyOptions
+from kv_policies.eviction.options import (
+    DEFAULT_POLICY,
+    POLICY_NAMES,
+    KVPolicyOptions,
+    option_fields,
+    parse_kv_policy,
+)
 from server.transport import TransportLimits
 
 API_KEY_ENV = "FLUXSERVE_API_KEY"
@@ -18,7 +25,8 @@ API_KEY_ENV = "FLUXSERVE_API_KEY"
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("fluxserve")
-    group.add_argument("--flux-mode", choices=["auto", "full", "sparse", "layers"], default="full",
+    group.add_argument("--flux-mode", choices=list(get_args(FluxMode)),
+                       default=FluxOptions.model_fields["mode"].default,
                        help="Default Flux routing for requests that send no `flux` field.")
     group.add_argument("--flux-sparse-layers", type=str, default=None,
                        help="Comma-separated layer indices that run sparse "
@@ -52,20 +60,21 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--drain-timeout", type=float, default=30.0,
                        help="On SIGTERM, seconds the requests in flight get to finish before "
                             "they are cut with an error and the process exits.")
-    group.add_argument("--kv-policy", choices=list(POLICY_NAMES), default="none",
+    group.add_argument("--kv-policy", choices=list(POLICY_NAMES), default=DEFAULT_POLICY,
                        help="Default KV-eviction policy for requests that send no `kv_policy`.")
-    group.add_argument("--kv-budget", type=int, default=2048, help="Default KV budget (tokens).")
-    group.add_argument("--kv-window", type=int, default=32, help="Default observation window.")
-    group.add_argument("--kv-pool-kernel", type=int, default=7, help="Default score pool kernel.")
-    group.add_argument("--kv-tau", type=float, default=0.9,
-                       help="Default calibration cosine threshold (calidrop).")
+    # One flag per option field of the policies' models (`--kv-pool-kernel` sets `pool_kernel`),
+    # for the policies that have it; unset means the model's default.
+    for name, (info, policies) in option_fields().items():
+        group.add_argument(f"--kv-{name.replace('_', '-')}", type=info.annotation, default=None,
+                           help=f"Default kv_policy.{name} ({', '.join(policies)}): "
+                                f"{info.description} (default {info.default})")
 
 
 @dataclass(frozen=True)
 class ServerSettings:
     api_keys: tuple[str, ...] = ()
     default_flux: FluxOptions = field(default_factory=FluxOptions)
-    default_kv_policy: KVPolicyOptions = field(default_factory=KVPolicyOptions)
+    default_kv_policy: KVPolicyOptions = field(default_factory=lambda: parse_kv_policy({}))
     router_available: bool = False
     smoke_test_model: bool = False
     max_in_flight_requests: int = 1024
@@ -96,8 +105,9 @@ class ServerSettings:
         except ValidationError as exc:
             raise SystemExit(f"--flux-* defaults rejected: {_errors(exc)}") from None
         try:
-            kv = KVPolicyOptions(name=args.kv_policy, budget=args.kv_budget, window=args.kv_window,
-                                 pool_kernel=args.kv_pool_kernel, tau=args.kv_tau)
+            kv = parse_kv_policy({"name": args.kv_policy, **{
+                name: getattr(args, f"kv_{name}") for name in option_fields()
+                if getattr(args, f"kv_{name}") is not None}})
         except ValidationError as exc:
             raise SystemExit(f"--kv-* defaults rejected: {_errors(exc)}") from None
         router = router_available(args.model, args.flux_router)

@@ -5,7 +5,9 @@ vLLM's handlers (``init_exception_handler``) cover validation and vLLM's own err
 adds what they miss: Starlette's own HTTP errors (404 unknown path, 405 wrong method, 400 body
 parse errors such as invalid UTF-8), the headers an HTTPException carries (``Allow``,
 ``Retry-After``, ``Connection: close``), and engine failures, which name their cause instead of
-vLLM's "see stack trace above".
+vLLM's "see stack trace above". Validation errors are located as the API names the fields
+before vLLM's handler turns the first one into `param` (``kv_policy.window``, not the pydantic
+location ``kv_policy.snapkv.window`` of the policy union).
 """
 
 from __future__ import annotations
@@ -15,13 +17,19 @@ from collections.abc import Iterable
 from http import HTTPStatus
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Send
 from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
+from vllm.entrypoints.serve.exception_handling.handlers.validation import (
+    validation_exception_handler,
+)
 from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
 from vllm.entrypoints.serve.exception_handling.utils import sanitize_message
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+from kv_policies.eviction.options import api_errors
 
 
 def error_payload(status: int, message: str, *, err_type: str | None = None,
@@ -62,6 +70,12 @@ async def http_exception_handler(request: Request, exc: StarletteHTTPException) 
     return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
 
+async def request_validation_handler(request: Request, exc: RequestValidationError
+                                     ) -> JSONResponse:
+    return await validation_exception_handler(
+        request, RequestValidationError(api_errors(exc.errors()), body=exc.body))
+
+
 async def engine_error_handler(request: Request, exc: EngineDeadError | EngineGenerateError
                                ) -> JSONResponse:
     engine = request.app.state.engine
@@ -80,5 +94,6 @@ def install_error_handlers(app: FastAPI) -> None:
     # bodies it cannot parse; vLLM registers FastAPI's subclass only, and drops the headers.
     app.exception_handler(StarletteHTTPException)(http_exception_handler)
     app.exception_handler(HTTPException)(http_exception_handler)
+    app.exception_handler(RequestValidationError)(request_validation_handler)
     app.exception_handler(EngineDeadError)(engine_error_handler)
     app.exception_handler(EngineGenerateError)(engine_error_handler)

@@ -1,119 +1,108 @@
-"""Per-request KV-eviction options, as sent in the request body (`kv_policy`) and as the engine
-reads them back from `SamplingParams.extra_args["kv_policy"]`.
+"""The ``kv_policy`` request field: a union of the policies' options models, picked by ``name``.
 
-Every field is bounded (docs/request_options.md lists the bounds and why): statically here, and
-against the served model by ``model_limit_errors``, which the front end calls with the model's
-``max_model_len``. Bounded values also stay far inside int64, which is what msgspec can carry
-from the front end to the engine.
+Each policy's options model lives with the policy (``policies/<name>.py``: ``StreamingOptions``,
+``SnapKVOptions``, ...) and declares its own bounded fields; this module only joins the
+registered ones (``policies.BUILTIN_POLICIES``). The engine reads the same models back from
+``SamplingParams.extra_args["kv_policy"]`` (``plan.checked_options``).
+
+Every field is bounded (docs/request_options.md lists the bounds and why): statically on the
+models, and against the served model by ``model_limit_errors``, which the front end calls with
+the model's ``max_model_len``. A field the named policy does not have is refused.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
+from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
+
+from kv_policies.eviction.base import MAX_TOKENS_OPTION, PolicyOptions
+from kv_policies.eviction.policies import BUILTIN_POLICIES
+from kv_policies.eviction.policies.snapkv import MAX_POOL_KERNEL
 
 EXTRA_ARGS_KEY = "kv_policy"
 
-# Kept in sync with the policy registry (kv_policies.eviction.registry), which checks it at import.
-POLICY_NAMES = ("none", "streaming", "snapkv", "calidrop")
-
-# A static ceiling for every token-count option, far above any model's context length (the
-# model's own max_model_len is the real bound, checked by model_limit_errors).
-MAX_TOKENS_OPTION = 1 << 24
-# SnapKV pools scores over a small neighbourhood (the paper's kernel is 7); past a few dozen
-# positions pooling only smears the selection. 63 keeps the pooling cost (O(L * k) per head) below
-# that of computing the scores it pools (O(L * window * head_dim) per head).
-MAX_POOL_KERNEL = 63
+OPTIONS_BY_NAME: dict[str, type[PolicyOptions]] = {p.name: p.options_cls for p in BUILTIN_POLICIES}
+POLICY_NAMES: tuple[str, ...] = tuple(OPTIONS_BY_NAME)
+# The policy of a `kv_policy` object without `name`, and of a request without `kv_policy`.
+DEFAULT_POLICY = "none"
 
 
-class KVPolicyOptions(BaseModel):
-    """Which KV-eviction policy compresses this request's prompt KV after prefill.
+_UNKNOWN_NAME = "unknown_kv_policy"
 
-    A prompt that fits in ``budget`` tokens is never touched.
+
+def _policy_name(value: Any) -> Any:
+    """The union's tag: the ``name`` (absent means ``none``, the default policy). A value that
+    is not an object goes to ``none``, whose model refuses it as not an object."""
+    if isinstance(value, dict):
+        return value.get("name", DEFAULT_POLICY)
+    return value.name if isinstance(value, PolicyOptions) else DEFAULT_POLICY
+
+
+KVPolicyOptions = Annotated[
+    Union[tuple(Annotated[cls, Tag(name)] for name, cls in OPTIONS_BY_NAME.items())],  # noqa: UP007
+    Discriminator(
+        _policy_name, custom_error_type=_UNKNOWN_NAME,
+        custom_error_message=f"unknown kv_policy.name; expected one of {list(POLICY_NAMES)}"),
+]
+"""Which KV-eviction policy compresses this request's prompt KV after prefill, and its options:
+one of the policies' options models, by ``name``."""
+
+_ADAPTER: TypeAdapter[PolicyOptions] = TypeAdapter(KVPolicyOptions)
+
+
+def api_loc(loc: tuple, error_type: str = "") -> tuple:
+    """An error location within a ``kv_policy`` value as the API names it (``param``).
+
+    pydantic places the union's tag (the policy name) after the field holding the union (or
+    first, for a value validated alone): it is dropped, so that ``kv_policy.snapkv.window``
+    reads ``kv_policy.window``. An unknown name is located at ``kv_policy.name``.
     """
+    out = [part for i, part in enumerate(loc)
+           if not (part in OPTIONS_BY_NAME and (i == 0 or loc[i - 1] == EXTRA_ARGS_KEY))]
+    if error_type == _UNKNOWN_NAME:
+        out.append("name")
+    return tuple(out)
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    name: str = Field(default="none", description=f"One of {', '.join(POLICY_NAMES)}.")
-    budget: int = Field(
-        default=2048, ge=2, le=MAX_TOKENS_OPTION,
-        description="KV tokens kept per layer and KV head (at most the model's max length).",
-    )
-    window: int = Field(
-        default=32, ge=1, le=MAX_TOKENS_OPTION, validate_default=True,
-        description="Observation window (the last prompt tokens, always kept); below `budget`.",
-    )
-    pool_kernel: int = Field(
-        default=7, ge=1, le=MAX_POOL_KERNEL, validate_default=True,
-        description=f"Max-pool kernel over scores (odd, at most {MAX_POOL_KERNEL} and `budget`).",
-    )
-    sink: int = Field(
-        default=4, ge=0, le=MAX_TOKENS_OPTION, validate_default=True,
-        description="Sink tokens kept by the streaming policy (below `budget`).",
-    )
-    tau: float = Field(
-        default=0.9, ge=-1.0, le=1.0,
-        description="Cosine threshold for applying the calibration term (calidrop).",
-    )
+def api_errors(errors: Sequence[dict]) -> list[dict]:
+    """pydantic ``errors()`` with each location rewritten by ``api_loc``."""
+    return [{**e, "loc": api_loc(tuple(e["loc"]), e["type"])} for e in errors]
 
-    # Cross-field checks are field validators (fields validate in declaration order, so the
-    # earlier ones are in info.data; validate_default: defaults are checked against the sent
-    # budget too): the error's location, and so the API's `param`, is the offending field.
-    @field_validator("name")
-    @classmethod
-    def _known_policy(cls, v: str) -> str:
-        if v not in POLICY_NAMES:
-            raise ValueError(f"unknown kv_policy.name {v!r}; expected one of {list(POLICY_NAMES)}")
-        return v
 
-    @field_validator("window")
-    @classmethod
-    def _window_in_budget(cls, v: int, info: ValidationInfo) -> int:
-        budget = info.data.get("budget")
-        if budget is not None and v >= budget:
-            raise ValueError(f"kv_policy.window ({v}) must be smaller than kv_policy.budget "
-                             f"({budget})")
-        return v
+def parse_kv_policy(value: Any) -> PolicyOptions:
+    """``value`` (a dict, JSON text or an options model) as its policy's options model.
 
-    @field_validator("pool_kernel")
-    @classmethod
-    def _odd_kernel(cls, v: int, info: ValidationInfo) -> int:
-        if v % 2 == 0:
-            raise ValueError("kv_policy.pool_kernel must be odd")
-        budget = info.data.get("budget")
-        if budget is not None and v > budget:
-            raise ValueError(f"kv_policy.pool_kernel ({v}) must be at most kv_policy.budget "
-                             f"({budget})")
-        return v
+    Raises ``pydantic.ValidationError`` located as the API names it (``api_loc``), with the
+    same error types and messages.
+    """
+    try:
+        if isinstance(value, str | bytes):
+            return _ADAPTER.validate_json(value)
+        return _ADAPTER.validate_python(value)
+    except ValidationError as exc:
+        raise ValidationError.from_exception_data(exc.title, [
+            # The message is kept as rendered (a custom error without context is verbatim).
+            {"type": PydanticCustomError(e["type"], e["msg"]), "loc": e["loc"],
+             "input": e["input"]}
+            for e in api_errors(exc.errors())]) from None
 
-    @field_validator("sink")
-    @classmethod
-    def _sink_in_budget(cls, v: int, info: ValidationInfo) -> int:
-        budget = info.data.get("budget")
-        if info.data.get("name") == "streaming" and budget is not None and v >= budget:
-            raise ValueError(f"kv_policy.sink ({v}) must be smaller than kv_policy.budget "
-                             f"({budget})")
-        return v
 
-    @field_validator("tau")
-    @classmethod
-    def _finite_tau(cls, v: float) -> float:
-        if not math.isfinite(v):  # allow_inf_nan covers JSON; this covers Python callers too
-            raise ValueError("kv_policy.tau must be finite")
-        return v
+def option_fields() -> dict[str, tuple[FieldInfo, tuple[str, ...]]]:
+    """Every option field of the policies but ``name``: its declaration (the first policy's)
+    and the names of the policies that have it, e.g. ``"tau": (..., ("calidrop",))``."""
+    fields: dict[str, tuple[FieldInfo, tuple[str, ...]]] = {}
+    for name, cls in OPTIONS_BY_NAME.items():
+        for field, info in cls.model_fields.items():
+            if field != "name":
+                first, names = fields.get(field, (info, ()))
+                fields[field] = (first, (*names, name))
+    return fields
 
-    def model_limit_errors(self, max_model_len: int) -> list[tuple[str, str]]:
-        """The bounds that depend on the served model: ``(field, message)`` for each field that
-        exceeds them (empty when all fit)."""
-        errors = []
-        if self.budget > max_model_len:
-            errors.append(("budget", f"kv_policy.budget ({self.budget}) must be at most the "
-                                     f"model's max length ({max_model_len} tokens)"))
-        if self.sink > max_model_len:
-            errors.append(("sink", f"kv_policy.sink ({self.sink}) must be at most the model's "
-                                   f"max length ({max_model_len} tokens)"))
-        return errors
 
-    def to_extra_args(self) -> dict:
-        return self.model_dump()
+__all__ = ["DEFAULT_POLICY", "EXTRA_ARGS_KEY", "MAX_POOL_KERNEL", "MAX_TOKENS_OPTION",
+           "OPTIONS_BY_NAME", "POLICY_NAMES", "KVPolicyOptions", "api_errors", "api_loc",
+           "option_fields", "parse_kv_policy"]

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from kv_policies.eviction.options import KVPolicyOptions
+from kv_policies.eviction.base import PolicyOptions
+from kv_policies.eviction.options import parse_kv_policy
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +40,9 @@ class EvictionPlan:
         return self.gap_end - self.kept_end
 
 
-def checked_options(kv_policy: object) -> KVPolicyOptions | None:
-    """A request's ``kv_policy`` extra arg as validated options; None when absent or invalid.
+def checked_options(kv_policy: object) -> PolicyOptions | None:
+    """A request's ``kv_policy`` extra arg as its policy's validated options model (e.g.
+    ``SnapKVOptions``); None when absent or invalid.
 
     The server rejects invalid options with a 400; a plain vLLM caller can still put anything
     in ``extra_args``, and in the engine an invalid value must not raise (that would kill the
@@ -49,7 +51,7 @@ def checked_options(kv_policy: object) -> KVPolicyOptions | None:
     if not kv_policy:
         return None
     try:
-        return KVPolicyOptions.model_validate(kv_policy)
+        return parse_kv_policy(kv_policy)
     except (ValidationError, TypeError) as exc:
         logger.warning("invalid kv_policy %.200r ignored (no eviction): %s", kv_policy,
                        str(exc).splitlines()[0])
@@ -74,10 +76,15 @@ def eviction_plan(kv_policy: object, prompt_len: int, block_size: int) -> Evicti
     """
     if policy_name(kv_policy) == "none":
         return None
-    opts = checked_options(kv_policy)
-    if opts is None:
+    return plan_for_options(checked_options(kv_policy), prompt_len, block_size)
+
+
+def plan_for_options(opts: PolicyOptions | None, prompt_len: int,
+                     block_size: int) -> EvictionPlan | None:
+    """``eviction_plan`` from already validated options (None: no eviction)."""
+    if opts is None or opts.name == "none":
         return None
-    budget = opts.budget
+    budget = opts.budget  # every policy but `none` has one
     if prompt_len <= budget:
         return None
     first_freed = -(-budget // block_size)

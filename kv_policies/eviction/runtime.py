@@ -6,11 +6,13 @@ The attention backend owns when things happen; it calls, per worker process
 - ``plan_for`` while building each step's metadata (``kv_policies.eviction.step``), for the
   request's eviction plan (computed once per request).
 - ``compress_layer`` once per (request, layer), right after that layer's attention for the step
-  in which the request's prompt completes. It selects the kept slots, (calidrop) computes the
-  evicted set's partial attention under the last prompt query, then compacts the kept KV into
-  slots ``[0, budget)``. From then on the backend masks slots ``[plan.kept_end, plan.gap_end)``.
+  in which the request's prompt completes. The policy selects the kept slots and, if it
+  calibrates (CaliDrop, ``policies.calidrop``), summarises the evicted ones; then the runtime
+  compacts the kept KV into slots ``[0, budget)``. From then on the backend masks slots
+  ``[plan.kept_end, plan.gap_end)``.
 - ``calibration_for`` before a layer's attention, to get the batched calibration inputs for
-  ``ops.paged_attention`` (None when no request of the batch is calibrated at that layer).
+  ``ops.paged_attention`` (``calidrop.batched_calibration``; None when no request of the batch
+  is calibrated at that layer).
 - ``record_hits`` after it, with the ``calib_hits`` the kernel returned (counts for metrics).
 - ``release`` when a request finishes, is aborted or is preempted (a preempted request
   recomputes its prompt and is compressed again, so nothing must survive it). ``retain_only``
@@ -26,12 +28,13 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from attention_backends.kernels import ops
-from kv_policies.eviction.base import SelectionInputs, resolved_options
-from kv_policies.eviction.plan import EvictionPlan, eviction_plan
+from kv_policies.eviction.base import PolicyOptions, SelectionInputs
+from kv_policies.eviction.options import parse_kv_policy
+from kv_policies.eviction.plan import EvictionPlan, checked_options, plan_for_options
+from kv_policies.eviction.policies.calidrop import LayerCalibration, batched_calibration
 from kv_policies.eviction.registry import get_policy
 
 # Flush the on-device hit counters to Prometheus every this many record_hits calls, so decode
@@ -40,19 +43,10 @@ _FLUSH_EVERY = 512
 
 
 @dataclass
-class LayerCalibration:
-    """The evicted set of one (request, layer), summarised per query head."""
-
-    q_ref: Tensor  # [Hq, D], the last prompt query (RoPE applied), in the query dtype
-    o_e: Tensor  # [Hq, D] float32, attention output of q_ref over the evicted slots
-    lse_e: Tensor  # [Hq] float32, log-sum-exp of q_ref's scores over the evicted slots
-
-
-@dataclass
 class RequestKVState:
     plan: EvictionPlan
     policy: str
-    tau: float
+    # layer -> the policy's summary of its evicted slots (``KVPolicy.summarize_evicted``)
     layers: dict[int, LayerCalibration] = field(default_factory=dict)
     compressed_layers: set[int] = field(default_factory=set)
 
@@ -65,23 +59,34 @@ class KVPolicyRuntime:
         self._checks = 0
         self._hits: Tensor | None = None
         self._hit_calls = 0
-        # req_id -> (prompt_len, block_size, kv_policy, plan): a plan depends only on what the
-        # request fixed, and the step metadata asks for it every step.
-        self._plans: dict[str, tuple[int, int, dict, EvictionPlan | None]] = {}
+        # req_id -> (prompt_len, block_size, kv_policy, options, plan): a plan depends only on
+        # what the request fixed, and the step metadata asks for it every step.
+        self._plans: dict[str, tuple[int, int, dict, PolicyOptions | None,
+                                     EvictionPlan | None]] = {}
 
     # ------------------------------------------------------------------ eviction
 
     def plan_for(self, req_id: str, kv_policy: dict, prompt_len: int,
                  block_size: int) -> EvictionPlan | None:
         """``plan.eviction_plan`` of a running request, computed once per request."""
+        return self._cached(req_id, kv_policy, prompt_len, block_size)[4]
+
+    def options_for(self, req_id: str, kv_policy: dict, prompt_len: int,
+                    block_size: int) -> PolicyOptions | None:
+        """The request's validated options (``plan.checked_options``), computed once."""
+        return self._cached(req_id, kv_policy, prompt_len, block_size)[3]
+
+    def _cached(self, req_id: str, kv_policy: dict, prompt_len: int, block_size: int):
         cached = self._plans.get(req_id)
         if cached is None or cached[:3] != (prompt_len, block_size, kv_policy):
-            cached = (prompt_len, block_size, kv_policy,
-                      eviction_plan(kv_policy, prompt_len, block_size))
+            opts = checked_options(kv_policy)
+            cached = (prompt_len, block_size, kv_policy, opts,
+                      plan_for_options(opts, prompt_len, block_size))
             self._plans[req_id] = cached
-        return cached[3]
+        return cached
 
-    def compress_layer(self, req_id: str, layer_idx: int, plan: EvictionPlan, policy: dict,
+    def compress_layer(self, req_id: str, layer_idx: int, plan: EvictionPlan,
+                       policy: PolicyOptions | dict,
                        q_chunk: Tensor, kv_cache: Tensor, block_row: Tensor, scale: float,
                        q_end: int | None = None) -> None:
         """Evict one layer of one request in place.
@@ -92,15 +97,17 @@ class KVPolicyRuntime:
         tokens after it). The observation window is the last ``min(window, q_end)`` of those
         rows: when a chunk boundary falls inside the window, fewer observation queries are used.
         ``kv_cache [num_blocks, Hkv, block_size, 2*D]`` is this layer's cache and ``block_row``
-        the request's block-table row, both already holding the whole prompt's KV.
+        the request's block-table row, both already holding the whole prompt's KV. ``policy``
+        is the request's options model (a ``kv_policy`` dict is validated first: raises
+        ``pydantic.ValidationError`` if invalid).
         """
-        opts = resolved_options(policy)
-        impl = get_policy(opts["name"])
+        opts = policy if isinstance(policy, PolicyOptions) else parse_kv_policy(policy)
+        impl = get_policy(opts.name)
         if not impl.evicts:
             return
         prompt_len = plan.gap_end
         q_end = q_chunk.shape[0] if q_end is None else q_end
-        n_obs = min(int(opts["window"]), q_end)
+        n_obs = min(impl.observation_window(opts), q_end)
         q_obs = q_chunk[q_end - n_obs:q_end]
         inputs = SelectionInputs(q_obs=q_obs, kv_cache=kv_cache, block_row=block_row,
                                  prompt_len=prompt_len, scale=scale, options=opts)
@@ -112,14 +119,12 @@ class KVPolicyRuntime:
             # did not see. Start over rather than mix two evictions.
             state = None
         if state is None or state.plan != plan:
-            state = RequestKVState(plan=plan, policy=impl.name, tau=float(opts["tau"]))
+            state = RequestKVState(plan=plan, policy=impl.name)
             self._states[req_id] = state
-        if impl.calibrates:
-            q_ref = q_chunk[q_end - 1]
-            # Must run before compaction overwrites the slots it reads.
-            o_e, lse_e = ops.evicted_partial(q_ref, kv_cache, block_row, kept, prompt_len, scale)
-            state.layers[layer_idx] = LayerCalibration(q_ref=q_ref.detach().clone(),
-                                                       o_e=o_e, lse_e=lse_e)
+        # Must run before compaction overwrites the slots it reads.
+        summary = impl.summarize_evicted(inputs, kept, q_chunk[q_end - 1])
+        if summary is not None:
+            state.layers[layer_idx] = summary
         ops.compact_kv(kv_cache, block_row, kept)
         state.compressed_layers.add(layer_idx)
 
@@ -130,33 +135,9 @@ class KVPolicyRuntime:
     # ------------------------------------------------------------------ decode-time calibration
 
     def calibration_for(self, layer_idx: int, req_ids: Sequence[str], device):
-        """Batched ``ops.Calibration`` for the requests of a batch, in batch order, or None.
-
-        Requests without calibration at this layer get ``enabled = False`` (zeros elsewhere);
-        each request keeps its own ``tau``.
-        """
-        rows = [self._layer_state(r, layer_idx) for r in req_ids]
-        present = [c for c in rows if c is not None]
-        if not present:
-            return None
-        ref = present[0][1]
-        s, (hq, d) = len(req_ids), ref.q_ref.shape
-        q_ref = torch.zeros(s, hq, d, dtype=ref.q_ref.dtype, device=device)
-        o_e = torch.zeros(s, hq, d, dtype=torch.float32, device=device)
-        lse_e = torch.full((s, hq), float("-inf"), dtype=torch.float32, device=device)
-        enabled = torch.zeros(s, dtype=torch.bool)
-        taus = [1.0] * s
-        for i, row in enumerate(rows):
-            if row is None:
-                continue
-            tau, cal = row
-            q_ref[i] = cal.q_ref
-            o_e[i] = cal.o_e
-            lse_e[i] = cal.lse_e
-            enabled[i] = True
-            taus[i] = tau
-        return ops.Calibration(q_ref=q_ref, o_e=o_e, lse_e=lse_e, enabled=enabled.to(device),
-                               tau=torch.tensor(taus, dtype=torch.float32, device=device))
+        """Batched ``ops.Calibration`` for the requests of a batch, in batch order, or None
+        (``calidrop.batched_calibration``)."""
+        return batched_calibration([self._layer_state(r, layer_idx) for r in req_ids], device)
 
     def record_hits(self, layer_idx: int, req_ids: Sequence[str], hits: Tensor | None,
                     query_start_loc: Sequence[int] | Tensor | None = None) -> None:
@@ -214,12 +195,9 @@ class KVPolicyRuntime:
     def num_requests(self) -> int:
         return len(self._states)
 
-    def _layer_state(self, req_id: str, layer_idx: int) -> tuple[float, LayerCalibration] | None:
+    def _layer_state(self, req_id: str, layer_idx: int) -> LayerCalibration | None:
         state = self._states.get(req_id)
-        if state is None:
-            return None
-        cal = state.layers.get(layer_idx)
-        return None if cal is None else (state.tau, cal)
+        return None if state is None else state.layers.get(layer_idx)
 
 
 _RUNTIME: KVPolicyRuntime | None = None

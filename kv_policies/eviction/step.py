@@ -1,8 +1,9 @@
 """The eviction part of a step's attention metadata, built by the KV-policy code only.
 
 For every row of the step: the request's eviction plan (None: its KV is untouched) and its
-``kv_policy`` dict; ``kept_end`` / ``gap_end [num_rows]`` int32 on rows compressed in an earlier
-step (else 0, 0: attention masks slots ``[kept_end, gap_end)``); and the rows whose prompt
+validated ``kv_policy`` options; ``kept_end`` / ``gap_end [num_rows]`` int32 on rows compressed
+in an earlier step (else 0, 0: attention masks slots ``[kept_end, gap_end)``); and the rows whose
+prompt
 completes in this step, which the attention step compresses right after each layer's attention.
 """
 
@@ -14,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from kv_policies.eviction.base import PolicyOptions
 from kv_policies.eviction.options import EXTRA_ARGS_KEY
 from kv_policies.eviction.plan import EvictionPlan
 from kv_policies.eviction.runtime import KVPolicyRuntime
@@ -31,7 +33,7 @@ class StepRow(Protocol):
 @dataclass
 class EvictionStep:
     plans: list[EvictionPlan | None]
-    policies: list[dict | None]
+    policies: list[PolicyOptions | None]  # each row's validated options (None: no plan)
     kept_end: torch.Tensor | None = None  # [R] int32, CPU; None when no row has a plan
     gap_end: torch.Tensor | None = None
     # rows whose prompt completes in this step and that have a plan:
@@ -57,7 +59,7 @@ def build_eviction_step(num_rows: int, query_start_loc: Sequence[int],
     batch order (None or missing: padding); ``block_size`` None: no eviction."""
     qsl = query_start_loc
     plans: list[EvictionPlan | None] = [None] * num_rows
-    policies: list[dict | None] = [None] * num_rows
+    policies: list[PolicyOptions | None] = [None] * num_rows
     kept_l = [0] * num_rows
     gap_l = [0] * num_rows
     compress_rows: list[tuple[int, int, int, int]] = []
@@ -69,7 +71,8 @@ def build_eviction_step(num_rows: int, query_start_loc: Sequence[int],
         plan = runtime.plan_for(r.req_id, policy, r.prompt_len, block_size)
         if plan is None:
             continue
-        plans[i], policies[i] = plan, policy
+        plans[i] = plan
+        policies[i] = runtime.options_for(r.req_id, policy, r.prompt_len, block_size)
         if r.num_computed >= r.prompt_len:
             kept_l[i], gap_l[i] = plan.kept_end, plan.gap_end
         elif r.prompt_len <= r.num_computed + qsl[i + 1] - qsl[i]:  # the prompt completes now

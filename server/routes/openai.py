@@ -17,7 +17,7 @@ from vllm.entrypoints.serve.tokenize.protocol import TokenizeRequest
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
 
 from attention_backends.flux.options import FluxOptions
-from kv_policies.eviction.options import KVPolicyOptions
+from kv_policies.eviction.options import parse_kv_policy
 from server.auth import require_api_key
 from server.config import ServerSettings
 from server.engine import EngineState
@@ -62,6 +62,11 @@ def _invalid(loc: tuple, message: str, value: object) -> dict:
 _VLLM_OBJECT_XARGS = ("kv_transfer_params", "ec_transfer_params")
 
 
+def _parse_flux(raw: object) -> FluxOptions:
+    return (FluxOptions.model_validate_json(raw) if isinstance(raw, str | bytes)
+            else FluxOptions.model_validate(raw))
+
+
 def _options_from_xargs(body: ChatRequest | CompletionsRequest) -> tuple[list[dict], set[str]]:
     """Validate `flux` / `kv_policy` sent inside `vllm_xargs` (vLLM's free-form extra args,
     which reach the engine as-is) with the same models as the top-level fields, and move them
@@ -75,7 +80,7 @@ def _options_from_xargs(body: ChatRequest | CompletionsRequest) -> tuple[list[di
         _invalid(("vllm_xargs", key), f"vllm_xargs.{key} is reserved: send the top-level "
                                       f"`{key}` object", xargs[key])
         for key in _VLLM_OBJECT_XARGS if key in xargs]
-    for key, model in (("flux", FluxOptions), ("kv_policy", KVPolicyOptions)):
+    for key, parse in (("flux", _parse_flux), ("kv_policy", parse_kv_policy)):
         if key not in xargs:
             continue
         raw = xargs.pop(key)
@@ -85,8 +90,7 @@ def _options_from_xargs(body: ChatRequest | CompletionsRequest) -> tuple[list[di
                                         "send it once, as the top-level field", raw))
             continue
         try:
-            opts = model.model_validate_json(raw) if isinstance(raw, str) else \
-                model.model_validate(raw)
+            opts = parse(raw)
         except ValidationError as exc:
             errors.extend({**e, "loc": ("body", *loc, *e["loc"])} for e in exc.errors())
             continue

@@ -19,7 +19,7 @@ POLICIES = [
     {"flux": {"mode": "sparse", "sink": 8, "window": 64}},
     {"flux": {"mode": "layers", "sparse_layers": [1, 3], "window": 32}},
     {"kv_policy": {"name": "calidrop", "budget": 128, "window": 16}},
-    {"kv_policy": {"name": "streaming", "budget": 96, "window": 16}},
+    {"kv_policy": {"name": "streaming", "budget": 96, "sink": 4}},
     {"flux": {"mode": "sparse", "sink": 8, "window": 64},
      "kv_policy": {"name": "snapkv", "budget": 128, "window": 16}},
 ]

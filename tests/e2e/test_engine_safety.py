@@ -95,8 +95,14 @@ UNBOUNDED = {
         {"kv_policy": {"name": "snapkv", "budget": 64, "window": 64}}, "kv_policy.window"),
     "tau out of range": ({"kv_policy": {"name": "calidrop", "tau": 1.5}}, "kv_policy.tau"),
     "streaming sink not below budget": (
-        {"kv_policy": {"name": "streaming", "budget": 64, "window": 8, "sink": 64}},
+        {"kv_policy": {"name": "streaming", "budget": 64, "sink": 64}},
         "kv_policy.sink"),
+    "a field of another policy": (
+        {"kv_policy": {"name": "streaming", "tau": 0.5}}, "kv_policy.tau"),
+    "a field of another policy through vllm_xargs": (
+        {"vllm_xargs": {"kv_policy": json.dumps({"name": "snapkv", "budget": 64, "sink": 4})}},
+        "vllm_xargs.kv_policy.sink"),
+    "unknown policy name": ({"kv_policy": {"name": "h2o"}}, "kv_policy.name"),
     "flux window above the model's max length": (
         {"flux": {"mode": "sparse", "window": 2049}}, "flux.window"),
     "flux sink 2**64": ({"flux": {"mode": "sparse", "sink": 2**64}}, "flux.sink"),

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from attention_backends.flux.options import MAX_LAYERS, FluxOptions
-from kv_policies.eviction.options import MAX_POOL_KERNEL, KVPolicyOptions
+from kv_policies.eviction.options import MAX_POOL_KERNEL, parse_kv_policy
 from server.default_model import NUM_LAYERS
 from tests.engine.conftest import CHUNK, MAX_MODEL_LEN
 
@@ -37,7 +37,7 @@ OPTIONS = {
     "snapkv, smallest budget": {"kv_policy": {"name": "snapkv", "budget": 2, "window": 1,
                                               "pool_kernel": 1}},
     "streaming, widest sink": {"kv_policy": {"name": "streaming", "budget": PROMPT_LEN - 1,
-                                             "window": 1, "sink": PROMPT_LEN - 2}},
+                                             "sink": PROMPT_LEN - 2}},
     "flux sparse everywhere, narrowest": {"flux": {"mode": "sparse", "sink": 0, "window": 1}},
     "flux sparse + calidrop": {"flux": {"mode": "sparse", "sink": 0, "window": 1},
                                "kv_policy": {"name": "calidrop", **WIDEST}},
@@ -49,7 +49,7 @@ def _accepted(extra: dict) -> None:
     if "flux" in extra:
         assert not FluxOptions(**extra["flux"]).model_limit_errors(MAX_MODEL_LEN, NUM_LAYERS)
     if "kv_policy" in extra:
-        assert not KVPolicyOptions(**extra["kv_policy"]).model_limit_errors(MAX_MODEL_LEN)
+        assert not parse_kv_policy(extra["kv_policy"]).model_limit_errors(MAX_MODEL_LEN)
 
 
 def _step_times(llm, extra: dict | None, seed: int) -> tuple[float, float]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
 
-from kv_policies.eviction.base import resolved_options
+from kv_policies.eviction.options import parse_kv_policy
 
 
 class RefLlama:
@@ -72,13 +72,13 @@ class RefLlama:
 
     def _select(self, opts: dict, q_obs: Tensor, k: Tensor, length: int) -> Tensor:
         """Kept positions [Hkv, B] (dense re-implementation of the policies)."""
-        budget, window = int(opts["budget"]), int(opts["window"])
+        budget = int(opts["budget"])
         if opts["name"] == "streaming":
             sink = int(opts["sink"])
             kept = list(range(sink)) + list(range(length - (budget - sink), length))
             return torch.tensor(kept)[None].expand(self.hkv, budget)
         w = q_obs.shape[0]
-        pool = int(opts["pool_kernel"])
+        pool, window = int(opts["pool_kernel"]), int(opts["window"])
         g = self.hq // self.hkv
         pos = torch.arange(length - w, length)
         causal = torch.arange(length)[None] <= pos[:, None]
@@ -106,7 +106,7 @@ class RefLlama:
         k tokens are prefilled together (full attention), then the prompt part is evicted."""
         length = len(prompt)
         total = length + recompute_at
-        opts = resolved_options(kv_policy) if kv_policy else None
+        opts = parse_kv_policy(kv_policy).model_dump() if kv_policy else None
         evict = opts is not None and opts["name"] != "none" and length > int(opts["budget"])
         calib = evict and opts["name"] == "calidrop"
         g = self.hq // self.hkv
@@ -129,7 +129,7 @@ class RefLlama:
                 q, k, v = q[:length], k[:length], v[:length]
                 tail_k = entry["k"][:, length:]
                 tail_v = entry["v"][:, length:]
-                n_obs = min(int(opts["window"]), length)
+                n_obs = min(int(opts.get("window", 0)), length)
                 kept = self._select(opts, q[length - n_obs:], k, length)
                 if calib:
                     q_ref = q[-1]

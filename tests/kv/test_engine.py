@@ -97,7 +97,7 @@ POLICIES = [
     {"name": "calidrop", "budget": 64, "window": 8, "pool_kernel": 7, "tau": -1.0},
     {"name": "calidrop", "budget": 96, "window": 16, "pool_kernel": 5, "tau": 0.5},
     {"name": "snapkv", "budget": 64, "window": 8},
-    {"name": "streaming", "budget": 48, "sink": 4, "window": 8},
+    {"name": "streaming", "budget": 48, "sink": 4},
 ]
 
 

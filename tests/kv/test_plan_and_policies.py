@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from attention_backends.kernels import ops, reference
-from kv_policies.eviction.base import SelectionInputs, resolved_options
-from kv_policies.eviction.options import POLICY_NAMES, KVPolicyOptions
+from kv_policies.eviction.base import SelectionInputs
+from kv_policies.eviction.options import POLICY_NAMES, parse_kv_policy
 from kv_policies.eviction.plan import eviction_plan
+from kv_policies.eviction.policies import BUILTIN_POLICIES
+from kv_policies.eviction.policies.snapkv import SnapKVOptions
 from kv_policies.eviction.registry import get_policy, policy_names
 from kv_policies.eviction.runtime import KVPolicyRuntime
 
@@ -21,7 +23,7 @@ HQ, HKV, D, BS = 4, 2, 16, 4
 # ----------------------------------------------------------------------------- plan
 
 
-@pytest.mark.parametrize("policy", [None, {}, {"name": "none", "budget": 8}])
+@pytest.mark.parametrize("policy", [None, {}, {"name": "none"}, {"name": "none", "budget": 8}])
 def test_no_plan_without_policy(policy):
     assert eviction_plan(policy, 10_000, 16) is None
 
@@ -34,8 +36,8 @@ def test_no_plan_when_prompt_fits():
 @pytest.mark.parametrize("budget,prompt_len,bs", [(256, 1000, 16), (250, 260, 16), (7, 100, 4),
                                                    (2048, 32768, 16), (33, 34, 32)])
 def test_plan_frees_exactly_the_blocks_inside_the_gap(budget, prompt_len, bs):
-    # window and pool_kernel small enough for the smallest budget here (the options are bounded)
-    policy = {"name": "streaming", "budget": budget, "window": 1, "pool_kernel": 1}
+    # a sink small enough for the smallest budget here (the options are bounded)
+    policy = {"name": "streaming", "budget": budget, "sink": 1}
     plan = eviction_plan(policy, prompt_len, bs)
     assert plan is not None
     assert (plan.budget, plan.kept_end, plan.gap_end) == (budget, budget, prompt_len)
@@ -47,7 +49,7 @@ def test_plan_frees_exactly_the_blocks_inside_the_gap(budget, prompt_len, bs):
 
 
 def test_plan_defaults_budget_from_options():
-    default = KVPolicyOptions().budget
+    default = SnapKVOptions().budget
     assert eviction_plan({"name": "snapkv"}, default, 16) is None
     assert eviction_plan({"name": "snapkv"}, default + 1, 16).budget == default
 
@@ -57,6 +59,11 @@ def test_plan_defaults_budget_from_options():
 
 def test_registry_has_every_schema_name():
     assert set(POLICY_NAMES) <= set(policy_names())
+    # the request schema is derived from the one registration, BUILTIN_POLICIES
+    assert POLICY_NAMES == tuple(p.name for p in BUILTIN_POLICIES)
+    for p in BUILTIN_POLICIES:
+        assert p.options_cls().name == p.name
+        assert type(parse_kv_policy({"name": p.name})) is p.options_cls
     assert get_policy(None).name == "none" and not get_policy("none").evicts
     assert get_policy("calidrop").calibrates and not get_policy("snapkv").calibrates
     with pytest.raises(ValueError):
@@ -83,7 +90,10 @@ def _inputs(name, length, budget, window=4, q_obs=None, seed=0, **extra):
     kv, row = _paged(length, seed)
     if q_obs is None:
         q_obs = torch.randn(window, HQ, D, generator=torch.Generator().manual_seed(seed + 1))
-    opts = resolved_options({"name": name, "budget": budget, "window": window, **extra})
+    fields = {"name": name, "budget": budget, **extra}
+    if name != "streaming":  # the streaming policy has no observation window
+        fields["window"] = window
+    opts = parse_kv_policy(fields)
     return SelectionInputs(q_obs=q_obs, kv_cache=kv, block_row=row, prompt_len=length,
                            scale=D ** -0.5, options=opts)
 
@@ -124,7 +134,8 @@ def test_snapkv_matches_independent_dense_computation():
 @pytest.mark.parametrize("name", ["streaming", "snapkv", "calidrop"])
 def test_compress_layer_compacts_and_calibrates(name):
     length, budget, window = 45, 16, 4
-    policy = {"name": name, "budget": budget, "window": window, "sink": 2, "pool_kernel": 3}
+    policy = ({"name": name, "budget": budget, "sink": 2} if name == "streaming" else
+              {"name": name, "budget": budget, "window": window, "pool_kernel": 3})
     plan = eviction_plan(policy, length, BS)
     kv, row = _paged(length, seed=3)
     before_k, before_v = _dense(kv, row, length)
@@ -132,7 +143,7 @@ def test_compress_layer_compacts_and_calibrates(name):
     q_chunk = torch.randn(n, HQ, D, generator=torch.Generator().manual_seed(7))
     scale = D ** -0.5
     inp = SelectionInputs(q_obs=q_chunk[n - window:], kv_cache=kv.clone(), block_row=row,
-                          prompt_len=length, scale=scale, options=resolved_options(policy))
+                          prompt_len=length, scale=scale, options=parse_kv_policy(policy))
     kept = get_policy(name).select(inp)
 
     rt = KVPolicyRuntime()

@@ -9,8 +9,11 @@ import pytest
 from pydantic import ValidationError
 
 from attention_backends.flux.options import MAX_LAYERS, FluxOptions
-from kv_policies.eviction.options import MAX_POOL_KERNEL, MAX_TOKENS_OPTION, KVPolicyOptions
+from kv_policies.eviction.options import MAX_POOL_KERNEL, MAX_TOKENS_OPTION, parse_kv_policy
 from kv_policies.eviction.plan import checked_options, eviction_plan, policy_name
+from kv_policies.eviction.policies.calidrop import CaliDropOptions
+from kv_policies.eviction.policies.snapkv import SnapKVOptions
+from kv_policies.eviction.policies.streaming import StreamingOptions
 
 INT64_MAX = 2**63 - 1
 
@@ -30,16 +33,42 @@ def _error_fields(exc: ValidationError) -> set[str]:
     ({"name": "snapkv", "budget": 64, "window": 8, "pool_kernel": 65}, "pool_kernel"),
     ({"name": "snapkv", "budget": 4, "window": 2, "pool_kernel": 5}, "pool_kernel"),
     ({"name": "snapkv", "pool_kernel": 8}, "pool_kernel"),
-    ({"name": "streaming", "budget": 64, "window": 8, "sink": 64}, "sink"),
-    ({"name": "snapkv", "sink": 2**70}, "sink"),
+    ({"name": "streaming", "budget": 64, "sink": 64}, "sink"),
+    ({"name": "streaming", "sink": 2**70}, "sink"),
+    ({"name": "snapkv", "sink": 2**70}, "sink"),  # not a snapkv field
     ({"name": "calidrop", "tau": float("nan")}, "tau"),
     ({"name": "calidrop", "tau": float("inf")}, "tau"),
     ({"name": "calidrop", "tau": 1.5}, "tau"),
 ])
 def test_kv_policy_bounds_name_the_field(kv, field):
     with pytest.raises(ValidationError) as info:
-        KVPolicyOptions(**kv)
+        parse_kv_policy(kv)
     assert field in _error_fields(info.value)
+
+
+@pytest.mark.parametrize(("kv", "field"), [
+    ({"name": "streaming", "tau": 0.5}, "tau"),
+    ({"name": "streaming", "budget": 64, "window": 8}, "window"),
+    ({"name": "snapkv", "tau": 0.5}, "tau"),
+    ({"name": "calidrop", "sink": 4}, "sink"),
+    ({"name": "none", "budget": 64}, "budget"),
+    ({"budget": 64}, "budget"),  # no name: the `none` policy
+    ({"name": "bogus"}, "name"),
+])
+def test_kv_policy_fields_belong_to_the_named_policy(kv, field):
+    """A field the named policy does not have is refused, located at that field."""
+    with pytest.raises(ValidationError) as info:
+        parse_kv_policy(kv)
+    assert [e["loc"] for e in info.value.errors()] == [(field,)]
+
+
+def test_each_policy_has_its_own_typed_options():
+    assert type(parse_kv_policy({})).__name__ == "NoEvictionOptions"
+    assert isinstance(parse_kv_policy({"name": "streaming"}), StreamingOptions)
+    cali = parse_kv_policy('{"name": "calidrop", "budget": 64, "tau": 0.5}')
+    assert isinstance(cali, CaliDropOptions) and isinstance(cali, SnapKVOptions)
+    assert (cali.budget, cali.window, cali.pool_kernel, cali.tau) == (64, 32, 7, 0.5)
+    assert parse_kv_policy(cali) is cali
 
 
 @pytest.mark.parametrize(("flux", "field"), [
@@ -58,20 +87,21 @@ def test_flux_bounds_name_the_field(flux, field):
 
 def test_widest_static_options_serialise_to_the_engine():
     """The largest values the models accept fit msgspec's int64, as extra args travel."""
-    kv = KVPolicyOptions(name="streaming", budget=MAX_TOKENS_OPTION,
-                         window=MAX_TOKENS_OPTION - 1, pool_kernel=MAX_POOL_KERNEL,
-                         sink=MAX_TOKENS_OPTION - 1, tau=-1.0)
     flux = FluxOptions(mode="layers", sparse_layers=list(range(MAX_LAYERS)), sink=1 << 20,
                        window=1 << 24)
-    payload = {"kv_policy": kv.to_extra_args(), "flux": flux.to_extra_args()}
-    assert msgspec.msgpack.decode(msgspec.msgpack.encode(payload)) == payload
+    for kv in (StreamingOptions(budget=MAX_TOKENS_OPTION, sink=MAX_TOKENS_OPTION - 1),
+               CaliDropOptions(budget=MAX_TOKENS_OPTION, window=MAX_TOKENS_OPTION - 1,
+                               pool_kernel=MAX_POOL_KERNEL, tau=-1.0)):
+        payload = {"kv_policy": kv.to_extra_args(), "flux": flux.to_extra_args()}
+        assert msgspec.msgpack.decode(msgspec.msgpack.encode(payload)) == payload
     assert max(MAX_TOKENS_OPTION, MAX_LAYERS, 1 << 24) < INT64_MAX
 
 
 def test_model_dependent_bounds():
-    kv = KVPolicyOptions(name="snapkv", budget=4096, sink=4096)
+    kv = StreamingOptions(budget=4096, sink=4095)
     assert [f for f, _ in kv.model_limit_errors(2048)] == ["budget", "sink"]
-    assert KVPolicyOptions(name="snapkv", budget=2048).model_limit_errors(2048) == []
+    assert SnapKVOptions(budget=2048).model_limit_errors(2048) == []
+    assert parse_kv_policy({}).model_limit_errors(1) == []
     flux = FluxOptions(mode="layers", sparse_layers=[0, 3, 4], sink=2049, window=4096)
     found = dict(flux.model_limit_errors(2048, 4))
     assert set(found) == {"sparse_layers", "sink", "window"}

@@ -7,7 +7,8 @@ from pydantic import ValidationError
 from vllm.exceptions import VLLMValidationError
 
 from attention_backends.flux.options import FluxOptions
-from kv_policies.eviction.options import KVPolicyOptions
+from kv_policies.eviction.options import parse_kv_policy
+from kv_policies.eviction.policies.calidrop import CaliDropOptions
 from server.schemas import ChatRequest, CompletionsRequest
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -21,8 +22,7 @@ def test_extension_fields_reach_sampling_params_extra_args():
     params = req.to_sampling_params(max_tokens=8, default_sampling_params={})
     assert params.extra_args["flux"]["mode"] == "layers"
     assert params.extra_args["flux"]["sparse_layers"] == [1, 3]
-    assert params.extra_args["kv_policy"] == KVPolicyOptions(
-        name="calidrop", budget=256, tau=0.5).model_dump()
+    assert params.extra_args["kv_policy"] == CaliDropOptions(budget=256, tau=0.5).model_dump()
     assert params.extra_args["other"] == 1  # vLLM's own passthrough still works
 
 
@@ -45,11 +45,13 @@ def test_bad_flux_options_are_rejected(flux):
 @pytest.mark.parametrize("kv", [
     {"name": "bogus"}, {"name": "snapkv", "nope": 1}, {"name": "snapkv", "budget": 8, "window": 8},
     {"name": "snapkv", "pool_kernel": 4}, {"name": "calidrop", "tau": 2.0},
-    {"name": "snapkv", "budget": 1},
+    {"name": "snapkv", "budget": 1}, {"name": "streaming", "window": 8},
 ])
 def test_bad_kv_policy_options_are_rejected(kv):
     with pytest.raises(ValidationError):
-        KVPolicyOptions(**kv)
+        parse_kv_policy(kv)
+    with pytest.raises(ValidationError):
+        ChatRequest(model="m", messages=MESSAGES, kv_policy=kv)
 
 
 @pytest.mark.parametrize("overrides", [

@@ -1,5 +1,7 @@
-"""The built-in policies, one module each. ``BUILTIN_POLICIES`` is what the registry
-(``kv_policies.eviction.registry``) serves: a new policy is one module here plus one entry there."""
+"""The built-in policies, one module each (its options model and its policy class).
+``BUILTIN_POLICIES`` is the one registration: the registry (``kv_policies.eviction.registry``)
+serves these, and the request schema (``kv_policies.eviction.options.KVPolicyOptions``) is the
+union of their options models."""
 
 from kv_policies.eviction.policies.calidrop import CaliDropPolicy
 from kv_policies.eviction.policies.none import NoEvictionPolicy

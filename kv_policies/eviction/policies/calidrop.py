@@ -1,12 +1,93 @@
-"""``calidrop``: SnapKV selection; the runtime additionally keeps, per (layer, query head), the
-evicted set's attention output and log-sum-exp under the last prompt query, merged at decode
-when the decode query is close enough to it (see docs/kv_policies.md)."""
+"""``calidrop``: SnapKV's selection, plus a calibration of what it evicted.
+
+At eviction, per (layer, query head), CaliDrop keeps the evicted set's attention output ``o_E``
+and log-sum-exp ``lse_E`` under the last prompt query ``q_ref`` (``summarize_evicted``). At
+decode, wherever the decode query's cosine similarity to ``q_ref`` reaches ``tau``, the kernel
+merges ``(o_E, lse_E)`` into the attention over the kept slots as if the evicted slots were
+still there (``batched_calibration`` builds the kernel's ``ops.Calibration`` input; the merge is
+in ``attention_backends.kernels``). See docs/kv_policies.md.
+"""
 
 from __future__ import annotations
 
-from kv_policies.eviction.policies.snapkv import SnapKVPolicy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import Tensor
+
+from attention_backends.kernels import ops
+from kv_policies.eviction.base import SelectionInputs
+from kv_policies.eviction.policies.snapkv import SnapKVOptions, SnapKVPolicy
+
+
+class CaliDropOptions(SnapKVOptions):
+    """``{"name": "calidrop", "budget", "window", "pool_kernel", "tau"}``: SnapKV's fields and
+    the calibration threshold."""
+
+    name: Literal["calidrop"] = "calidrop"  # type: ignore[assignment]
+    tau: float = Field(
+        default=0.9, ge=-1.0, le=1.0,
+        description="Cosine threshold between the decode query and the last prompt query at "
+                    "or above which the calibration term is applied (-1: always).")
+
+    @field_validator("tau")
+    @classmethod
+    def _finite_tau(cls, v: float) -> float:
+        if not math.isfinite(v):  # allow_inf_nan covers JSON; this covers Python callers too
+            raise ValueError("kv_policy.tau must be finite")
+        return v
+
+
+@dataclass
+class LayerCalibration:
+    """The evicted set of one (request, layer), summarised per query head."""
+
+    q_ref: Tensor  # [Hq, D], the last prompt query (RoPE applied), in the query dtype
+    o_e: Tensor  # [Hq, D] float32, attention output of q_ref over the evicted slots
+    lse_e: Tensor  # [Hq] float32, log-sum-exp of q_ref's scores over the evicted slots
+    tau: float  # the request's kv_policy.tau
 
 
 class CaliDropPolicy(SnapKVPolicy):
     name = "calidrop"
+    options_cls = CaliDropOptions
     calibrates = True
+
+    def summarize_evicted(self, inputs: SelectionInputs, kept: Tensor,
+                          q_ref: Tensor) -> LayerCalibration:
+        """``ops.evicted_partial`` of ``q_ref [Hq, D]`` over the prompt slots not in ``kept``;
+        must run before compaction overwrites the slots it reads."""
+        o_e, lse_e = ops.evicted_partial(q_ref, inputs.kv_cache, inputs.block_row, kept,
+                                         inputs.prompt_len, inputs.scale)
+        return LayerCalibration(q_ref=q_ref.detach().clone(), o_e=o_e, lse_e=lse_e,
+                                tau=inputs.options.tau)
+
+
+def batched_calibration(rows: Sequence[LayerCalibration | None],
+                        device: torch.device | str) -> ops.Calibration | None:
+    """The kernel's ``ops.Calibration`` for one layer of a batch of ``S = len(rows)`` requests,
+    in batch order, or None when no row has one. Rows without calibration get
+    ``enabled = False`` (zeros, ``lse_E = -inf``); each row keeps its own ``tau``."""
+    present = [c for c in rows if c is not None]
+    if not present:
+        return None
+    s, (hq, d) = len(rows), present[0].q_ref.shape
+    q_ref = torch.zeros(s, hq, d, dtype=present[0].q_ref.dtype, device=device)
+    o_e = torch.zeros(s, hq, d, dtype=torch.float32, device=device)
+    lse_e = torch.full((s, hq), float("-inf"), dtype=torch.float32, device=device)
+    enabled = torch.zeros(s, dtype=torch.bool)
+    taus = [1.0] * s
+    for i, cal in enumerate(rows):
+        if cal is None:
+            continue
+        q_ref[i] = cal.q_ref
+        o_e[i] = cal.o_e
+        lse_e[i] = cal.lse_e
+        enabled[i] = True
+        taus[i] = cal.tau
+    return ops.Calibration(q_ref=q_ref, o_e=o_e, lse_e=lse_e, enabled=enabled.to(device),
+                           tau=torch.tensor(taus, dtype=torch.float32, device=device))

@@ -1,19 +1,50 @@
-"""``streaming``: keep the first ``sink`` tokens and the most recent ``budget - sink``."""
+"""``streaming``: keep the first ``sink`` tokens and the most recent ``budget - sink``
+(StreamingLLM's attention sinks plus a recent window, applied once to the prompt)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor
 
-from kv_policies.eviction.base import KVPolicy, SelectionInputs
+from kv_policies.eviction.base import (
+    MAX_TOKENS_OPTION,
+    BudgetOptions,
+    KVPolicy,
+    SelectionInputs,
+)
+
+
+class StreamingOptions(BudgetOptions):
+    """``{"name": "streaming", "budget", "sink"}``."""
+
+    name: Literal["streaming"] = "streaming"
+    sink: int = Field(
+        default=4, ge=0, le=MAX_TOKENS_OPTION, validate_default=True,
+        description="Sink tokens: the first prompt tokens, always kept (below `budget`).")
+
+    # Cross-field checks are field validators (fields validate in declaration order, so budget
+    # is in info.data; validate_default: the default is checked against the sent budget too):
+    # the error's location, and so the API's `param`, is the offending field.
+    @field_validator("sink")
+    @classmethod
+    def _sink_in_budget(cls, v: int, info: ValidationInfo) -> int:
+        budget = info.data.get("budget")
+        if budget is not None and v >= budget:
+            raise ValueError(f"kv_policy.sink ({v}) must be smaller than kv_policy.budget "
+                             f"({budget})")
+        return v
 
 
 class StreamingPolicy(KVPolicy):
     name = "streaming"
+    options_cls = StreamingOptions
 
     def select(self, inputs: SelectionInputs) -> Tensor:
         budget, length = inputs.budget, inputs.prompt_len
-        sink = min(int(inputs.options["sink"]), budget)
+        sink = min(inputs.options.sink, budget)
         dev = inputs.kv_cache.device
         kept = torch.cat([
             torch.arange(sink, dtype=torch.int64, device=dev),
