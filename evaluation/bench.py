@@ -328,9 +328,9 @@ def _resolve_policies(specs: list[str]) -> list[Policy]:
 
 
 async def _probe(client: AsyncClient, info: ServerInfo, prompts: PromptSource,
-                 fields: dict[str, Any]) -> str | None:
+                 policy: Policy, fields: dict[str, Any]) -> str | None:
     """One tiny streamed request with `fields`; the error message if it fails, else None."""
-    prompt = prompts.prompt(Job(PROBE_TOKENS, "probe", 0, 0, warmup=True))
+    prompt = prompts.prompt(Job(PROBE_TOKENS, f"probe:{policy.name}", 0, 0, warmup=True))
     try:
         await measure(client, request_body(info, prompt, 2, fields))
     except ApiError as exc:
@@ -350,7 +350,7 @@ async def _sweep(client_cfg: ClientConfig, cfg: BenchConfig, info: ServerInfo,
             except PolicySpecError as exc:
                 notes.append(f"skipped policy {policy.name}: {exc}")
                 continue
-            if (error := await _probe(client, info, prompts, fields)) is not None:
+            if (error := await _probe(client, info, prompts, policy, fields)) is not None:
                 if policy.name == BASELINE:
                     raise BenchError(f"the server refused a streamed completion: {error}")
                 notes.append(f"skipped policy {policy.name}: the server refused it: {error}")
