@@ -20,6 +20,8 @@ from evaluation import client as client_mod
 from evaluation.bench import BenchConfig, BenchError, Job, percentile, render_table, summarize
 from evaluation.client import ApiError, AsyncClient, ClientConfig
 from evaluation.policies import parse_policies
+from evaluation.tokenization import HFTokenizer
+from tests.eval.conftest import TOKENIZER_JSON
 
 # ---------------------------------------------------------------------------------------------
 # statistics, table, files (synthetic records)
@@ -127,6 +129,13 @@ def test_prompts_have_the_exact_length_and_differ_per_request():
     text = bench.PromptSource(object(), seed=3)  # no encoder: approximate text prompts
     assert not text.exact and isinstance(text.prompt(jobs[0]), str)
     assert 256 * 4 <= len(text.prompt(jobs[0])) < 256 * 4 + 40
+
+
+def test_prompts_from_a_local_tokenizer_are_its_token_ids(tokenizer):
+    source = bench.PromptSource(HFTokenizer(TOKENIZER_JSON, chat=False, prefill=False), seed=0)
+    prompt = source.prompt(Job(300, "full", 0, 0))
+    assert len(prompt) == 300 and all(0 <= t < tokenizer.get_vocab_size() for t in prompt)
+    assert tokenizer.token_to_id("<|begin_of_text|>") not in source.pool  # no BOS in the pool
 
 
 # ---------------------------------------------------------------------------------------------
