@@ -1,4 +1,5 @@
-"""Accuracy evaluation of a served model through its HTTP API (`fluxserve eval`).
+"""Accuracy and latency evaluation of a served model through its HTTP API (`fluxserve eval`,
+`fluxserve bench`).
 
 This package is a pure HTTP client of any OpenAI-compatible server (fluxserve, stock vLLM, ...)
 plus an offline retrieval-head profiler on Hugging Face transformers. It must not import the
@@ -11,5 +12,6 @@ Modules:
 - `scoring`: RULER's string-match metrics.
 - `policies`: the policy-spec syntax (`calidrop:1024`, `sparse+snapkv:512`, ...).
 - `results`, `plotting`: resumable JSONL results, CSV/JSON writers, matplotlib figures.
-- `long_context`: the `fluxserve eval` run; `heads`: `fluxserve eval heads`; `cli`: arguments.
+- `long_context`: the `fluxserve eval` run; `heads`: `fluxserve eval heads`;
+  `bench`: the `fluxserve bench` latency sweep; `cli`: arguments.
 """

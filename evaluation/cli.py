@@ -1,7 +1,8 @@
-"""Arguments of `fluxserve eval` and `fluxserve eval heads`.
+"""Arguments of `fluxserve eval`, `fluxserve eval heads` and `fluxserve bench`.
 
-`add_eval_parser` adds the ``eval`` command to fluxserve's command parser; `main` runs it alone
-(what ``fluxserve eval ...`` does, without importing vLLM or the server).
+`add_eval_parser` / `add_bench_parser` add the ``eval`` / ``bench`` commands to fluxserve's
+command parser; `main` / `bench_main` run one alone (what ``fluxserve eval ...`` and
+``fluxserve bench ...`` do, without importing vLLM or the server).
 """
 
 from __future__ import annotations
@@ -58,15 +59,33 @@ def _length(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a length in tokens: {text!r}") from None
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from evaluation.long_context import DEFAULT_LENGTHS
-
+def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=DEFAULT_URL,
                         help=f"server root URL (a trailing /v1 is fine); default {DEFAULT_URL}")
     parser.add_argument("--api-key", default=None,
                         help="bearer token; default $FLUXSERVE_API_KEY, else $OPENAI_API_KEY")
     parser.add_argument("--model", default=None,
                         help="served model name; default the server's first model")
+
+
+def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--timeout", dest="timeout_s", type=_seconds, default=600.0,
+                        help="seconds per request; default 600")
+    parser.add_argument("--max-retries", type=_bounded_int(0, 20), default=4,
+                        help="retries on 429/502/503/504 and connection errors; default 4")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars")
+
+
+def _api_key_from_env(args: argparse.Namespace) -> None:
+    if args.api_key is None:
+        args.api_key = os.environ.get("FLUXSERVE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from evaluation.long_context import DEFAULT_LENGTHS
+
+    _add_server_arguments(parser)
     parser.add_argument("--tasks", nargs="+", default=["all"], metavar="TASK",
                         help="tasks or groups (all, ruler, niah, local); default all")
     parser.add_argument("--lengths", nargs="+", type=_length, default=DEFAULT_LENGTHS,
@@ -90,12 +109,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "default the server's POST /tokenize, else ~4 chars per token")
     parser.add_argument("--out", default="fluxserve-eval",
                         help="output folder (reused to resume); default ./fluxserve-eval")
-    parser.add_argument("--timeout", dest="timeout_s", type=_seconds, default=600.0,
-                        help="seconds per request; default 600")
-    parser.add_argument("--max-retries", type=_bounded_int(0, 20), default=4,
-                        help="retries on 429/502/503/504 and connection errors; default 4")
-    parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress bars")
+    _add_client_arguments(parser)
 
 
 def add_heads_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,8 +158,7 @@ def run(args: argparse.Namespace) -> int:
     from evaluation.long_context import EvalError, config_from_args
     from evaluation.long_context import run as run_eval
 
-    if args.api_key is None:
-        args.api_key = os.environ.get("FLUXSERVE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    _api_key_from_env(args)
     try:
         run_eval(config_from_args(args))
     except (EvalError, ValueError) as exc:
@@ -164,3 +177,84 @@ def main(argv: list[str] | None = None) -> int:
     add_eval_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
     return run(args)
+
+
+BENCH_HELP = "Serving latency (TTFT, TPOT) of each policy across context lengths, with speedups."
+BENCH_DESCRIPTION = """\
+Sweeps context lengths x policies against a running OpenAI-compatible server with streamed
+completions, and prints per (length, policy) the time to first token (TTFT) and time per output
+token (TPOT), p50 and p95 in milliseconds, and the speedup over the dense baseline `full`
+(baseline p50 / policy p50 at the same length), measured in the same run: the baseline always
+runs, interleaved round by round with the other policies. Every request has its own prompt of
+exactly the length asked (token ids from the server's tokenizer: no prefix-cache hits) and
+generates exactly --output-tokens tokens (ignore_eos). Writes requests.csv, summary.csv,
+summary.json, ttft_vs_length.png, tpot_vs_length.png and speedup.png to --out. See
+docs/benchmarks.md.
+
+policy specs (space-separated), as in `fluxserve eval`:
+  full | auto | sparse[:WINDOW] | layers:0-3,8 | streaming[:B] | snapkv[:B] | calidrop[:B]
+  joined with '+' (e.g. sparse+snapkv:512); calidrop:256,512,1024 expands to one policy per
+  budget B; 'all' = every policy at budgets 256-2048."""
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from evaluation.bench import DEFAULT_LENGTHS, DEFAULT_POLICIES
+
+    _add_server_arguments(parser)
+    parser.add_argument("--lengths", nargs="+", type=_length, default=DEFAULT_LENGTHS,
+                        metavar="TOKENS",
+                        help="prompt lengths in tokens (4096, 4K, 128K; 16 to 1M); default "
+                             "4K 16K 32K 64K 128K (lengths that do not fit the model's context "
+                             "with the output tokens are skipped)")
+    parser.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES, metavar="SPEC",
+                        help="policy specs (see below); `full`, the baseline, always runs; "
+                             f"default {' '.join(DEFAULT_POLICIES)}")
+    parser.add_argument("--output-tokens", type=_bounded_int(1, 1 << 16), default=128,
+                        help="tokens each request generates; default 128")
+    parser.add_argument("--concurrency", type=_bounded_int(1, 1024), default=1,
+                        help="simultaneous streams per (length, policy) round; default 1")
+    parser.add_argument("--repeats", type=_bounded_int(1, 10_000), default=3,
+                        help="measured rounds per (length, policy); default 3")
+    parser.add_argument("--warmup", type=_bounded_int(0, 100), default=1,
+                        help="warm-up rounds per (length, policy), not measured; default 1")
+    parser.add_argument("--seed", type=int, default=0, help="prompt seed; default 0")
+    parser.add_argument("--tokenizer", default=None, metavar="PATH",
+                        help="HF tokenizer directory or tokenizer.json for exact lengths; "
+                             "default the server's POST /tokenize, else ~4 chars per token")
+    parser.add_argument("--out", default="fluxserve-bench",
+                        help="output folder (its files are replaced); default ./fluxserve-bench")
+    _add_client_arguments(parser)
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``bench`` to an argparse sub-parser group."""
+    parser = subparsers.add_parser("bench", help=BENCH_HELP, description=BENCH_DESCRIPTION,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_bench_arguments(parser)
+    return parser
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run a parsed ``bench`` command; returns the exit status."""
+    from evaluation.bench import BenchError, config_from_args
+    from evaluation.bench import run as run_sweep
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _api_key_from_env(args)
+    try:
+        run_sweep(config_from_args(args))
+    except (BenchError, ValueError) as exc:
+        print(f"fluxserve bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def bench_main(argv: list[str] | None = None) -> int:
+    """``fluxserve bench ...`` with `argv` the arguments after ``bench``."""
+    parser = argparse.ArgumentParser(prog="fluxserve")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return run_bench(args)

@@ -9,10 +9,11 @@ OpenAI-compatible server, not only fluxserve.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -29,6 +30,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 # still starting (503), and gateway hiccups.
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 MAX_BACKOFF_S = 30.0
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 class ApiError(RuntimeError):
@@ -148,6 +150,58 @@ class AsyncClient:
             await asyncio.sleep(_backoff_s(attempt, response))
         raise AssertionError("unreachable")
 
+    async def stream_events(self, path: str, json_body: Any) -> AsyncIterator[tuple[float, Any]]:
+        """POST `json_body` (a request with ``stream: true``) and yield each server-sent event as
+        ``(elapsed_s, data)``: the seconds since the request was sent (monotonic clock, measured
+        from the attempt that got the stream) and the event's decoded JSON. Ends at
+        ``data: [DONE]`` or when the server closes the stream.
+
+        Retries like `request` while no event has arrived (a retryable status or a transport
+        error); after the first event a failure is not retried. Raises `ApiError`: for an error
+        status, a transport error, an undecodable event, or an error event
+        (``data: {"error": {...}}``, how OpenAI-compatible servers end a failed stream)."""
+        # serialized before the clock starts: a long token-id prompt takes milliseconds
+        content = json.dumps(json_body).encode()
+        retries = self.config.max_retries
+        for attempt in range(retries + 1):
+            response = None
+            events = 0
+            started = time.perf_counter()
+            try:
+                async with self._http.stream("POST", path, content=content,
+                                             headers=JSON_HEADERS) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        if response.status_code not in RETRY_STATUSES or attempt == retries:
+                            raise ApiError(response.status_code, _error_message(response), path)
+                    else:
+                        async for line in response.aiter_lines():
+                            if not line.startswith("data:"):
+                                continue  # comments, event names, blank separators
+                            payload = line[5:].strip()
+                            if payload == "[DONE]":
+                                return
+                            elapsed = time.perf_counter() - started
+                            try:
+                                data = json.loads(payload)
+                            except ValueError as exc:
+                                raise ApiError(response.status_code,
+                                               f"undecodable event {payload[:200]!r}",
+                                               path) from exc
+                            if isinstance(data, dict) and "error" in data:
+                                err = data["error"]
+                                raise ApiError(response.status_code, str(
+                                    err.get("message", err) if isinstance(err, dict) else err),
+                                    path)
+                            events += 1
+                            yield elapsed, data
+                        return
+            except httpx.TransportError as exc:
+                if events or attempt == retries:
+                    raise ApiError(0, f"{type(exc).__name__}: {exc}", path) from exc
+            await asyncio.sleep(_backoff_s(attempt, response))
+        raise AssertionError("unreachable")
+
     async def map(self, worker: Callable[[T], Awaitable[R]], items: Iterable[T], *,
                   desc: str = "requests", on_result: Callable[[T, R], None] | None = None,
                   progress: bool = True) -> list[R]:
@@ -174,19 +228,26 @@ class AsyncClient:
             bar.close()
 
 
+# Optional, non-OpenAI completion fields that fixed-length benchmarks use: vLLM's `ignore_eos`
+# and `min_tokens` (either makes a request generate exactly max_tokens tokens).
+COMPLETION_OPTIONS = ("ignore_eos", "min_tokens")
+
+
 @dataclass
 class ServerInfo:
     """What the server told us about itself.
 
     `extension_fields` holds the fluxserve request fields (``flux``, ``kv_policy``) that the
     server's OpenAPI schema declares: a server that does not declare a field is never sent it.
-    `max_model_len` is None when the server does not say."""
+    `max_model_len` is None when the server does not say. `completion_options` holds the
+    optional `/v1/completions` fields among `COMPLETION_OPTIONS` that the schema declares."""
 
     model: str
     models: list[str]
     max_model_len: int | None
     extension_fields: set[str] = field(default_factory=set)
     continue_final_message: bool = False
+    completion_options: set[str] = field(default_factory=set)
     owned_by: str = ""
 
     @property
@@ -229,4 +290,5 @@ def discover(client: SyncClient, model: str | None = None) -> ServerInfo:
                       max_model_len=int(max_len) if max_len else None,
                       extension_fields=fields,
                       continue_final_message="continue_final_message" in chat_props,
+                      completion_options={f for f in COMPLETION_OPTIONS if f in completion_props},
                       owned_by=str(card.get("owned_by", "")))

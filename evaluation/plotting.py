@@ -76,6 +76,28 @@ def scatter_plot(path: str | Path, points: dict[str, Sequence[tuple[float, float
     return _save(fig, path)
 
 
+def grouped_bars(path: str | Path, categories: Sequence[str],
+                 panels: dict[str, dict[str, Sequence[float | None]]], *, title: str,
+                 xlabel: str, ylabel: str, reference: float | None = None) -> Path:
+    """Side-by-side panels of grouped bars: in each panel, one group per category (x axis) and
+    one bar per series (value i of a series belongs to category i; None leaves a gap).
+    `reference` draws a dashed horizontal line (e.g. 1.0 for a speedup)."""
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4.5),
+                             dpi=120, squeeze=False)
+    for ax, (panel, series) in zip(axes.flat, panels.items(), strict=False):
+        width = 0.8 / max(1, len(series))
+        for k, (label, values) in enumerate(series.items()):
+            xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(categories))]
+            kept = [(x, v) for x, v in zip(xs, values, strict=True) if v is not None]
+            ax.bar([x for x, _ in kept], [v for _, v in kept], width=width, label=label)
+        if reference is not None:
+            ax.axhline(reference, color="black", linestyle="--", linewidth=1)
+        ax.set_xticks(range(len(categories)), list(categories))
+        _finish(ax, panel, xlabel, ylabel, None, legend=bool(series))
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def heatmap(path: str | Path, matrix: Sequence[Sequence[float]], *, title: str, xlabel: str,
             ylabel: str, colorbar_label: str) -> Path:
     """A matrix as an image, row 0 at the top, with a colour bar."""

@@ -60,6 +60,11 @@ class ServerTokenizer:
             body = {"model": self.model, "prompt": prompt + answer_prefix}
         return int(self.client.request("POST", "/tokenize", json=body)["count"])
 
+    def encode(self, text: str) -> list[int]:
+        """Token ids of plain `text`, without special tokens (no BOS)."""
+        body = {"model": self.model, "prompt": text, "add_special_tokens": False}
+        return [int(t) for t in self.client.request("POST", "/tokenize", json=body)["tokens"]]
+
     @staticmethod
     def available(client: SyncClient, model: str) -> bool:
         try:
@@ -100,6 +105,10 @@ class HFTokenizer:
                 ids = ids["input_ids"]
             return len(ids)
         return len(self.tokenizer(prompt + answer_prefix)["input_ids"])
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of plain `text`, without special tokens (no BOS)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 class ApproxTokenizer:

@@ -46,9 +46,10 @@ def build_parser():
     config.add_cli_args(serve)
     reward_engine.add_cli_args(serve)
     serve.set_defaults(model=None)
-    from evaluation.cli import add_eval_parser
+    from evaluation.cli import add_bench_parser, add_eval_parser
 
     add_eval_parser(commands)
+    add_bench_parser(commands)
     reward_bench.add_parser(commands)
     return parser
 
@@ -210,6 +211,10 @@ def main(argv: list[str] | None = None) -> None:
         from evaluation.cli import main as eval_main
 
         sys.exit(eval_main(argv[1:]))
+    if argv[:1] == ["bench"]:
+        from evaluation.cli import bench_main
+
+        sys.exit(bench_main(argv[1:]))
     _prepare_metrics_dir()
     logging.basicConfig(level=logging.INFO,
                         format="%(levelname)s %(asctime)s %(name)s: %(message)s")
