@@ -35,9 +35,13 @@ $(STAMP): pyproject.toml Makefile
 serve: $(STAMP)
 	$(VENV)/bin/fluxserve serve --host $(HOST) --port $(PORT) $(ARGS)
 
+# The Triton kernel tests run in Triton's interpreter, which must be on before Triton is first
+# imported: a pytest process of their own (tests/kernels/conftest.py). PYTEST_ARGS narrows the
+# second run, KERNEL_PYTEST_ARGS the first.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra tests/kernels $(KERNEL_PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --ignore=tests/kernels $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -25,7 +25,9 @@ def model_dir() -> str:
     return str(ensure_default_model())
 
 
-@pytest.fixture(scope="session")
+# package scope: the engine is shut down, and its worker state dropped, before the next test
+# folder starts engines of its own in this process
+@pytest.fixture(scope="package")
 def llm(model_dir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

@@ -1,23 +1,33 @@
 """Kernel tests run the Triton kernels on CPU tensors in Triton's interpreter.
 
-``TRITON_INTERPRET`` is read when a ``@triton.jit`` function is defined, so it is set here, at
-import time, before any test module imports the kernels. ``FLUXSERVE_FORCE_TRITON`` routes
-``attention_backends.kernels.ops`` to the Triton path for CPU tensors; it is set per test only.
+``TRITON_INTERPRET`` is read when a ``@triton.jit`` function is defined, Triton's own library
+functions included, so it must be on before ``triton`` is first imported in the process. Other
+test folders import vLLM (and with it Triton) at collection, so these tests run in a pytest
+process of their own: ``make test`` runs ``TRITON_INTERPRET=1 pytest tests/kernels`` first, then
+the rest. Collected in a process where Triton was imported without the interpreter, they are
+skipped with that reason. ``FLUXSERVE_FORCE_TRITON`` routes ``attention_backends.kernels.ops`` to
+the Triton path for CPU tensors; it is set per test only.
 """
 
-import importlib
 import os
 import sys
 
 import pytest
 
+_INTERPRETER_ON = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
 os.environ["TRITON_INTERPRET"] = "1"
-# A test module collected before this folder may have imported the kernels already, as compiled-
-# mode JIT functions that the interpreter cannot call: define them again in interpreter mode
-# (paged_attention first: snapkv imports its helpers).
-for _name in ("attention_backends.kernels.paged_attention", "attention_backends.kernels.snapkv"):
-    if _name in sys.modules:
-        importlib.reload(sys.modules[_name])
+
+
+def pytest_collection_modifyitems(config, items):
+    if _INTERPRETER_ON:
+        return
+    skip = pytest.mark.skip(reason="Triton was imported before the interpreter was turned on: "
+                                   "run `TRITON_INTERPRET=1 pytest tests/kernels` in its own "
+                                   "process (make test does)")
+    here = os.path.dirname(__file__)
+    for item in items:
+        if str(item.fspath).startswith(here):
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
