@@ -38,6 +38,9 @@ WORDS = "the quick brown fox jumps over a lazy dog while reading long reports".s
 LONG_WORDS = tuple(int(n) for n in
                    os.environ.get("FLUXSERVE_LONG_PROMPT_WORDS", "500,800").split(","))
 MAX_TOKENS = 32
+# Every generation runs its full MAX_TOKENS (vLLM's `ignore_eos`): a model that samples its end
+# token first would otherwise answer with no text, and TPOT would be measured over no tokens.
+FIXED_LENGTH = {"ignore_eos": True}
 TTFT = "TTFT"  # request_type of the extra entries; their response_time is in ms
 TPOT = "TPOT"
 REPORT_PERCENTILES = (0.5, 0.95)
@@ -58,7 +61,7 @@ class ChatUser(HttpUser):
     wait_time = between(0.1, 0.5)
 
     def _chat(self, name: str, n_words: int, extra: dict) -> None:
-        body = {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0.7,
+        body = {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0.7, **FIXED_LENGTH,
                 "messages": [{"role": "user", "content": _prompt(n_words)}], **extra}
         with self.client.post("/v1/chat/completions", json=body, headers=HEADERS, name=name,
                               catch_response=True) as resp:
@@ -72,7 +75,7 @@ class ChatUser(HttpUser):
     def _stream(self, name: str, n_words: int, extra: dict) -> None:
         """One streamed chat; checks the SSE stream ends properly and reports TTFT and TPOT."""
         body = {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0.7, "stream": True,
-                "stream_options": {"include_usage": True},
+                "stream_options": {"include_usage": True}, **FIXED_LENGTH,
                 "messages": [{"role": "user", "content": _prompt(n_words)}], **extra}
         started = time.perf_counter()
         first = None
@@ -133,11 +136,19 @@ class ChatUser(HttpUser):
         self._stream("chat:long:calidrop", random.randint(*LONG_WORDS),
                      {"kv_policy": {"name": "calidrop", "budget": 128, "window": 16}})
 
-    # /v1/reward (LongRM scoring) is not served yet. When it is, add its task here, e.g.
-    #   @task(1)
-    #   def reward(self) -> None:
-    #       self.client.post("/v1/reward", json={...}, headers=HEADERS, name="reward")
-    # and list it in loadtests/README.md and tests/e2e/test_locust.py's EXPECTED_ENTRIES.
+    @task(1)
+    def reward_scalar(self) -> None:
+        """`/v1/reward` in scalar mode (the reward model scores two candidates)."""
+        item = {"mode": "scalar", "candidates": ["The report says yes.", "It says no."],
+                "messages": [{"role": "user", "content": _prompt(random.randint(10, 60))}]}
+        with self.client.post("/v1/reward", json={"items": [item]}, headers=HEADERS,
+                              name="reward:scalar", catch_response=True) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
+                return
+            scores = [c.get("score") for c in resp.json()["data"][0]["candidates"]]
+            if len(scores) != 2 or any(s is None for s in scores):
+                resp.failure(f"no scores: {resp.text[:200]}")
 
 
 def summarize(environment: Environment) -> dict:

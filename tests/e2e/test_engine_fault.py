@@ -17,6 +17,8 @@ from tests.e2e.conftest import MODEL, launch_server
 pytestmark = pytest.mark.e2e
 
 EXIT_WITHIN_S = 15
+MAX_MODEL_LEN = 8192
+MAX_TOKENS = 8000
 
 
 def _engine_core(server_pid: int) -> psutil.Process:
@@ -27,14 +29,17 @@ def _engine_core(server_pid: int) -> psutil.Process:
 
 
 def _long_request(server, stream: bool) -> dict:
-    # ignore_eos: the request runs for its full max_tokens, so it is in flight at the kill
-    return {"model": MODEL, "max_tokens": 1500, "ignore_eos": True, "stream": stream,
+    # ignore_eos: the request runs for its full max_tokens, so it is in flight at the kill. Long
+    # enough that an idle machine cannot finish it before the kill, even when the API process
+    # delivers the stream's first events late (it batches them)
+    return {"model": MODEL, "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": stream,
             "messages": [{"role": "user", "content": "go on"}]}
 
 
 def test_engine_death_fails_requests_in_flight_and_ends_the_process(tmp_path):
     # no reward engine: the one engine core under the server is the chat model's
-    with launch_server(["--reward-model", "none"], tmp_path) as server:
+    with launch_server(["--reward-model", "none", "--max-model-len", str(MAX_MODEL_LEN)],
+                       tmp_path) as server:
         url = f"{server.base_url}/v1/chat/completions"
         results: dict[str, object] = {}
         first_event = threading.Event()

@@ -28,7 +28,8 @@ RUN_TIME_S = int(os.environ.get("FLUXSERVE_LOCUST_RUN_TIME_S", "60"))
 USERS = 8
 STOP_TIMEOUT_S = 30  # users finish their current request after the run time
 KV_USAGE = "vllm:kv_cache_usage_perc"
-EXPECTED_ENTRIES = {"chat:short", "chat:stream", "chat:long:flux", "chat:long:calidrop"}
+EXPECTED_ENTRIES = {"chat:short", "chat:stream", "chat:long:flux", "chat:long:calidrop",
+                    "reward:scalar"}
 STREAMED = EXPECTED_ENTRIES - {"chat:short"}
 
 
