@@ -30,7 +30,7 @@ STOP_TIMEOUT_S = 30  # users finish their current request after the run time
 KV_USAGE = "vllm:kv_cache_usage_perc"
 EXPECTED_ENTRIES = {"chat:short", "chat:stream", "chat:long:flux", "chat:long:calidrop",
                     "reward:scalar"}
-STREAMED = EXPECTED_ENTRIES - {"chat:short"}
+STREAMED = EXPECTED_ENTRIES - {"chat:short", "reward:scalar"}
 
 
 def _settled(server: Server, timeout_s: float = 30) -> tuple[int, float]:
