@@ -364,7 +364,8 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="reward-bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="fluxserve reward-bench",
+                                     description=__doc__.split("\n\n")[0])
     add_cli_args(parser)
     return run_from_args(parser.parse_args(argv))
 

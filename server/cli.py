@@ -215,16 +215,16 @@ def main(argv: list[str] | None = None) -> None:
         from evaluation.cli import bench_main
 
         sys.exit(bench_main(argv[1:]))
+    if argv[:1] == ["reward-bench"]:
+        from evaluation.reward_bench import main as reward_bench_main
+
+        sys.exit(reward_bench_main(argv[1:]))
     _prepare_metrics_dir()
     logging.basicConfig(level=logging.INFO,
                         format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
     if args.command == "serve":
         serve(args)
-    elif args.command == "reward-bench":
-        from evaluation.reward_bench import run_from_args
-
-        sys.exit(run_from_args(args))
 
 
 if __name__ == "__main__":
