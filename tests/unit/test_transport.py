@@ -89,10 +89,19 @@ def test_a_content_length_that_understates_the_body_does_not_get_past_the_limit(
     # and the rest as an (unparseable) next request, never as one body.
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
                  b"content-length: 20\r\n\r\n" + b"x" * 100_000)
-    raw = _read_all(sock)
+    # The server closes with bytes of ours still unread, so TCP may reset the connection, which
+    # can drop its answer before we read it: then too nothing got through.
+    chunks, reset = [], False
+    sock.settimeout(5.0)
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        reset = True
+    raw = b"".join(chunks)
     assert b"HTTP/1.1 200" not in raw
     statuses = [int(line.split()[1]) for line in raw.split(b"\r\n") if line.startswith(b"HTTP/1.1")]
-    assert statuses and all(400 <= s < 500 for s in statuses), raw[:500]
+    assert (statuses or reset) and all(400 <= s < 500 for s in statuses), raw[:500]
     assert raw.count(b'"error"') == len(statuses)  # every answer in the OpenAI shape
 
 
