@@ -111,16 +111,18 @@ def _reply_text(response: dict) -> tuple[str, str | None]:
 
 def attention_work_saved(usage: dict | None) -> float | None:
     """The fraction of attention work a policy saved, from the response's ``usage.fluxserve``
-    accounting object when the server sends one: its ``attention_work_saved`` (a fraction in
-    [0, 1]), else ``1 - attention_work / attention_work_full``. None when absent."""
+    accounting object when the server sends one (docs/openai_api.md): its
+    ``attention_work_saved``, which is ``attention_flops_saved / attention_flops_dense`` (a
+    fraction in [0, 1]), computed from those two when only they are present. None when
+    absent."""
     acct = (usage or {}).get("fluxserve")
     if not isinstance(acct, dict):
         return None
     if isinstance(acct.get("attention_work_saved"), int | float):
         return float(acct["attention_work_saved"])
-    work, full = acct.get("attention_work"), acct.get("attention_work_full")
-    if isinstance(work, int | float) and isinstance(full, int | float) and full > 0:
-        return 1.0 - float(work) / float(full)
+    saved, dense = acct.get("attention_flops_saved"), acct.get("attention_flops_dense")
+    if isinstance(saved, int | float) and isinstance(dense, int | float) and dense > 0:
+        return float(saved) / float(dense)
     return None
 
 

@@ -16,8 +16,30 @@ from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from kv_policies.vllm_glue import engine as kv_engine
+from server.accounting import RequestAccountant, attention_shape
 
 logger = logging.getLogger("fluxserve.engine")
+
+
+class FluxAsyncLLM(AsyncLLM):
+    """vLLM's ``AsyncLLM`` whose ``generate`` calls are observed by ``server.accounting`` (the
+    outputs pass through unchanged; the per-request accounting is computed when each request
+    finishes)."""
+
+    _accountant: RequestAccountant | None = None
+
+    @property
+    def accountant(self) -> RequestAccountant:
+        if self._accountant is None:
+            # the engine's reports are relayed by fluxserve's scheduler only
+            ours = self.vllm_config.scheduler_config.scheduler_cls in (
+                kv_engine.SCHEDULER_CLS, kv_engine.ASYNC_SCHEDULER_CLS)
+            self._accountant = RequestAccountant(attention_shape(self.model_config), ours)
+        return self._accountant
+
+    def generate(self, prompt, sampling_params, request_id, *args, **kwargs):
+        outputs = super().generate(prompt, sampling_params, request_id, *args, **kwargs)
+        return self.accountant.observe(outputs, request_id, sampling_params)
 
 
 @dataclass
@@ -80,7 +102,7 @@ async def start_engine(app: FastAPI, args: argparse.Namespace) -> None:
         vllm_config = await asyncio.to_thread(engine_args.create_engine_config, usage)
         install_extensions(vllm_config)
         state.client = await asyncio.to_thread(
-            AsyncLLM.from_vllm_config,
+            FluxAsyncLLM.from_vllm_config,
             vllm_config=vllm_config,
             usage_context=usage,
             enable_log_requests=engine_args.enable_log_requests,

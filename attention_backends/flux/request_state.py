@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from attention_backends.flux.accounting import RoutingReport
 from attention_backends.flux.options import EXTRA_ARGS_KEY, FluxOptions
 from attention_backends.flux.router import DEFAULT_SINK, DEFAULT_WINDOW, FluxRouter, RouterSpec
 
@@ -61,6 +62,9 @@ class FluxRegistry:
         self.routers: dict[int, FluxRouter] = {}
         self.spec = RouterSpec()
         self.default_options: dict | None = None  # engine-side default for plain vLLM requests
+        # Requests created since the last ``take_routing_reports`` that run some layer sparse
+        # (or may: ``auto``), with the model's layer count: their routing is reported once.
+        self._unreported: dict[str, int] = {}
 
     # -- routers --------------------------------------------------------------------------
     def set_routers(self, routers: dict[int, FluxRouter], spec: RouterSpec) -> None:
@@ -109,7 +113,30 @@ class FluxRegistry:
             sparse = None
         st = FluxRequestState(req_id, mode, int(sink), int(window), prompt_len, sparse)
         self.states[req_id] = st
+        if mode != "full":
+            self._unreported[req_id] = num_layers
         return st
+
+    def take_routing_reports(self) -> dict[str, dict]:
+        """The routing reports (``RoutingReport.to_wire()``, by request id) of the non-``full``
+        requests created since the last call, and forget them.
+
+        Call it after the forward of the step that created them: their decisions are final then
+        (``auto`` routes every layer in the first step that schedules the request; a layer
+        without a router runs full attention). Returns ``{}`` at once when there is nothing to
+        report, which is every step of a batch of ``full`` requests."""
+        if not self._unreported:
+            return {}
+        out: dict[str, dict] = {}
+        for req_id, num_layers in self._unreported.items():
+            st = self.states.get(req_id)
+            if st is None:
+                continue
+            sparse = (tuple(bool(x) for x in st.sparse.tolist()) if st.sparse is not None
+                      else (False,) * num_layers)
+            out[req_id] = RoutingReport(sparse, st.sink, st.window).to_wire()
+        self._unreported.clear()
+        return out
 
     def record_decision(self, req_id: str, layer: int, sparse: bool, num_layers: int) -> None:
         st = self.states.get(req_id)
@@ -123,6 +150,7 @@ class FluxRegistry:
             _trace(st)
 
     def release(self, req_id: str) -> FluxRequestState | None:
+        self._unreported.pop(req_id, None)
         return self.states.pop(req_id, None)
 
 

@@ -19,8 +19,14 @@ unchanged:
   router and install routing.
 - ``GPUModelRunner._sample`` / ``_bookkeeping_sync`` (wrapped; the CPU runner inherits them):
   seeded sampling with chunked prefill on CPU (see the sampling section below).
+- ``GPUModelRunner.sample_tokens`` (wrapped; the CPU runner inherits it): attach the routing
+  reports of the requests first run in this step (``flux.accounting``) to the step's
+  ``ModelRunnerOutput``, which carries them to the scheduler (``kv_policies.vllm_glue``).
 - ``InputProcessor.process_inputs`` (wrapped, API process): salt the prefix cache by the
   request's Flux options (``flux.prefix_cache``).
+- ``OutputProcessor.process_outputs`` (wrapped, API process): take the engine's accounting
+  reports out of each ``EngineCoreOutput.kv_transfer_params`` (where the scheduler put them)
+  into the ``flux.accounting`` inbox, before vLLM builds its ``RequestOutput``.
 - ``Scheduler._free_blocks`` (overridden by ``kv_policies.vllm_glue.scheduler``): observe the
   blocks a request holds when it finishes, drop its eviction plan.
 - ``SingleTypeKVCacheManager._remove_blocks_in_range`` (called by
@@ -36,6 +42,7 @@ Adding a hook: one ``PrivateHook`` entry, and for a wrap one ``(owner, name, mak
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.abc
 import importlib.util
@@ -47,6 +54,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from attention_backends.flux import metrics
+from attention_backends.flux.accounting import REPORT_KEY, ROUTING_REPORTS_ATTR, get_inbox
 from attention_backends.flux.prefix_cache import request_cache_salt
 from attention_backends.flux.request_state import BatchRow, get_registry
 from attention_backends.flux.router import load_router_file
@@ -61,6 +69,7 @@ TESTED_VLLM = "0.32.0"
 _GPU_RUNNER = "vllm.v1.worker.gpu_model_runner"
 _CPU_RUNNER = "vllm.v1.worker.cpu_model_runner"
 _INPUT = "vllm.v1.engine.input_processor"
+_OUTPUT = "vllm.v1.engine.output_processor"
 _SCHEDULER = "vllm.v1.core.sched.scheduler"
 _KV_MANAGER = "vllm.v1.core.single_type_kv_cache_manager"
 
@@ -110,6 +119,11 @@ PRIVATE_HOOKS: tuple[PrivateHook, ...] = (
     PrivateHook(_GPU_RUNNER, "GPUModelRunner", "_bookkeeping_sync",
                 ("self", "scheduler_output", "sampler_output"),
                 "wrapped: hide CPU generators from vLLM's CUDA-only offset rewind"),
+    PrivateHook(_GPU_RUNNER, "GPUModelRunner", "sample_tokens", ("self", "grammar_output"),
+                "wrapped: attach the step's routing reports to its ModelRunnerOutput"),
+    PrivateHook(_OUTPUT, "OutputProcessor", "process_outputs",
+                ("self", "engine_core_outputs"),
+                "wrapped: take the engine's accounting reports out of kv_transfer_params"),
 )
 
 
@@ -249,6 +263,66 @@ def _make_process_inputs(orig):
     return process_inputs
 
 
+# -- accounting: the engine's per-request reports (``flux.accounting``) travel worker -> scheduler
+# as an attribute of the step's ``ModelRunnerOutput`` (pickled with it between processes; a
+# dataclass, so the attribute survives), then scheduler -> API process in the request's
+# ``EngineCoreOutput.kv_transfer_params``, vLLM's free-form per-request dict returned to the
+# API process. Nothing is added to a step without reports.
+
+
+def _with_routing_reports(out, reports: dict[str, dict]):
+    """``out`` (what ``sample_tokens`` returned) carrying ``reports``."""
+    from vllm.v1.outputs import (
+        EMPTY_MODEL_RUNNER_OUTPUT,
+        AsyncModelRunnerOutput,
+        ModelRunnerOutput,
+    )
+
+    if isinstance(out, AsyncModelRunnerOutput):  # async scheduling: the output comes later
+        get_output = out.get_output
+
+        def get_output_with_reports():
+            return _with_routing_reports(get_output(), reports)
+
+        out.get_output = get_output_with_reports
+        return out
+    if not isinstance(out, ModelRunnerOutput):  # a pipeline stage's intermediate tensors
+        return out
+    if out is EMPTY_MODEL_RUNNER_OUTPUT:  # a shared constant
+        out = copy.copy(out)
+    setattr(out, ROUTING_REPORTS_ATTR, reports)
+    return out
+
+
+def _make_sample_tokens(orig):
+    def sample_tokens(self, *a, **kw):
+        out = orig(self, *a, **kw)
+        reports = get_registry().take_routing_reports()
+        return _with_routing_reports(out, reports) if reports else out
+    return sample_tokens
+
+
+def _take_engine_reports(processor, engine_core_outputs) -> None:
+    inbox = get_inbox()
+    for eco in engine_core_outputs:
+        params = eco.kv_transfer_params
+        if not params or REPORT_KEY not in params:
+            continue
+        params = dict(params)
+        report = params.pop(REPORT_KEY)
+        eco.kv_transfer_params = params or None
+        state = processor.request_states.get(eco.request_id)
+        if state is not None:
+            inbox.deliver(state.external_req_id, state.request_index, report)
+
+
+def _make_process_outputs(orig):
+    def process_outputs(self, engine_core_outputs, *a, **kw):
+        _take_engine_reports(self, engine_core_outputs)
+        return orig(self, engine_core_outputs, *a, **kw)
+    return process_outputs
+
+
 # -- sampling: seeded sampling (``SamplingParams.seed``) with chunked prefill on CPU.
 #
 # vLLM samples every row of a step, then discards the token of a request whose prompt is only
@@ -306,6 +380,8 @@ _WRAPS: tuple[tuple[str, str, str, Callable], ...] = (
     (_INPUT, "InputProcessor", "process_inputs", _make_process_inputs),
     (_GPU_RUNNER, "GPUModelRunner", "_sample", _make_sample),
     (_GPU_RUNNER, "GPUModelRunner", "_bookkeeping_sync", _make_bookkeeping_sync),
+    (_GPU_RUNNER, "GPUModelRunner", "sample_tokens", _make_sample_tokens),
+    (_OUTPUT, "OutputProcessor", "process_outputs", _make_process_outputs),
 )
 
 _MARK = "_fluxserve_wrapped"

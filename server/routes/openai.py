@@ -18,6 +18,7 @@ from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_c
 
 from attention_backends.flux.options import FluxOptions
 from kv_policies.eviction.options import parse_kv_policy
+from server.accounting import ResponseUsage, collect_usage
 from server.auth import require_api_key
 from server.config import ServerSettings
 from server.engine import EngineState
@@ -144,7 +145,8 @@ async def _generate(body: ChatRequest | CompletionsRequest, raw_request: Request
     check_structured_outputs(body, raw_request.app.state.engine.client)
     streamed = str(bool(body.stream)).lower()
     try:
-        result = await create(body, raw_request)
+        with collect_usage() as usage:
+            result = await create(body, raw_request)
     except asyncio.CancelledError:  # with_cancellation: the client left before the reply
         DISCONNECTED.labels(endpoint, streamed).inc()
         raise
@@ -168,11 +170,36 @@ async def _generate(body: ChatRequest | CompletionsRequest, raw_request: Request
         payload = result.model_dump()
         if echo_only:
             _count_no_generated_tokens(payload)
+        _add_accounting(payload, usage)
         return JSONResponse(payload)
     if echo_only:
         result = _echo_only_events(result)
+    result = _accounting_events(result, usage)
     return StreamingResponse(_count_disconnect(result, endpoint, engine),
                              media_type="text/event-stream")
+
+
+def _add_accounting(payload: dict, usage: ResponseUsage) -> None:
+    """`usage.fluxserve` (server.accounting) into a response or final stream chunk's usage."""
+    fluxserve = usage.to_usage()
+    if fluxserve is not None and payload.get("usage"):
+        payload["usage"]["fluxserve"] = fluxserve
+
+
+async def _accounting_events(events: AsyncGenerator[str, None], usage: ResponseUsage
+                             ) -> AsyncGenerator[str, None]:
+    """Add `usage.fluxserve` to the final usage chunk (`choices: []`, sent with
+    `stream_options.include_usage`), which vLLM sends after every request finished; the chunks
+    before it pass through untouched."""
+    try:
+        async for event in events:
+            if event.startswith("data: {") and '"choices":[]' in event and '"usage"' in event:
+                payload = json.loads(event[len("data: "):])
+                _add_accounting(payload, usage)
+                event = f"data: {json.dumps(payload)}\n\n"
+            yield event
+    finally:
+        await events.aclose()
 
 
 def _count_no_generated_tokens(payload: dict) -> None:

@@ -120,7 +120,7 @@ def test_csv_and_table(tmp_path):
 def test_attention_work_saved_from_usage():
     assert attention_work_saved({"prompt_tokens": 3}) is None
     assert attention_work_saved({"fluxserve": {"attention_work_saved": 0.25}}) == 0.25
-    assert attention_work_saved({"fluxserve": {"attention_work": 30,
-                                               "attention_work_full": 40}}) == 0.25
+    assert attention_work_saved({"fluxserve": {"attention_flops_saved": 10,
+                                               "attention_flops_dense": 40}}) == 0.25
     assert attention_work_saved({"fluxserve": "n/a"}) is None
     json.dumps(attention_work_saved(None))

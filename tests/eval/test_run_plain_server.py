@@ -52,7 +52,7 @@ class OracleHandler(BaseHTTPRequestHandler):
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
                          "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 10, "completion_tokens": 1,
-                      "fluxserve": {"attention_work": 1, "attention_work_full": 4}}})
+                      "fluxserve": {"attention_flops_saved": 3, "attention_flops_dense": 4}}})
 
 
 @pytest.fixture()
