@@ -29,12 +29,19 @@ def flux_server(tmp_path_factory):
 
 def test_auto_mode_routes_with_the_checkpoint_routers(flux_server):
     before = flux_server.metric('fluxserve:sparse_layer_fraction_count{mode="auto"}')
+    fraction = flux_server.metric('fluxserve:sparse_layer_fraction_sum{mode="auto"}')
     r = flux_server.client().chat.completions.create(
         model=NAME, messages=[{"role": "user", "content": "route me " * 80}], max_tokens=4,
         temperature=0, extra_body={"flux": {"mode": "auto"}})
     assert r.usage.completion_tokens == 4
     assert flux_server.metric('fluxserve:sparse_layer_fraction_count{mode="auto"}') == before + 1
     assert flux_server.metric("fluxserve:router_time_seconds_count") >= 1
+    # usage.fluxserve counts the layers the routers actually sent to sparse attention (2 of 4
+    # for this prompt with the tiny checkpoint's routers), as the worker's routing metric does
+    acct = r.usage.model_extra["fluxserve"]
+    fraction = flux_server.metric('fluxserve:sparse_layer_fraction_sum{mode="auto"}') - fraction
+    assert 0 < acct["sparse_layers"] == round(fraction * acct["total_layers"])
+    assert acct["attention_flops_saved"] > 0
 
 
 def test_auto_is_repeatable_and_other_modes_still_work(flux_server):
