@@ -28,7 +28,8 @@ unchanged:
   reports out of each ``EngineCoreOutput.kv_transfer_params`` (where the scheduler put them)
   into the ``flux.accounting`` inbox, before vLLM builds its ``RequestOutput``.
 - ``Scheduler._free_blocks`` (overridden by ``kv_policies.vllm_glue.scheduler``): observe the
-  blocks a request holds when it finishes, drop its eviction plan.
+  blocks a request holds when it finishes, drop its eviction plan, keep an unsent accounting
+  report for the output the step may still build for it.
 - ``SingleTypeKVCacheManager._remove_blocks_in_range`` (called by
   ``kv_policies.vllm_glue.manager``): free an evicted request's gap blocks.
 
@@ -109,7 +110,8 @@ PRIVATE_HOOKS: tuple[PrivateHook, ...] = (
                 ("self", "request_id", "prompt", "params"),
                 "wrapped: salt the prefix cache by the request's Flux options"),
     PrivateHook(_SCHEDULER, "Scheduler", "_free_blocks", ("self", "request"),
-                "overridden by kv_policies.vllm_glue.scheduler: KV bytes held, drop the plan"),
+                "overridden by kv_policies.vllm_glue.scheduler: KV bytes held, drop the plan, "
+                "keep the accounting report for the step's last output"),
     PrivateHook(_KV_MANAGER, "SingleTypeKVCacheManager", "_remove_blocks_in_range",
                 ("self", "request_id", "first_block", "last_block"),
                 "called by kv_policies.vllm_glue.manager: free an evicted request's gap"),
