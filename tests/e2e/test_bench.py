@@ -50,6 +50,10 @@ def test_bench_end_to_end(server: Server, tmp_path: Path):
                        "ttft_speedup", "tpot_speedup"):
             assert float(r[column]) > 0, (r["length"], r["policy"], column)
     assert {float(r["ttft_speedup"]) for r in rows if r["policy"] == "full"} == {1.0}
+    # read from each response's usage.fluxserve: dense saves nothing; SnapKV's 128-token budget
+    # saves decode attention on these longer prompts
+    assert {float(r["attention_work_saved"]) for r in rows if r["policy"] == "full"} == {0.0}
+    assert all(float(r["attention_work_saved"]) > 0 for r in rows if r["policy"] != "full")
 
     with (out / "requests.csv").open() as f:
         requests = list(csv.DictReader(f))
