@@ -125,7 +125,11 @@ def engine_args(args: argparse.Namespace, state: RewardEngineState) -> AsyncEngi
         trust_remote_code=args.trust_remote_code,
         dtype=args.dtype,
         seed=args.seed,
-        disable_log_stats=args.disable_log_stats,
+        # vLLM's Prometheus logger lives in the process-wide registry and unregisters every
+        # `vllm:` series before registering its own: a second engine in this process would
+        # replace (or, starting concurrently, collide with) the chat engine's series. The
+        # reward engine therefore logs no vLLM stats; /v1/reward has its own fluxserve series.
+        disable_log_stats=True,
         kv_cache_memory_bytes=args.reward_kv_cache_memory_bytes,
     )
     if args.reward_gpu_memory_utilization is not None:

@@ -120,3 +120,19 @@ def test_metrics_export_vllm_and_fluxserve_series(server):
                  "fluxserve:requests_total"):
         assert name in text, name
     assert server.metric("fluxserve:requests_total") >= 1
+
+
+def test_vllm_series_are_the_chat_engines(server):
+    """The reward engine shares the process: vLLM's process-wide Prometheus series must stay the
+    chat engine's (the reward engine logs none; a second vLLM logger would replace them)."""
+    text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+    names = {line.split('model_name="', 1)[1].split('"', 1)[0]
+             for line in text.splitlines()
+             if line.startswith("vllm:") and 'model_name="' in line}
+    assert names == {MODEL}
+    before = server.metric("vllm:request_success_total", model_name=MODEL)
+    resp = httpx.post(f"{server.base_url}/v1/completions", headers=server.auth, timeout=60,
+                      json={"model": MODEL, "prompt": "Hello", "max_tokens": 2})
+    assert resp.status_code == 200
+    assert _wait_until(lambda: server.metric("vllm:request_success_total",
+                                             model_name=MODEL) == before + 1, 10)
