@@ -120,6 +120,7 @@ class MaskedRunner:
         self.capture = 0
         self.captured: dict[int, Tensor] = {}
         self.scales: dict[int, float] = {}
+        self._key_ok_cache: dict[int, Tensor] = {}
 
     @property
     def device(self) -> torch.device:
@@ -142,7 +143,8 @@ class MaskedRunner:
         if capture > n:
             raise ValueError(f"cannot capture {capture} queries of a {n}-token prompt")
         self._allocate(n + reserve)
-        self.length, self.mask, self.capture, self.captured = 0, mask, capture, {}
+        self._set_mask(mask)
+        self.length, self.capture, self.captured = 0, capture, {}
         try:
             out = self.model(input_ids=torch.tensor([list(ids)], device=self.device),
                              position_ids=torch.arange(n, device=self.device)[None],
@@ -155,13 +157,18 @@ class MaskedRunner:
     @torch.no_grad()
     def step(self, token: int, mask: HeadMask = NO_MASK) -> Tensor:
         """Append one token at position ``length``; returns its logits ``[vocab]`` float32."""
-        self.mask = mask
+        self._set_mask(mask)
         pos = self.length
         out = self.model(input_ids=torch.tensor([[token]], device=self.device),
                          position_ids=torch.tensor([[pos]], device=self.device),
                          use_cache=False, logits_to_keep=1)
         self.length = pos + 1
         return out.logits[0, -1].float()
+
+    def _set_mask(self, mask: HeadMask) -> None:
+        if mask is not self.mask:
+            self.mask = mask
+            self._key_ok_cache = {}
 
     def truncate(self, length: int) -> None:
         """Forget the KV of positions ``>= length`` (e.g. back to the prompt)."""
@@ -253,32 +260,46 @@ class MaskedRunner:
             out[c0:c1] = (probs @ v[idx].float()).to(q.dtype)
         return out
 
-    def _masked(self, layer: int, q: Tensor, k: Tensor, v: Tensor, start: int,
-                scale: float) -> Tensor:
-        """Attention of queries ``q [Hq, Lq, D]`` at positions ``start..`` over all cached keys
-        ``k/v [Hkv, Lk, D]`` with the full per-head visibility, in float32."""
-        mask = self.mask
-        hq, lq, _ = q.shape
-        lk = k.shape[1]
-        dev = q.device
-        qpos = torch.arange(start, start + lq, device=dev)[:, None]  # [Lq, 1]
-        kpos = torch.arange(lk, device=dev)[None, :]  # [1, Lk]
-        visible = (kpos <= qpos).expand(hq, lq, lk).clone()
-        kept = mask.kept.get(layer) if mask.kept else None
-        if kept is not None:
-            p = mask.prompt_len
+    def _key_ok(self, layer: int, kept: Tensor) -> Tensor:
+        """bool ``[Hkv, capacity]``: the kept prompt keys, then every later position (built once
+        per mask and layer)."""
+        capacity = self._k[layer].shape[1]
+        cached = self._key_ok_cache.get(layer)
+        if cached is None or cached.shape[1] != capacity:
+            p = self.mask.prompt_len
             if tuple(kept.shape) != (self.num_kv_heads, p):
                 raise ValueError(f"kept mask of layer {layer} has shape {tuple(kept.shape)}, "
                                  f"expected ({self.num_kv_heads}, {p})")
-            key_ok = torch.ones(self.num_kv_heads, lk, dtype=torch.bool, device=dev)
-            key_ok[:, :min(p, lk)] = kept[:, :lk].to(dev)
-            key_ok = key_ok.repeat_interleave(self.group, dim=0)  # [Hq, Lk]
-            decode = (qpos >= p)[None]  # [1, Lq, 1]
-            visible &= key_ok[:, None, :] | ~decode
+            cached = torch.ones(self.num_kv_heads, capacity, dtype=torch.bool,
+                                device=self._k[layer].device)
+            cached[:, :p] = kept.to(cached.device)
+            self._key_ok_cache[layer] = cached
+        return cached
+
+    def _masked(self, layer: int, q: Tensor, k: Tensor, v: Tensor, start: int,
+                scale: float) -> Tensor:
+        """Attention of queries ``q [Hq, Lq, D]`` at positions ``start..`` over all cached keys
+        ``k/v [Hkv, Lk, D]`` with the full per-head visibility, in float32. The G query heads of
+        a KV head are rows of one matmul."""
+        mask = self.mask
+        hq, lq, d = q.shape
+        hkv, g = self.num_kv_heads, self.group
+        lk = k.shape[1]
+        dev = q.device
+        scores = (q.float().reshape(hkv, g * lq, d) @ k.float().transpose(1, 2)) * scale
+        scores = scores.view(hkv, g, lq, lk)
+        qpos = torch.arange(start, start + lq, device=dev)[:, None]  # [Lq, 1]
+        kpos = torch.arange(lk, device=dev)[None, :]  # [1, Lk]
+        if start + lq != lk or lq > 1:  # a single last query sees every key: no causal mask
+            scores.masked_fill_(kpos > qpos, float("-inf"))
+        kept = mask.kept.get(layer) if mask.kept else None
+        if kept is not None:
+            hidden = ~self._key_ok(layer, kept)[:, None, None, :lk]  # [Hkv, 1, 1, Lk]
+            if start < mask.prompt_len:  # some queries are prompt positions: not bound
+                hidden = hidden & (qpos >= mask.prompt_len)
+            scores.masked_fill_(hidden, float("-inf"))
         for h in mask.sparse.get(layer, ()):
-            visible[h] &= (kpos < mask.sink) | (kpos > qpos - mask.window)
-        kf = k.float().repeat_interleave(self.group, dim=0)  # [Hq, Lk, D]
-        vf = v.float().repeat_interleave(self.group, dim=0)
-        scores = (q.float() @ kf.transpose(1, 2)) * scale
-        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-        return (probs @ vf).to(q.dtype)
+            far = (kpos >= mask.sink) & (kpos <= qpos - mask.window)  # [Lq, Lk]
+            scores[h // g, h % g].masked_fill_(far, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).view(hkv, g * lq, lk)
+        return (probs @ v.float()).view(hq, lq, d).to(q.dtype)
