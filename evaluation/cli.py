@@ -208,6 +208,9 @@ def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
                         default=ABLATE_BUDGETS, metavar="B",
                         help="KV tokens per head (evict; each above --obs-window); default "
                              f"{' '.join(map(str, ABLATE_BUDGETS))}")
+    parser.add_argument("--protected-budget", type=_bounded_int(2, 1 << 20), default=None,
+                        metavar="B", help="KV tokens a protected KV head keeps (evict); default "
+                                          "the whole prompt")
     parser.add_argument("--obs-window", type=_bounded_int(1, 4096), default=None,
                         help="SnapKV observation window (last prompt queries, always kept); "
                              "default snapkv's (32)")

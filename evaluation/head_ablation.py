@@ -14,8 +14,10 @@ prefix, output tokens and RULER metric):
     ``select``, on the prompt's keys and the last ``obs_window`` prompt queries) decides which
     prompt keys each KV head keeps, and the decode queries are masked to those keys. Per budget
     ``B``: ``snapkv`` (every KV head keeps ``B``, as served), ``protect`` (the KV heads of the top
-    heads keep the whole prompt, the others ``B``) and ``protect-equal`` (the same, with the
-    unprotected heads' budget lowered so that the total KV kept equals ``snapkv``'s).
+    heads keep the whole prompt, or ``protected_budget`` tokens, the others ``B``) and
+    ``protect-equal`` (the same, with the unprotected heads' budget lowered so that the total KV
+    kept equals ``snapkv``'s; infeasible, and skipped, when that leaves them no more than the
+    observation window).
 
 The served paged layout keeps exactly ``budget`` tokens per KV head, so ``protect`` cannot run
 in the engine today; this measures whether it would be worth building (per-head budgets).
@@ -88,6 +90,7 @@ class AblateConfig:
     sink: int | None = None
     window: int | None = None
     budgets: list[int] = field(default_factory=lambda: list(ABLATE_BUDGETS))
+    protected_budget: int | None = None
     obs_window: int | None = None
     pool_kernel: int | None = None
     api: str = "auto"
@@ -167,16 +170,18 @@ def sparse_mask(heads: Iterable[tuple[int, int]], sink: int, window: int) -> Hea
 
 
 def equal_total_budget(budget: int, prompt_len: int, num_kv_heads_total: int,
-                       num_protected: int) -> int:
-    """The budget of each unprotected KV head when the protected ones keep the whole prompt and
-    the total stays ``num_kv_heads_total x min(budget, prompt_len)`` tokens (floor; may be
-    below 1, then infeasible)."""
+                       num_protected: int, protected_budget: int | None = None) -> int:
+    """The budget of each unprotected KV head when the protected ones keep
+    ``protected_budget`` tokens (None: the whole prompt) and the total stays
+    ``num_kv_heads_total x min(budget, prompt_len)`` tokens (floor; below 1 when the protected
+    heads alone exceed the total)."""
     if budget >= prompt_len:
         return prompt_len
     if num_protected >= num_kv_heads_total:
         return 0
+    kept = prompt_len if protected_budget is None else min(protected_budget, prompt_len)
     total = num_kv_heads_total * budget
-    return (total - num_protected * prompt_len) // (num_kv_heads_total - num_protected)
+    return (total - num_protected * kept) // (num_kv_heads_total - num_protected)
 
 
 class SnapKVSelection:
@@ -238,21 +243,21 @@ class SnapKVSelection:
         return masks
 
 
-def variant_budgets(variant: str, budget: int, prompt_len: int, heads: HeadSets
-                    ) -> tuple[list[list[int]], int]:
+def variant_budgets(variant: str, budget: int, prompt_len: int, heads: HeadSets,
+                    protected_budget: int | None = None) -> tuple[list[list[int]], int]:
     """Per layer and KV head, the budget under `variant` (``snapkv``, ``protect``,
-    ``protect-equal``), and the unprotected heads' budget."""
+    ``protect-equal``), and the unprotected heads' budget. Protected KV heads keep
+    ``protected_budget`` tokens (None: the whole prompt)."""
     protected = set(heads.protected_kv)
     total = heads.num_layers * heads.num_kv_heads
-    if variant == "snapkv":
-        other = budget
-    elif variant == "protect":
+    if variant in ("snapkv", "protect"):
         other = budget
     elif variant == "protect-equal":
-        other = equal_total_budget(budget, prompt_len, total, len(protected))
+        other = equal_total_budget(budget, prompt_len, total, len(protected), protected_budget)
     else:
         raise ValueError(f"unknown eviction variant {variant!r}")
-    rows = [[prompt_len if variant != "snapkv" and (layer, h) in protected else other
+    kept = prompt_len if protected_budget is None else protected_budget
+    rows = [[kept if variant != "snapkv" and (layer, h) in protected else other
              for h in range(heads.num_kv_heads)] for layer in range(heads.num_layers)]
     return rows, other
 
@@ -344,12 +349,15 @@ def _snapkv_options(cfg: AblateConfig) -> list:
     extra = {k: v for k, v in (("window", cfg.obs_window), ("pool_kernel", cfg.pool_kernel))
              if v is not None}
     out = []
-    for budget in cfg.budgets:
+    named = [("budget", b) for b in cfg.budgets]
+    if cfg.protected_budget is not None:
+        named.append(("protected budget", cfg.protected_budget))
+    for name, budget in named:
         try:
             out.append(SnapKVOptions(budget=budget, **extra))
         except ValidationError as exc:
             first = exc.errors()[0]
-            raise ValueError(f"budget {budget}: {first['msg']}") from None
+            raise ValueError(f"{name} {budget}: {first['msg']}") from None
     return out
 
 
@@ -436,7 +444,7 @@ class Experiment:
                selection: SnapKVSelection, condition: str, budget: int,
                max_tokens: int) -> dict:
         heads, n = self.heads, len(ids)
-        rows, other = variant_budgets(condition, budget, n, heads)
+        rows, other = variant_budgets(condition, budget, n, heads, self.cfg.protected_budget)
         base = {"budget": budget, "unprotected_budget": min(other, n),
                 "protected_kv_heads": 0 if condition == "snapkv" else len(heads.protected_kv)}
         if other < n:
@@ -534,7 +542,8 @@ def run(cfg: AblateConfig) -> dict:
         "dtype": cfg.dtype, "top_heads": [list(h) for h in heads.top],
         "random_heads": [[list(h) for h in draw] for draw in heads.random],
         "sink": cfg.sink, "window": cfg.window, "obs_window": cfg.obs_window,
-        "pool_kernel": cfg.pool_kernel, "max_new_tokens": cfg.max_new_tokens}
+        "pool_kernel": cfg.pool_kernel, "max_new_tokens": cfg.max_new_tokens,
+        "protected_budget": cfg.protected_budget}
     check_run_folder(out, fingerprint)
 
     print(f"{cfg.checkpoint}: {num_layers} layers x {num_heads} heads ({num_kv_heads} KV "

@@ -189,6 +189,8 @@ def test_budgets_per_kv_head_and_the_equal_total():
     rows, other = ha.variant_budgets("protect-equal", 500, 1000, heads)
     assert other == (6 * 500 - 2 * 1000) // 4 == 250
     assert sum(map(sum, rows)) == 6 * 500
+    rows, other = ha.variant_budgets("protect-equal", 500, 1000, heads, protected_budget=600)
+    assert rows[0] == [600, 450] and other == (6 * 500 - 2 * 600) // 4 == 450
     assert ha.equal_total_budget(100, 1000, 6, 2) < 1  # the protected heads alone are too many
     assert ha.equal_total_budget(2000, 1000, 6, 2) == 1000  # nothing evicted
 
