@@ -204,6 +204,17 @@ class SnapKVSelection:
         """The validated ``SnapKVOptions`` of one budget (raises pydantic's ValidationError)."""
         return self._options_cls(budget=budget, window=self.window, pool_kernel=self.pool_kernel)
 
+    def refusal(self, budget: int) -> str | None:
+        """Why the served snapkv would refuse `budget` with this window and pool kernel, or
+        None."""
+        from pydantic import ValidationError
+
+        try:
+            self.options(budget)
+        except ValidationError as exc:
+            return exc.errors()[0]["msg"]
+        return None
+
     def _select(self, layer: int, budget: int) -> torch.Tensor:
         """Kept prompt slots ``[Hkv, budget]`` of `layer` (``budget < prompt_len``)."""
         from kv_policies.eviction.base import SelectionInputs
@@ -286,11 +297,15 @@ def _stop_ids(model, tokenizer) -> set[int]:
 
 def _load_heads(cfg: AblateConfig, out: Path, model_layers: int, model_heads: int,
                 notes: list[str]) -> dict:
-    """The retrieval-head report: `cfg.heads`, else a profile made now with the defaults of
+    """The retrieval-head report: `cfg.heads`, else the one an earlier run of this folder
+    profiled (``out/heads.json``), else a profile made now with the defaults of
     ``fluxserve eval heads`` (written to ``out/heads.json``)."""
-    if cfg.heads:
-        report = json.loads(Path(cfg.heads).read_text())
-        source = str(cfg.heads)
+    kept = out / "heads.json"
+    if cfg.heads or kept.exists():
+        source = str(cfg.heads or kept)
+        report = json.loads(Path(source).read_text())
+        if not cfg.heads:
+            notes.append(f"retrieval heads from the profile of an earlier run ({source})")
     else:
         from evaluation import heads as heads_mod
 
@@ -300,8 +315,8 @@ def _load_heads(cfg: AblateConfig, out: Path, model_layers: int, model_heads: in
         result = heads_mod.profile(cfg.checkpoint, tasks_, lengths, samples, cfg.seed,
                                    cfg.device, cfg.dtype, cfg.progress)
         report = heads_mod.report(result, cfg.checkpoint, tasks_, lengths, cfg.seed)
-        write_json(out / "heads.json", report)
-        source = str(out / "heads.json")
+        write_json(kept, report)
+        source = str(kept)
         notes.append(f"retrieval heads profiled in this run ({source})")
     if (report.get("num_layers"), report.get("num_heads")) != (model_layers, model_heads):
         raise ValueError(f"the head report {source} is for {report.get('num_layers')} x "
@@ -447,17 +462,15 @@ class Experiment:
         rows, other = variant_budgets(condition, budget, n, heads, self.cfg.protected_budget)
         base = {"budget": budget, "unprotected_budget": min(other, n),
                 "protected_kv_heads": 0 if condition == "snapkv" else len(heads.protected_kv)}
-        if other < n:
-            try:
-                selection.options(other)
-            except ValueError as exc:  # pydantic's ValidationError is a ValueError
-                reason = (f"unprotected budget {other} is below what snapkv accepts: "
-                          f"{str(exc).splitlines()[-1].strip()}" if other > 0 else
-                          f"the protected heads alone exceed the total of {budget} per head")
-                return {"task": sample.task, "length": sample.length, "index": sample.index,
-                        "condition": condition, "draw": None, **base, "prediction": None,
-                        "references": sample.outputs, "score": None, "skipped": reason,
-                        "prompt_tokens": n, "completion_tokens": 0, "kv_tokens": None}
+        refusal = selection.refusal(other) if 0 < other < n else None
+        if other < 1 or refusal:
+            reason = (f"the protected heads alone exceed the total of {budget} per KV head"
+                      if other < 1 else
+                      f"the unprotected heads' budget {other} is refused by snapkv: {refusal}")
+            return {"task": sample.task, "length": sample.length, "index": sample.index,
+                    "condition": condition, "draw": None, **base, "prediction": None,
+                    "references": sample.outputs, "score": None, "skipped": reason,
+                    "prompt_tokens": n, "completion_tokens": 0, "kv_tokens": None}
         kept = selection.kept(rows)
         self.runner.truncate(n)
         tokens = self.runner.greedy(first, max_tokens, self.stop_ids,
