@@ -757,7 +757,7 @@ def _force_plot(path: Path, rows: list[dict], heads: HeadSets, cfg: AblateConfig
         panels[f"{length} tokens"] = {labels[c]: [acc.get((t, c)) for t in task_names]
                                       for c in FORCE_CONDITIONS}
     return plotting.grouped_bars(
-        path, task_names, panels, xlabel="task", ylabel="accuracy (%)",
+        path, task_names, panels, xlabel="task", ylabel="accuracy (%)", ylim=(0, 102),
         title=f"Heads forced to sink {cfg.sink} + window {cfg.window} attention "
               f"({heads.count} of {heads.total} heads)")
 
