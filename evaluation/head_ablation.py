@@ -585,7 +585,8 @@ def run(cfg: AblateConfig) -> dict:
 
     keys = {(s.task, s.length, s.index, *c) for s in samples for c in conditions}
     records = [r for k, r in store.load().items() if k in keys]
-    summary = summarize(records, heads)
+    summary = {name: rows if name in cfg.experiments else []
+               for name, rows in summarize(records, heads).items()}
     files = _write_outputs(out, summary, heads, cfg)
     result = {
         "checkpoint": cfg.checkpoint, "api": api, "seed": cfg.seed, "tasks": task_names,

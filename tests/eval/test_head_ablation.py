@@ -282,6 +282,8 @@ def test_command_end_to_end(checkpoint, tmp_path, capsys):
     assert main(argv) == 0  # the same command again: resumed, nothing left to run
     assert "2 of 2 samples already done" in capsys.readouterr().err
     assert len((out / "results.jsonl").read_text().splitlines()) == len(records)
+    assert main([*argv, "--experiments", "evict"]) == 0  # one experiment's summary only
+    assert json.loads((out / "summary.json").read_text())["force"] == []
     assert main([*argv, "--seed", "1"]) == 2  # other settings: refused, not mixed
     assert "holds a run with other settings (random_heads, seed)" in capsys.readouterr().err
 
