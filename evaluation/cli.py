@@ -28,7 +28,9 @@ policy specs (space-separated):
 tasks: niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, cwe, fwe,
   local_pattern, local_copy; groups: all, ruler, niah, local.
 
-`fluxserve eval heads CHECKPOINT` profiles the retrieval heads of a local checkpoint instead."""
+`fluxserve eval heads CHECKPOINT` profiles the retrieval heads of a local checkpoint instead;
+`fluxserve eval heads-ablate CHECKPOINT` measures them (heads forced sparse, protected from
+eviction)."""
 
 
 def _bounded_int(low: int, high: int):
@@ -112,23 +114,118 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     _add_client_arguments(parser)
 
 
-def add_heads_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="local Hugging Face checkpoint directory")
-    parser.add_argument("--tasks", nargs="+", default=["niah_single_1", "niah_single_2",
-                                                      "niah_multikey_2"], metavar="TASK",
-                        help="needle tasks to average over; default niah_single_1, "
-                             "niah_single_2, niah_multikey_2")
-    parser.add_argument("--lengths", nargs="+", type=_length, default=[2048], metavar="TOKENS",
-                        help="prompt lengths in tokens; default 2048")
-    parser.add_argument("--samples", type=_bounded_int(1, 10_000), default=4,
-                        help="samples per task and length; default 4")
-    parser.add_argument("--seed", type=int, default=42)
+# `fluxserve eval heads` defaults (also the profile `heads-ablate` makes without --heads).
+HEADS_TASKS = ["niah_single_1", "niah_single_2", "niah_multikey_2"]
+HEADS_LENGTHS = [2048]
+HEADS_SAMPLES = 4
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=42, help="sample seed; default 42")
     parser.add_argument("--device", default="cpu", help="torch device; default cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def add_heads_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="local Hugging Face checkpoint directory")
+    parser.add_argument("--tasks", nargs="+", default=HEADS_TASKS, metavar="TASK",
+                        help=f"needle tasks to average over; default {', '.join(HEADS_TASKS)}")
+    parser.add_argument("--lengths", nargs="+", type=_length, default=HEADS_LENGTHS,
+                        metavar="TOKENS", help="prompt lengths in tokens; default "
+                        f"{' '.join(map(str, HEADS_LENGTHS))}")
+    parser.add_argument("--samples", type=_bounded_int(1, 10_000), default=HEADS_SAMPLES,
+                        help=f"samples per task and length; default {HEADS_SAMPLES}")
+    _add_model_arguments(parser)
     parser.add_argument("--top", type=_bounded_int(1, 1 << 20), default=20,
                         help="heads printed (all are written); default 20")
     parser.add_argument("--out", default="fluxserve-heads",
                         help="output folder; default ./fluxserve-heads")
+
+
+# `fluxserve eval heads-ablate` defaults (evaluation.head_ablation.AblateConfig uses them too).
+ABLATE_TASKS = ["niah_single_1", "niah_single_2", "niah_multikey_1", "local_copy"]
+ABLATE_LENGTHS = [4096, 8192]
+ABLATE_BUDGETS = [64, 128, 256, 512, 1024]
+ABLATE_SAMPLES = 4
+ABLATE_DRAWS = 3
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 50:
+        raise argparse.ArgumentTypeError(f"must be in (0, 50] percent, got {value:g}")
+    return value
+
+
+ABLATE_DESCRIPTION = """\
+Offline, in Hugging Face transformers (no server): greedy generation on the eval tasks (the
+prompts of `fluxserve eval`, RULER's metric) under per-head attention masks.
+
+experiments:
+  force  accuracy with nothing forced, with the top P % of heads by retrieval score (from
+         --heads, a `fluxserve eval heads` report, else profiled first) forced to sink + window
+         attention, and with a random P % of the other heads forced (--random-draws draws,
+         averaged)
+  evict  a simulation of SnapKV eviction (the served policy's selection, applied as a mask on
+         the decode queries) at each --budgets B: every KV head keeps B (snapkv); the KV heads
+         of the top heads keep the whole prompt (protect); the same with the other heads' budget
+         lowered to keep the total KV equal (protect-equal)
+
+Writes results.jsonl (every finished item: rerun the same command to resume), force.csv,
+evict.csv, summary.json, force.png and evict.png to --out. See docs/quality.md."""
+
+
+def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="local Hugging Face checkpoint directory")
+    parser.add_argument("--heads", default=None, metavar="HEADS_JSON",
+                        help="heads.json of `fluxserve eval heads` for this checkpoint; default: "
+                             "profile now with that command's defaults")
+    parser.add_argument("--experiments", nargs="+", choices=["force", "evict"],
+                        default=["force", "evict"], help="default both")
+    parser.add_argument("--tasks", nargs="+", metavar="TASK", default=ABLATE_TASKS,
+                        help="eval tasks or groups (as `fluxserve eval`); default "
+                             f"{' '.join(ABLATE_TASKS)}")
+    parser.add_argument("--lengths", nargs="+", type=_length, default=ABLATE_LENGTHS,
+                        metavar="TOKENS", help="target lengths in tokens (256 to 1M; those above "
+                        "the model's context are skipped); default "
+                        f"{' '.join(map(str, ABLATE_LENGTHS))}")
+    parser.add_argument("--samples", type=_bounded_int(1, 10_000), default=ABLATE_SAMPLES,
+                        help=f"samples per task and length; default {ABLATE_SAMPLES}")
+    parser.add_argument("--top-percent", type=_percent, default=5.0, metavar="P",
+                        help="percent of all query heads forced or protected, rounded, at least "
+                             "one head; (0, 50]; default 5")
+    parser.add_argument("--random-draws", type=_bounded_int(1, 100), default=ABLATE_DRAWS,
+                        help=f"random head sets, each run on every sample; default {ABLATE_DRAWS}")
+    parser.add_argument("--sink", type=_bounded_int(0, 1 << 20), default=None,
+                        help="sink tokens of a forced head; default Flux's (128)")
+    parser.add_argument("--window", type=_bounded_int(1, 1 << 20), default=None,
+                        help="window of a forced head, its own position included; default "
+                             "Flux's (2048)")
+    parser.add_argument("--budgets", nargs="+", type=_bounded_int(2, 1 << 20),
+                        default=ABLATE_BUDGETS, metavar="B",
+                        help="KV tokens per head (evict; each above --obs-window); default "
+                             f"{' '.join(map(str, ABLATE_BUDGETS))}")
+    parser.add_argument("--protected-budget", type=_bounded_int(2, 1 << 20), default=None,
+                        metavar="B", help="KV tokens a protected KV head keeps (evict); default "
+                                          "the whole prompt")
+    parser.add_argument("--obs-window", type=_bounded_int(1, 4096), default=None,
+                        help="SnapKV observation window (last prompt queries, always kept); "
+                             "default snapkv's (32)")
+    parser.add_argument("--pool-kernel", type=_bounded_int(1, 63), default=None,
+                        help="SnapKV max-pool kernel (odd); default snapkv's (7)")
+    parser.add_argument("--api", choices=["auto", "chat", "completions"], default="auto",
+                        help="chat template with the answer prefix pre-filled, or the plain "
+                             "completions prompt; auto: chat when the tokenizer has a template")
+    parser.add_argument("--max-new-tokens", type=_bounded_int(1, 4096), default=None,
+                        help="cap on generated tokens; default each task's output tokens")
+    _add_model_arguments(parser)
+    parser.add_argument("--out", default="fluxserve-heads-ablate",
+                        help="output folder (reused to resume); default ./fluxserve-heads-ablate")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars")
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -136,13 +233,18 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("eval", help=EVAL_HELP, description=EVAL_DESCRIPTION,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_arguments(parser)
-    sub = parser.add_subparsers(dest="eval_command", metavar="{heads}")
+    sub = parser.add_subparsers(dest="eval_command", metavar="{heads,heads-ablate}")
     heads = sub.add_parser(
         "heads", help="retrieval-attention profile of a local checkpoint (HF transformers)",
         description="Per (layer, head), the attention mass that the answer tokens' queries put "
                     "on the needle span, averaged over generated needle tasks. Writes heads.json "
                     "(ranked) and heads.png (heat map).")
     add_heads_arguments(heads)
+    ablate = sub.add_parser(
+        "heads-ablate", help="accuracy with retrieval heads forced sparse or protected from "
+                             "eviction (offline, HF transformers)",
+        description=ABLATE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_ablate_arguments(ablate)
     return parser
 
 
@@ -153,6 +255,19 @@ def run(args: argparse.Namespace) -> int:
         from evaluation.heads import profile_from_args
 
         profile_from_args(args)
+        return 0
+    if getattr(args, "eval_command", None) == "heads-ablate":
+        from evaluation.head_ablation import ablate_from_args
+
+        try:
+            ablate_from_args(args)
+        except (ValueError, OSError) as exc:
+            print(f"fluxserve eval heads-ablate: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: finished items are kept in {args.out}/results.jsonl; run "
+                  "the same command to resume", file=sys.stderr)
+            return 130
         return 0
 
     from evaluation.long_context import EvalError, config_from_args

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from evaluation import plotting, tasks
+from evaluation.head_masks import attention_modules
 from evaluation.results import format_table, write_json
 
 logger = logging.getLogger(__name__)
@@ -42,16 +43,6 @@ class HeadsResult:
         flat = [{"layer": layer, "head": head, "retrieval_score": score}
                 for layer, row in enumerate(self.scores) for head, score in enumerate(row)]
         return sorted(flat, key=lambda h: -h["retrieval_score"])
-
-
-def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The self-attention modules in layer order (those with a ``layer_idx``)."""
-    found = [m for _, m in model.named_modules()
-             if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
-    found.sort(key=lambda m: m.layer_idx)
-    if not found:
-        raise ValueError(f"no attention modules with a layer_idx in {type(model).__name__}")
-    return found
 
 
 def _spans(offsets: list[tuple[int, int]], char_spans: list[tuple[int, int]]) -> list[int]:
@@ -79,7 +70,7 @@ def profile(checkpoint: str | Path, task_names: list[str], lengths: list[int], s
     model = AutoModelForCausalLM.from_pretrained(
         str(checkpoint), attn_implementation="eager", dtype=getattr(torch, dtype))
     model.to(device).eval()
-    modules = _attention_modules(model)
+    modules = attention_modules(model)
     num_layers = len(modules)
     num_heads = model.config.num_attention_heads
     total = torch.zeros(num_layers, num_heads, dtype=torch.float64)
@@ -126,17 +117,25 @@ def profile(checkpoint: str | Path, task_names: list[str], lengths: list[int], s
     return HeadsResult(scores=(total / max(seen, 1)).tolist(), samples=seen)
 
 
+def report(result: HeadsResult, checkpoint: str | Path, task_names: list[str],
+           lengths: list[int], seed: int) -> dict:
+    """The content of ``heads.json``: settings, definition, every head ranked (dicts with
+    ``layer``, ``head``, ``retrieval_score``, best first) and the layers x heads matrix."""
+    return {"checkpoint": str(checkpoint), "tasks": task_names, "lengths": lengths,
+            "samples": result.samples, "seed": seed, "num_layers": len(result.scores),
+            "num_heads": len(result.scores[0]), "definition": DEFINITION,
+            "ranked": result.ranked(), "matrix": result.scores}
+
+
 def profile_from_args(args) -> dict:
     """Run `profile` for ``fluxserve eval heads`` and write heads.json and heads.png."""
-    result = profile(args.checkpoint, tasks.resolve_tasks(args.tasks), args.lengths,
-                     args.samples, args.seed, args.device, args.dtype)
+    task_names = tasks.resolve_tasks(args.tasks)
+    result = profile(args.checkpoint, task_names, args.lengths, args.samples, args.seed,
+                     args.device, args.dtype)
     out = Path(args.out)
-    ranked = result.ranked()
-    report = {"checkpoint": str(args.checkpoint), "tasks": tasks.resolve_tasks(args.tasks),
-              "lengths": args.lengths, "samples": result.samples, "seed": args.seed,
-              "num_layers": len(result.scores), "num_heads": len(result.scores[0]),
-              "definition": DEFINITION, "ranked": ranked, "matrix": result.scores}
-    json_path = write_json(out / "heads.json", report)
+    data = report(result, args.checkpoint, task_names, args.lengths, args.seed)
+    ranked = data["ranked"]
+    json_path = write_json(out / "heads.json", data)
     png_path = plotting.heatmap(out / "heads.png", result.scores,
                                 title="Retrieval attention mass per head",
                                 xlabel="head", ylabel="layer",
@@ -145,4 +144,4 @@ def profile_from_args(args) -> dict:
                        [[i + 1, h["layer"], h["head"], f"{h['retrieval_score']:.4f}"]
                         for i, h in enumerate(ranked[:args.top])]))
     print(f"wrote {json_path}, {png_path}", file=sys.stderr)
-    return report
+    return data

@@ -10,7 +10,6 @@ metric, and write the table, CSV, JSON and plots. Every finished item is appende
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import statistics
 import sys
@@ -33,7 +32,14 @@ from evaluation.client import (
     discover,
 )
 from evaluation.policies import Policy, PolicySpecError, parse_policies
-from evaluation.results import JsonlStore, format_table, write_csv, write_json
+from evaluation.results import (
+    JsonlStore,
+    RunFolderError,
+    check_run_folder,
+    format_table,
+    write_csv,
+    write_json,
+)
 from evaluation.tokenization import PromptTokenizer, chat_messages, choose_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -292,15 +298,10 @@ def _plots(out: Path, rows: list[dict], policies: list[str], notes: list[str]) -
 
 
 def _check_run_folder(out: Path, fingerprint: dict) -> None:
-    run_file = out / "run.json"
-    if run_file.exists():
-        previous = json.loads(run_file.read_text())
-        if previous != fingerprint:
-            changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
-            raise EvalError(f"{out} holds a run with other settings ({', '.join(changed)}); "
-                            "choose another --out or remove that folder")
-    else:
-        write_json(run_file, fingerprint)
+    try:
+        check_run_folder(out, fingerprint)
+    except RunFolderError as exc:
+        raise EvalError(str(exc)) from None
 
 
 def run(cfg: EvalConfig) -> dict:

@@ -78,7 +78,8 @@ def scatter_plot(path: str | Path, points: dict[str, Sequence[tuple[float, float
 
 def grouped_bars(path: str | Path, categories: Sequence[str],
                  panels: dict[str, dict[str, Sequence[float | None]]], *, title: str,
-                 xlabel: str, ylabel: str, reference: float | None = None) -> Path:
+                 xlabel: str, ylabel: str, reference: float | None = None,
+                 ylim: tuple[float, float] | None = None) -> Path:
     """Side-by-side panels of grouped bars: in each panel, one group per category (x axis) and
     one bar per series (value i of a series belongs to category i; None leaves a gap).
     `reference` draws a dashed horizontal line (e.g. 1.0 for a speedup)."""
@@ -93,7 +94,7 @@ def grouped_bars(path: str | Path, categories: Sequence[str],
         if reference is not None:
             ax.axhline(reference, color="black", linestyle="--", linewidth=1)
         ax.set_xticks(range(len(categories)), list(categories))
-        _finish(ax, panel, xlabel, ylabel, None, legend=bool(series))
+        _finish(ax, panel, xlabel, ylabel, ylim, legend=bool(series))
     fig.suptitle(title)
     return _save(fig, path)
 

@@ -44,6 +44,26 @@ class JsonlStore:
             os.fsync(f.fileno())
 
 
+class RunFolderError(ValueError):
+    """An output folder holds a run made with other settings."""
+
+
+def check_run_folder(out: str | Path, fingerprint: dict) -> None:
+    """Record `fingerprint` (the settings that make results comparable) in ``out/run.json``, or
+    check it against the one recorded there. Raises `RunFolderError` naming the settings that
+    differ, so that a resumed run never mixes results of two set-ups."""
+    run_file = Path(out) / "run.json"
+    if run_file.exists():
+        previous = json.loads(run_file.read_text())
+        if previous != fingerprint:
+            changed = sorted(k for k in fingerprint.keys() | previous.keys()
+                             if previous.get(k) != fingerprint.get(k))
+            raise RunFolderError(f"{out} holds a run with other settings ({', '.join(changed)}); "
+                                 "choose another --out or remove that folder")
+    else:
+        write_json(run_file, fingerprint)
+
+
 def write_csv(path: str | Path, rows: Iterable[dict[str, Any]],
               columns: list[str] | None = None) -> Path:
     """Write dict rows as CSV (columns: `columns`, else the keys in first-seen order)."""

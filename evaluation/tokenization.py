@@ -96,15 +96,21 @@ class HFTokenizer:
         if chat and not self.chat:
             self.description += " (no chat template: the template's tokens are not counted)"
 
-    def count(self, prompt: str, answer_prefix: str) -> int:
+    def ids(self, prompt: str, answer_prefix: str) -> list[int]:
+        """Token ids of the prompt as sent: the rendered chat template (the answer prefix as a
+        pre-filled assistant turn when `prefill`), or the prompt followed by the answer prefix
+        with the tokenizer's special tokens (BOS), as vLLM tokenizes a completions prompt."""
         if self.chat:
             ids = self.tokenizer.apply_chat_template(
                 chat_messages(prompt, answer_prefix, self.prefill), tokenize=True,
                 add_generation_prompt=not self.prefill, continue_final_message=self.prefill)
             if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer versions
                 ids = ids["input_ids"]
-            return len(ids)
-        return len(self.tokenizer(prompt + answer_prefix)["input_ids"])
+            return [int(i) for i in ids]
+        return list(self.tokenizer(prompt + answer_prefix)["input_ids"])
+
+    def count(self, prompt: str, answer_prefix: str) -> int:
+        return len(self.ids(prompt, answer_prefix))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of plain `text`, without special tokens (no BOS)."""

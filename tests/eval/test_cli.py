@@ -43,7 +43,7 @@ def test_bench_is_a_fluxserve_command_with_defaults():
 
 def test_evaluation_imports_neither_vllm_nor_the_server():
     code = ("import sys, evaluation.cli, evaluation.long_context, evaluation.heads, "
-            "evaluation.bench\n"
+            "evaluation.bench, evaluation.head_masks, evaluation.head_ablation\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
             "{'vllm', 'server', 'attention_backends', 'kv_policies'})\n"
             "assert not bad, bad\n")

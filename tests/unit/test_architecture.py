@@ -1,6 +1,6 @@
 """The one-way layering of docs/architecture.md, as import-linter contracts in pyproject.toml:
-kernels -> Flux routing | KV policies -> vLLM glue -> plugin -> server, and no vLLM import
-below the glue."""
+kernels -> Flux routing | KV policies -> vLLM glue -> plugin -> server, no vLLM import
+below the glue, and none of vLLM, the server or the glue in the evaluation package."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("server", "attention_backends", "kv_policies")
+PACKAGES = ("server", "attention_backends", "kv_policies", "evaluation")
 
 
 def _lint_imports(root: Path) -> subprocess.CompletedProcess:
@@ -24,7 +24,7 @@ def _lint_imports(root: Path) -> subprocess.CompletedProcess:
 def test_imports_follow_the_layers():
     res = _lint_imports(ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "2 kept, 0 broken" in res.stdout
+    assert "3 kept, 0 broken" in res.stdout
 
 
 def _copy_tree(tmp_path: Path) -> Path:
@@ -55,3 +55,12 @@ def test_vllm_below_the_glue_breaks_the_contract(tmp_path):
     res = _lint_imports(root)
     assert res.returncode == 1, res.stdout
     assert "kv_policies.eviction.plan -> vllm" in res.stdout
+
+
+def test_the_server_in_evaluation_breaks_the_contract(tmp_path):
+    root = _copy_tree(tmp_path)
+    _append(root / "evaluation" / "head_ablation.py",
+            "def _up():\n    from server import default_model  # noqa: F401")
+    res = _lint_imports(root)
+    assert res.returncode == 1, res.stdout
+    assert "evaluation.head_ablation -> server.default_model" in res.stdout
