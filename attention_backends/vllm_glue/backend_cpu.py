@@ -1,11 +1,19 @@
-"""CPU attention backend: vLLM's CPU backend with Flux routing and KV eviction.
+"""CPU attention backend: vLLM's CPU attention, plus Flux routing and KV eviction where asked.
 
-Registered over ``CPU_ATTN`` (the CPU platform always picks that name). Decoder attention of
-every row goes through ``ops.paged_attention`` (the float32 PyTorch reference on CPU; see
-``vllm_glue.attention``), with per-(request, layer) full or sink + window attention, for prefill
-chunks and decode alike. vLLM's own CPU kernels keep K/V in an ISA-specific layout that our
-ops and the KV compaction cannot read, so this backend writes K/V in the shared layout
-(``attention.write_kv``) and uses vLLM's kernels only for encoder/cross attention.
+Registered over ``CPU_ATTN`` (the CPU platform always picks that name). vLLM's own op writes
+every K/V, in vLLM's ISA-specific layout (``do_kv_cache_update`` is vLLM's). Each step:
+
+- **No row asks for anything but full attention** (no sparse layer, no request to route, no
+  eviction plan): the builder returns vLLM's own metadata and the step is exactly vLLM's CPU
+  path (vLLM's metadata, vLLM's kernel); ``forward`` hands it straight to vLLM's.
+- **Otherwise**, per layer, the rows that need a mask (sparse at this layer and longer than
+  ``sink + window``; compressed by an earlier step) go through ``ops.paged_attention`` (our CPU
+  path), which reads vLLM's layout through the ``KVLayout`` that ``kv_layout.probe`` finds by
+  writing coded values through vLLM's own writer. The other rows go through vLLM's kernel as a
+  sub-batch whose scheduler metadata vLLM's builder makes (``RowSplit``). Then the rows whose
+  prompt completes in this step are compressed (``attention.compress_completed``), in the same
+  layout.
+
 The per-step metadata (``StepMetadata``) is the GPU backend's.
 """
 
@@ -13,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import torch
 from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -21,46 +30,148 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from attention_backends.vllm_glue.attention import run_attention, write_kv
-from attention_backends.vllm_glue.metadata import StepMetadata, step_metadata_for
+from attention_backends.kernels import kv_layout
+from attention_backends.kernels.kv_layout import KVLayout
+from attention_backends.vllm_glue.attention import (
+    attend,
+    compress_completed,
+    layer_index,
+    token_index,
+)
+from attention_backends.vllm_glue.metadata import StepMetadata, num_layers, step_metadata_for
+
+
+class RowSplit:
+    """Which rows of a step need our attention at a layer, and vLLM's metadata for the others.
+
+    A row needs ours at layer ``l`` when it was compressed by an earlier step, or when it runs
+    sparse attention at ``l`` and some query of the step cannot see every key (its sequence is
+    longer than ``sink + window``); every other row is plain causal attention, which vLLM's
+    kernel computes. Sub-batch metadata is built once per distinct set of rows in a step.
+    """
+
+    def __init__(self, step: StepMetadata, cm: CommonAttentionMetadata,
+                 builder: CPUAttentionMetadataBuilder) -> None:
+        self.step = step
+        self._cm = cm
+        self._builder = builder
+        routing, n = step.routing, cm.num_reqs
+        self.seq_lens: list[int] = cm.seq_lens.tolist()
+        self._reach = [s + w for s, w in zip(routing.sink.tolist(), routing.window.tolist(),
+                                             strict=True)]
+        kept = step.eviction.kept_end
+        self._compressed = [k > 0 for k in kept.tolist()] if kept is not None else [False] * n
+        self._dense: dict[tuple[int, ...], tuple[CPUAttentionMetadata, torch.Tensor]] = {}
+
+    def ours(self, layer: int) -> list[int]:
+        """The rows that go through ``ops.paged_attention`` at ``layer``, ascending."""
+        sparse = self.step.routing.sparse[layer].tolist()
+        return [r for r in range(len(self.seq_lens))
+                if self._compressed[r] or (sparse[r] and self.seq_lens[r] > self._reach[r])]
+
+    def dense(self, rows: list[int]) -> tuple[CPUAttentionMetadata, torch.Tensor]:
+        """vLLM's metadata for the sub-batch of ``rows`` and its tokens' positions in the batch
+        (int64)."""
+        key = tuple(rows)
+        hit = self._dense.get(key)
+        if hit is not None:
+            return hit
+        cm = self._cm
+        qsl = self.step.query_start_loc
+        tokens = token_index(qsl, rows)
+        q_lens = [qsl[r + 1] - qsl[r] for r in rows]
+        sub_qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+        sel = torch.tensor(rows, dtype=torch.int64)
+        # The CPU builder reads only the fields replaced here.
+        sub = cm.replace(
+            query_start_loc=sub_qsl, query_start_loc_cpu=sub_qsl, seq_lens=cm.seq_lens[sel],
+            num_reqs=len(rows), num_actual_tokens=int(tokens.numel()),
+            max_query_len=max(q_lens), max_seq_len=max(self.seq_lens[r] for r in rows),
+            block_table_tensor=cm.block_table_tensor[sel], slot_mapping=cm.slot_mapping[tokens],
+            _num_computed_tokens_cache=None, _token_to_req_indices_cache=None)
+        hit = (CPUAttentionMetadataBuilder.build(self._builder, 0, sub), tokens)
+        self._dense[key] = hit
+        return hit
 
 
 @dataclass
 class FluxCPUMetadata(CPUAttentionMetadata):
+    # None: no row needs anything but full attention (the step is vLLM's alone)
     step: StepMetadata | None = None
+    split: RowSplit | None = None
 
 
 class FluxCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.num_layers = num_layers(vllm_config)
+
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
-              fast_build: bool = False) -> FluxCPUMetadata:
+              fast_build: bool = False) -> CPUAttentionMetadata | FluxCPUMetadata:
+        """vLLM's metadata as it is when no row needs our attention, else with the step's
+        ``StepMetadata`` and ``RowSplit``."""
         base = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        step = None
-        if not (self.is_cross_attention or self.is_encoder_only_attention):
-            step = step_metadata_for(common_attn_metadata, self.vllm_config)
-        return FluxCPUMetadata(**{f.name: getattr(base, f.name) for f in fields(base)}, step=step)
+        if self.is_cross_attention or self.is_encoder_only_attention:
+            return base
+        step = step_metadata_for(common_attn_metadata, self.vllm_config, none_when_dense=True,
+                                 layers=self.num_layers)
+        if step is None:
+            return base
+        return FluxCPUMetadata(**{f.name: getattr(base, f.name) for f in fields(base)},
+                               step=step, split=RowSplit(step, common_attn_metadata, self))
+
+
+_LAYOUTS: dict[tuple, KVLayout] = {}
 
 
 class FluxCPUAttentionImpl(CPUAttentionBackendImpl):
-    def _ours(self) -> bool:
-        return self.attn_type == AttentionType.DECODER
+    def kv_layout(self, layer, kv_cache: torch.Tensor) -> KVLayout:
+        """Where vLLM's CPU op puts K/V in this layer's blocks (probed once per ISA and shape)."""
+        bs, d = kv_cache.shape[2], kv_cache.shape[3] // 2
+        key = (getattr(layer, "isa", None), kv_cache.dtype, bs, d)
+        layout = _LAYOUTS.get(key)
+        if layout is None:
+            def write(k, v, cache, slots):
+                CPUAttentionBackendImpl.do_kv_cache_update(self, layer, k, v, cache, slots)
 
-    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        if not self._ours():
-            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        write_kv(key, value, kv_cache, slot_mapping)
+            layout = kv_layout.probe(f"vLLM CPU ({key[0]})", write, bs, d, kv_cache.dtype)
+            _LAYOUTS[key] = layout
+        return layout
+
+    def _check_supported(self) -> None:
+        if self.alibi_slopes is not None or self.sliding_window > 0 or self.logits_soft_cap \
+                or self.sinks is not None or self.is_fp8_kv_cache:
+            raise NotImplementedError("fluxserve CPU backend: sparse attention and KV eviction "
+                                      "need a model without alibi, sliding window, softcap or "
+                                      "learned sinks, and a KV cache that is not fp8")
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
-        if attn_metadata is None or not self._ours():
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+        md = attn_metadata
+        if getattr(md, "step", None) is None or self.attn_type != AttentionType.DECODER:
+            return super().forward(layer, query, key, value, kv_cache, md, output,
                                    output_scale, output_block_scale)
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization")
-        if self.alibi_slopes is not None or self.sliding_window > 0 or self.logits_soft_cap \
-                or self.sinks is not None or self.is_fp8_kv_cache:
-            raise NotImplementedError("fluxserve CPU backend: no alibi, sliding-window, softcap,"
-                                      " learned-sink or fp8-KV models")
-        return run_attention(layer, query, kv_cache, attn_metadata, self.scale, output)
+        split: RowSplit = md.split
+        ours = split.ours(layer_index(layer))
+        if not ours:
+            super().forward(layer, query, key, value, kv_cache, md, output)
+        elif len(ours) < len(split.seq_lens):
+            taken = set(ours)
+            sub, tokens = split.dense([r for r in range(len(split.seq_lens)) if r not in taken])
+            sub_out = output.new_empty((tokens.numel(), *output.shape[1:]))
+            super().forward(layer, query.index_select(0, tokens), key, value, kv_cache, sub,
+                            sub_out)
+            output.index_copy_(0, tokens, sub_out)
+        layout = None
+        if ours or md.step.eviction.compress_rows:
+            self._check_supported()
+            layout = self.kv_layout(layer, kv_cache)
+        if ours:
+            attend(layer, query, kv_cache, md, self.scale, output, rows=ours, kv_layout=layout)
+        compress_completed(layer, query, kv_cache, md, self.scale, kv_layout=layout)
+        return output
 
 
 class FluxCPUAttentionBackend(CPUAttentionBackend):

@@ -25,6 +25,11 @@ unchanged:
   blocks a request holds when it finishes, drop its eviction plan.
 - ``SingleTypeKVCacheManager._remove_blocks_in_range`` (called by
   ``kv_policies.vllm_glue.manager``): free an evicted request's gap blocks.
+- The CPU attention backend's internals that ``vllm_glue.backend_cpu`` relies on beyond
+  subclassing it: ``CPUAttentionBackendImpl.do_kv_cache_update`` (called on a one-block scratch
+  cache to find vLLM's CPU KV layout), ``CPUAttentionMetadataBuilder.build`` (called on a
+  sub-batch's ``CommonAttentionMetadata.replace``), ``CPUAttentionMetadataBuilder.
+  _set_isa_to_layers`` (sets ``layer.isa``, the ISA whose layout the cache holds).
 
 The model runner is only imported by worker processes (it costs seconds), so hooks are installed
 right after the module that defines them is imported (``_AfterImport``), never by importing it.
@@ -63,6 +68,8 @@ _CPU_RUNNER = "vllm.v1.worker.cpu_model_runner"
 _INPUT = "vllm.v1.engine.input_processor"
 _SCHEDULER = "vllm.v1.core.sched.scheduler"
 _KV_MANAGER = "vllm.v1.core.single_type_kv_cache_manager"
+_CPU_ATTN = "vllm.v1.attention.backends.cpu_attn"
+_ATTN = "vllm.v1.attention.backend"
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,17 @@ PRIVATE_HOOKS: tuple[PrivateHook, ...] = (
     PrivateHook(_GPU_RUNNER, "GPUModelRunner", "_bookkeeping_sync",
                 ("self", "scheduler_output", "sampler_output"),
                 "wrapped: hide CPU generators from vLLM's CUDA-only offset rewind"),
+    PrivateHook(_CPU_ATTN, "CPUAttentionBackendImpl", "do_kv_cache_update",
+                ("self", "layer", "key", "value", "kv_cache", "slot_mapping"),
+                "called by the CPU backend on a scratch block: probes vLLM's CPU KV layout"),
+    PrivateHook(_CPU_ATTN, "CPUAttentionMetadataBuilder", "build",
+                ("self", "common_prefix_len", "common_attn_metadata"),
+                "called by the CPU backend for the rows that need no mask (a sub-batch)"),
+    PrivateHook(_CPU_ATTN, "CPUAttentionMetadataBuilder", "_set_isa_to_layers",
+                ("self", "layer_names"),
+                "sets layer.isa, which the CPU backend reads as its KV layout's key"),
+    PrivateHook(_ATTN, "CommonAttentionMetadata", "replace", ("self",),
+                "called by the CPU backend: a sub-batch's metadata"),
 )
 
 
