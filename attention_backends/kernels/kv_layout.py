@@ -178,6 +178,19 @@ def read_blocks(kv_cache: Tensor, layout: KVLayout, blocks: Tensor) -> tuple[Ten
             reg[..., layout.v_offsets.flatten()].reshape(shape))
 
 
+def gather_blocks(kv_cache: Tensor, layout: KVLayout, blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """K and V of the given physical blocks (``blocks [n]`` int64) in slot order, each a new
+    contiguous ``[Hkv, n * block_size, D]`` tensor in the cache's dtype."""
+    hkv, d = kv_cache.shape[1], layout.head_size
+    views = kv_views(kv_cache, layout)
+    if views is not None:
+        return tuple(t.transpose(0, 1).index_select(1, blocks).reshape(hkv, -1, d)
+                     for t in views)
+    reg = _regions(kv_cache).transpose(0, 1).index_select(1, blocks)  # [Hkv, n, 2 * bs * D]
+    return (reg[..., layout.k_offsets.flatten()].reshape(hkv, -1, d),
+            reg[..., layout.v_offsets.flatten()].reshape(hkv, -1, d))
+
+
 def read_slots(kv_cache: Tensor, layout: KVLayout, blocks: Tensor, heads: Tensor,
                slots: Tensor) -> tuple[Tensor, Tensor]:
     """K and V at (``blocks``, ``heads``, in-block ``slots``), three int64 tensors of one shape

@@ -16,12 +16,15 @@ int32. The queries of sequence ``s`` are its last ``q_len_s`` slots.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from attention_backends.kernels import cpu_paged
+from attention_backends.kernels import kv_layout as kv_layout_lib
 from attention_backends.kernels import reference as ref
 from attention_backends.kernels.kv_layout import KVLayout
 from attention_backends.kernels.sdpa_prefill import dense_prefill_sdpa
@@ -98,6 +101,58 @@ def _dense_cpu(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tenso
     return out, None
 
 
+@functools.lru_cache(maxsize=16)
+def _slot_major(block_size: int, head_size: int) -> KVLayout:
+    return kv_layout_lib.slot_major(block_size, head_size)
+
+
+def _masked_cpu(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
+                query_start_loc: Tensor, scale: float, sink: Tensor | None,
+                window: Tensor | None, kept_end: Tensor | None, gap_end: Tensor | None,
+                calibration: Calibration | None, out: Tensor | None,
+                kv_layout: KVLayout | None) -> tuple[Tensor, Tensor | None]:
+    """Masked attention on the CPU: the rows that calibrate (they need the kept keys'
+    log-sum-exp) through the float32 reference, the others through SDPA
+    (``cpu_paged.masked_paged_attention``)."""
+    if out is None:
+        out = torch.empty_like(q)
+    layout = kv_layout or _slot_major(kv_cache.shape[2], kv_cache.shape[3] // 2)
+    n = seq_lens.shape[0]
+    calibrated = ([s for s, on in enumerate(calibration.enabled.tolist()) if on]
+                  if calibration is not None else [])
+    if len(calibrated) == n:
+        return ref.paged_attention_ref(q, kv_cache, block_table, seq_lens, query_start_loc,
+                                       scale, sink=sink, window=window, kept_end=kept_end,
+                                       gap_end=gap_end, calibration=calibration, out=out,
+                                       kv_layout=kv_layout)
+    taken = set(calibrated)
+    cpu_paged.masked_paged_attention(
+        q, kv_cache, block_table, seq_lens, query_start_loc, scale, sink=sink, window=window,
+        kept_end=kept_end, gap_end=gap_end, out=out, kv_layout=layout,
+        rows=[s for s in range(n) if s not in taken])
+    if calibration is None:
+        return out, None
+    hits = torch.zeros(q.shape[0], q.shape[1], dtype=torch.bool, device=q.device)
+    if not calibrated:
+        return out, hits
+    qsl = query_start_loc.tolist()
+    tokens = torch.cat([torch.arange(qsl[s], qsl[s + 1]) for s in calibrated])
+    sel = torch.tensor(calibrated, dtype=torch.int64)
+    sub_qsl = torch.tensor([0, *[qsl[s + 1] - qsl[s] for s in calibrated]]).cumsum(0)
+    tau = calibration.tau
+    sub_calib = Calibration(calibration.q_ref[sel], calibration.o_e[sel],
+                            calibration.lse_e[sel], calibration.enabled[sel],
+                            tau[sel] if isinstance(tau, Tensor) else tau)
+    o, h = ref.paged_attention_ref(
+        q.index_select(0, tokens), kv_cache, block_table[sel], seq_lens[sel], sub_qsl, scale,
+        **{name: t[sel] if t is not None else None for name, t in
+           (("sink", sink), ("window", window), ("kept_end", kept_end), ("gap_end", gap_end))},
+        calibration=sub_calib, kv_layout=kv_layout)
+    out.index_copy_(0, tokens, o)
+    hits.index_copy_(0, tokens, h)
+    return out, hits
+
+
 def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
                     query_start_loc: Tensor, scale: float, *, sink: Tensor | None = None,
                     window: Tensor | None = None, kept_end: Tensor | None = None,
@@ -143,10 +198,8 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
         slot_major = kv_layout is None or kv_layout.is_slot_major
         if slot_major and all(m is None for m in (sink, window, kept_end, gap_end, calibration)):
             return _dense_cpu(q, kv_cache, block_table, seq_lens, query_start_loc, scale, out)
-        return ref.paged_attention_ref(q, kv_cache, block_table, seq_lens, query_start_loc, scale,
-                                       sink=sink, window=window, kept_end=kept_end,
-                                       gap_end=gap_end, calibration=calibration, out=out,
-                                       kv_layout=kv_layout)
+        return _masked_cpu(q, kv_cache, block_table, seq_lens, query_start_loc, scale,
+                           sink, window, kept_end, gap_end, calibration, out, kv_layout)
     _slot_major_only(kv_layout)
     from attention_backends.kernels.paged_attention import paged_attention_triton
 
