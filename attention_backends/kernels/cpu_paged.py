@@ -1,14 +1,13 @@
-"""The CPU path of masked paged attention (sink/window, gaps): torch's fused SDPA kernel over
-whole KV blocks.
+"""The CPU path of masked paged attention (sink/window, gaps, calibration) over whole KV blocks.
 
-Same contract as ``ops.paged_attention`` without calibration. For each sequence and chunk of its
-queries, the blocks holding a slot that some query of the chunk can see are gathered whole (one
-``index_select`` in the cache's ``KVLayout``), their other slots are zeroed (a freed or stale
-slot may hold anything), and one SDPA call with the chunk's boolean mask computes the chunk's
-output in the cache's dtype (SDPA accumulates in float32). Decode rows (one query each) of a
-batch share one SDPA call, padded to the longest row's blocks. The float32 reference
-(``kernels.reference``) defines the result; this path differs from it by the rounding of its
-matmuls only.
+Same contract as ``ops.paged_attention``. For each sequence and chunk of its queries, the blocks
+holding a slot that some query of the chunk can see are gathered whole (one ``index_select`` in
+the cache's ``KVLayout``) and their other slots zeroed (a freed or stale slot may hold
+anything). A chunk of several queries then runs torch's fused SDPA kernel with the chunk's
+boolean mask (it accumulates in float32). The decode rows (one query each) of a batch run
+together, padded to the longest row's blocks, in float32 matmuls that also give the
+log-sum-exp, which calibrated rows merge with their evicted part. The float32 reference
+(``kernels.reference``) defines the result; this path differs from it by rounding only.
 
 A sparse row sees ``sink + window`` keys whatever its length, so its cost stops growing with the
 context, unlike dense attention.
@@ -23,7 +22,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attention_backends.kernels import kv_layout as kvl
 from attention_backends.kernels.kv_layout import KVLayout
-from attention_backends.kernels.reference import visible_mask
+from attention_backends.kernels.reference import (
+    cosine,
+    lse_merge,
+    masked_softmax_attention,
+    visible_mask,
+)
 
 # Queries of one sequence per SDPA call. Larger chunks see more keys that only part of them can
 # see (the window slides by the chunk's length), smaller ones gather the window more often.
@@ -96,11 +100,14 @@ def masked_paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq
                            query_start_loc: Tensor, scale: float, *, sink: Tensor | None,
                            window: Tensor | None, kept_end: Tensor | None,
                            gap_end: Tensor | None, out: Tensor, kv_layout: KVLayout,
+                           calibration=None, hits: Tensor | None = None,
                            rows: list[int] | None = None) -> Tensor:
-    """``ops.paged_attention``'s masks without calibration, written into ``out [T, Hq, D]``
-    (returned) for the sequences in ``rows`` (None: all; the others' outputs are left as they
-    are). Arguments as there; ``kv_layout`` must be given (``kv_layout.slot_major`` for the
-    slot-major cache)."""
+    """``ops.paged_attention`` on the CPU, written into ``out [T, Hq, D]`` (returned) for the
+    sequences in ``rows`` (None: all; the others' outputs are left as they are). Arguments as
+    there; ``kv_layout`` must be given (``kv_layout.slot_major`` for the slot-major cache).
+    ``calibration`` (``ops.Calibration``) applies to decode rows only (a calibrated row with
+    several queries is the caller's: ``ops`` sends it to the reference); their hits go to
+    ``hits [T, Hq]`` bool."""
     n = seq_lens.shape[0]
     bs = kv_cache.shape[2]
 
@@ -132,28 +139,31 @@ def masked_paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq
             out[t0:t0 + c1 - c0] = o[0].transpose(0, 1)
     if decode:
         _decode(q, kv_cache, kv_layout, block_table, qsl, lens, decode,
-                (sinks, windows, kept, gaps), scale, out)
+                (sinks, windows, kept, gaps), scale, out, calibration, hits)
     return out
 
 
 def _decode(q: Tensor, kv_cache: Tensor, layout: KVLayout, block_table: Tensor, qsl: list[int],
             lens: list[int], rows: list[tuple[int, list[int], list[tuple[int, int]]]],
-            masks: tuple[list[int], ...], scale: float, out: Tensor) -> None:
-    """One padded SDPA call for the decode rows: each row's blocks, then copies of its first
-    block (masked) up to the longest row's count, all gathered by one ``index_select``."""
+            masks: tuple[list[int], ...], scale: float, out: Tensor, calibration,
+            hits: Tensor | None) -> None:
+    """The decode rows at once: each row's blocks, then copies of its first block (masked) up
+    to the longest row's count, all gathered by one ``index_select``; float32 attention with
+    the log-sum-exp, which the calibrated rows merge with their evicted part."""
     hkv, bs, d = kv_cache.shape[1], kv_cache.shape[2], kv_cache.shape[3] // 2
+    hq = q.shape[1]
+    r = len(rows)
     width = max(len(blocks) for _, blocks, _ in rows)
     logical = torch.tensor([blocks + [blocks[0]] * (width - len(blocks))
                             for _, blocks, _ in rows], dtype=torch.int64)  # [R, width]
     sel = torch.tensor([s for s, _, _ in rows], dtype=torch.int64)
     phys = block_table.index_select(0, sel).to(torch.int64).gather(1, logical)
     k, v = kvl.gather_blocks(kv_cache, layout, phys.flatten())  # [Hkv, R * width * bs, D]
-    k = k.view(hkv, len(rows), width * bs, d).transpose(0, 1)  # [R, Hkv, N, D]
-    v = v.view(hkv, len(rows), width * bs, d).transpose(0, 1)
     slots = (logical[:, :, None] * bs + torch.arange(bs)).flatten(1)  # [R, N]
     inside = torch.stack([_inside(slots[i], ranges) for i, (_, _, ranges) in enumerate(rows)])
     inside &= torch.arange(width * bs)[None, :] < torch.tensor(
         [len(blocks) * bs for _, blocks, _ in rows])[:, None]  # padding blocks: nothing
+    k, v = (t.view(hkv, r, width * bs, d).transpose(0, 1).to(torch.float32) for t in (k, v))
     if not bool(inside.all()):
         k.masked_fill_(~inside[:, None, :, None], 0)
         v.masked_fill_(~inside[:, None, :, None], 0)
@@ -161,5 +171,19 @@ def _decode(q: Tensor, kv_cache: Tensor, layout: KVLayout, block_table: Tensor, 
         visible_mask(torch.tensor([lens[s] - 1]), slots[i], *(m[s] for m in masks))[0]
         for i, (s, _, _) in enumerate(rows)]) & inside  # [R, N]
     tokens = torch.tensor([qsl[s] for s, _, _ in rows], dtype=torch.int64)
-    o = _sdpa(q.index_select(0, tokens)[:, :, None], k, v, mask[:, None, None], scale)
-    out.index_copy_(0, tokens, o[:, :, 0])
+    q_rows = q.index_select(0, tokens)  # [R, Hq, D]
+    scores = (q_rows.to(torch.float32).view(r, hkv, hq // hkv, d) @ k.transpose(-1, -2)) * scale
+    o, lse = masked_softmax_attention(scores, mask[:, None, None, :], v)  # [R, Hkv, G, ...]
+    o, lse = o.reshape(r, hq, d), lse.reshape(r, hq)
+    if calibration is not None:
+        enabled = calibration.enabled.to(torch.bool)[sel]
+        if bool(enabled.any()):
+            tau = calibration.tau
+            tau = tau[sel].to(torch.float32) if isinstance(tau, Tensor) else torch.full(
+                (r,), float(tau))
+            hit = (cosine(q_rows, calibration.q_ref[sel]) >= tau[:, None]) & enabled[:, None]
+            merged = lse_merge(o, lse, calibration.o_e[sel].to(torch.float32),
+                               calibration.lse_e[sel].to(torch.float32))
+            o = torch.where(hit[..., None], merged, o)
+            hits.index_copy_(0, tokens, hit)
+    out.index_copy_(0, tokens, o.to(out.dtype))

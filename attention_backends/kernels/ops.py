@@ -111,34 +111,29 @@ def _masked_cpu(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tens
                 window: Tensor | None, kept_end: Tensor | None, gap_end: Tensor | None,
                 calibration: Calibration | None, out: Tensor | None,
                 kv_layout: KVLayout | None) -> tuple[Tensor, Tensor | None]:
-    """Masked attention on the CPU: the rows that calibrate (they need the kept keys'
-    log-sum-exp) through the float32 reference, the others through SDPA
-    (``cpu_paged.masked_paged_attention``)."""
+    """Masked attention on the CPU (``cpu_paged.masked_paged_attention``); a calibrated row with
+    several queries (rare: calibration starts after the prompt) through the float32 reference."""
     if out is None:
         out = torch.empty_like(q)
     layout = kv_layout or _slot_major(kv_cache.shape[2], kv_cache.shape[3] // 2)
     n = seq_lens.shape[0]
-    calibrated = ([s for s, on in enumerate(calibration.enabled.tolist()) if on]
-                  if calibration is not None else [])
-    if len(calibrated) == n:
-        return ref.paged_attention_ref(q, kv_cache, block_table, seq_lens, query_start_loc,
-                                       scale, sink=sink, window=window, kept_end=kept_end,
-                                       gap_end=gap_end, calibration=calibration, out=out,
-                                       kv_layout=kv_layout)
-    taken = set(calibrated)
+    qsl = query_start_loc.tolist()
+    hits = None
+    by_ref: list[int] = []
+    if calibration is not None:
+        hits = torch.zeros(q.shape[0], q.shape[1], dtype=torch.bool, device=q.device)
+        by_ref = [s for s, on in enumerate(calibration.enabled.tolist())
+                  if on and qsl[s + 1] - qsl[s] > 1]
+    taken = set(by_ref)
     cpu_paged.masked_paged_attention(
         q, kv_cache, block_table, seq_lens, query_start_loc, scale, sink=sink, window=window,
-        kept_end=kept_end, gap_end=gap_end, out=out, kv_layout=layout,
-        rows=[s for s in range(n) if s not in taken])
-    if calibration is None:
-        return out, None
-    hits = torch.zeros(q.shape[0], q.shape[1], dtype=torch.bool, device=q.device)
-    if not calibrated:
+        kept_end=kept_end, gap_end=gap_end, out=out, kv_layout=layout, calibration=calibration,
+        hits=hits, rows=[s for s in range(n) if s not in taken] if taken else None)
+    if not by_ref:
         return out, hits
-    qsl = query_start_loc.tolist()
-    tokens = torch.cat([torch.arange(qsl[s], qsl[s + 1]) for s in calibrated])
-    sel = torch.tensor(calibrated, dtype=torch.int64)
-    sub_qsl = torch.tensor([0, *[qsl[s + 1] - qsl[s] for s in calibrated]]).cumsum(0)
+    tokens = torch.cat([torch.arange(qsl[s], qsl[s + 1]) for s in by_ref])
+    sel = torch.tensor(by_ref, dtype=torch.int64)
+    sub_qsl = torch.tensor([0, *[qsl[s + 1] - qsl[s] for s in by_ref]]).cumsum(0)
     tau = calibration.tau
     sub_calib = Calibration(calibration.q_ref[sel], calibration.o_e[sel],
                             calibration.lse_e[sel], calibration.enabled[sel],

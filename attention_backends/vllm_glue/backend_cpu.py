@@ -6,13 +6,18 @@ every K/V, in vLLM's ISA-specific layout (``do_kv_cache_update`` is vLLM's). Eac
 - **No row asks for anything but full attention** (no sparse layer, no request to route, no
   eviction plan): the builder returns vLLM's own metadata and the step is exactly vLLM's CPU
   path (vLLM's metadata, vLLM's kernel); ``forward`` hands it straight to vLLM's.
-- **Otherwise**, per layer, the rows that need a mask (sparse at this layer and longer than
-  ``sink + window``; compressed by an earlier step) go through ``ops.paged_attention`` (our CPU
-  path), which reads vLLM's layout through the ``KVLayout`` that ``kv_layout.probe`` finds by
-  writing coded values through vLLM's own writer. The other rows go through vLLM's kernel as a
-  sub-batch whose scheduler metadata vLLM's builder makes (``RowSplit``). Then the rows whose
-  prompt completes in this step are compressed (``attention.compress_completed``), in the same
-  layout.
+- **Otherwise**, per layer (``RowSplit``), each row goes one of three ways:
+  - plain causal attention (full attention, or sparse but no longer than ``sink + window``):
+    vLLM's kernel, as a sub-batch whose scheduler metadata vLLM's builder makes;
+  - sparse with a sink of whole blocks and a window of at least one block (the defaults):
+    vLLM's kernel too, with its sliding window over virtual block tables
+    (``kernels.sink_window``), so that its cost stops growing with the context;
+  - compressed rows (KV eviction), and sparse rows with other sinks or windows:
+    ``ops.paged_attention`` (``kernels.cpu_paged``), which reads vLLM's layout through the
+    ``KVLayout`` that ``kv_layout.probe`` finds by writing coded values through vLLM's own
+    writer.
+  Then the rows whose prompt completes in this step are compressed
+  (``attention.compress_completed``), in the same layout.
 
 The per-step metadata (``StepMetadata``) is the GPU backend's.
 """
@@ -22,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+from vllm import _custom_ops as vllm_ops
+from vllm import envs
 from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -30,7 +37,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from attention_backends.kernels import kv_layout
+from attention_backends.kernels import kv_layout, sink_window
 from attention_backends.kernels.kv_layout import KVLayout
 from attention_backends.vllm_glue.attention import (
     attend,
@@ -42,12 +49,14 @@ from attention_backends.vllm_glue.metadata import StepMetadata, num_layers, step
 
 
 class RowSplit:
-    """Which rows of a step need our attention at a layer, and vLLM's metadata for the others.
+    """How each row of a step attends at a layer, and the kernel inputs of each group.
 
-    A row needs ours at layer ``l`` when it was compressed by an earlier step, or when it runs
-    sparse attention at ``l`` and some query of the step cannot see every key (its sequence is
-    longer than ``sink + window``); every other row is plain causal attention, which vLLM's
-    kernel computes. Sub-batch metadata is built once per distinct set of rows in a step.
+    A row is **dense** at layer ``l`` (vLLM's kernel, real block table) unless it was
+    compressed by an earlier step, or runs sparse attention at ``l`` and some query of the step
+    cannot see every key (its sequence is longer than ``sink + window``). Such a sparse row is
+    **windowed** (vLLM's kernel over a ``SinkWindowPlan``) when ``sink_window.can_plan`` takes
+    it; the others (compressed rows included) are **masked** (``ops.paged_attention``). Kernel
+    inputs are built once per distinct set of rows in a step.
     """
 
     def __init__(self, step: StepMetadata, cm: CommonAttentionMetadata,
@@ -57,17 +66,29 @@ class RowSplit:
         self._builder = builder
         routing, n = step.routing, cm.num_reqs
         self.seq_lens: list[int] = cm.seq_lens.tolist()
-        self._reach = [s + w for s, w in zip(routing.sink.tolist(), routing.window.tolist(),
-                                             strict=True)]
+        self._sink, self._window = routing.sink.tolist(), routing.window.tolist()
         kept = step.eviction.kept_end
         self._compressed = [k > 0 for k in kept.tolist()] if kept is not None else [False] * n
+        bs = builder.block_size
+        self._plannable = [sink_window.can_plan(s, w, bs)
+                           for s, w in zip(self._sink, self._window, strict=True)]
         self._dense: dict[tuple[int, ...], tuple[CPUAttentionMetadata, torch.Tensor]] = {}
+        self._windowed: dict[tuple[int, ...], list] = {}
 
-    def ours(self, layer: int) -> list[int]:
-        """The rows that go through ``ops.paged_attention`` at ``layer``, ascending."""
+    def rows_at(self, layer: int) -> tuple[list[int], list[int], list[int]]:
+        """``(dense, windowed, masked)`` rows at ``layer``, each ascending."""
         sparse = self.step.routing.sparse[layer].tolist()
-        return [r for r in range(len(self.seq_lens))
-                if self._compressed[r] or (sparse[r] and self.seq_lens[r] > self._reach[r])]
+        dense, windowed, masked = [], [], []
+        for r, seq_len in enumerate(self.seq_lens):
+            if self._compressed[r]:
+                masked.append(r)
+            elif not sparse[r] or seq_len <= self._sink[r] + self._window[r]:
+                dense.append(r)
+            elif self._plannable[r]:
+                windowed.append(r)
+            else:
+                masked.append(r)
+        return dense, windowed, masked
 
     def dense(self, rows: list[int]) -> tuple[CPUAttentionMetadata, torch.Tensor]:
         """vLLM's metadata for the sub-batch of ``rows`` and its tokens' positions in the batch
@@ -91,6 +112,26 @@ class RowSplit:
             _num_computed_tokens_cache=None, _token_to_req_indices_cache=None)
         hit = (CPUAttentionMetadataBuilder.build(self._builder, 0, sub), tokens)
         self._dense[key] = hit
+        return hit
+
+    def windowed(self, rows: list[int], impl: CPUAttentionBackendImpl, isa: str,
+                 dtype: torch.dtype) -> list[tuple[sink_window.SinkWindowPlan, torch.Tensor]]:
+        """The ``SinkWindowPlan``s of ``rows``, each with vLLM's scheduler metadata for it."""
+        key = tuple(rows)
+        hit = self._windowed.get(key)
+        if hit is not None:
+            return hit
+        plans = sink_window.plan_sink_window(
+            rows, self.step.query_start_loc, self.seq_lens, self._sink, self._window,
+            self._cm.block_table_tensor, self._builder.block_size)
+        hit = [(plan, vllm_ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=int(plan.seq_lens.shape[0]), num_heads=impl.num_heads,
+            num_kv_heads=impl.num_kv_heads, head_dim=impl.head_size, seq_lens=plan.seq_lens,
+            dtype=dtype, query_start_loc=plan.query_start_loc, causal=True,
+            sliding_window_size=plan.sliding_window, isa=isa,
+            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=impl.kv_cache_dtype))
+            for plan in plans]
+        self._windowed[key] = hit
         return hit
 
 
@@ -154,24 +195,41 @@ class FluxCPUAttentionImpl(CPUAttentionBackendImpl):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization")
         split: RowSplit = md.split
-        ours = split.ours(layer_index(layer))
-        if not ours:
+        dense, windowed, masked = split.rows_at(layer_index(layer))
+        if not windowed and not masked:
             super().forward(layer, query, key, value, kv_cache, md, output)
-        elif len(ours) < len(split.seq_lens):
-            taken = set(ours)
-            sub, tokens = split.dense([r for r in range(len(split.seq_lens)) if r not in taken])
+        elif dense:
+            sub, tokens = split.dense(dense)
             sub_out = output.new_empty((tokens.numel(), *output.shape[1:]))
             super().forward(layer, query.index_select(0, tokens), key, value, kv_cache, sub,
                             sub_out)
             output.index_copy_(0, tokens, sub_out)
-        layout = None
-        if ours or md.step.eviction.compress_rows:
+        if windowed or masked or md.step.eviction.compress_rows:
             self._check_supported()
+        if windowed:
+            self._windowed(layer, query, kv_cache, output,
+                           split.windowed(windowed, self, layer.isa, query.dtype))
+        layout = None
+        if masked or md.step.eviction.compress_rows:
             layout = self.kv_layout(layer, kv_cache)
-        if ours:
-            attend(layer, query, kv_cache, md, self.scale, output, rows=ours, kv_layout=layout)
+        if masked:
+            attend(layer, query, kv_cache, md, self.scale, output, rows=masked, kv_layout=layout)
         compress_completed(layer, query, kv_cache, md, self.scale, kv_layout=layout)
         return output
+
+    def _windowed(self, layer, query, kv_cache, output, plans) -> None:
+        """vLLM's kernel with its sliding window over each plan's virtual block tables."""
+        nb, hkv, bs, _ = kv_cache.shape
+        key_cache, value_cache = kv_cache.view(nb, hkv, 2 * bs, -1).chunk(2, dim=2)
+        for plan, scheduler_metadata in plans:
+            out = output.new_empty((plan.tokens.numel(), *output.shape[1:]))
+            vllm_ops.cpu_attention_with_kv_cache(
+                query=query.index_select(0, plan.tokens), key_cache=key_cache,
+                value_cache=value_cache, output=out, query_start_loc=plan.query_start_loc,
+                seq_lens=plan.seq_lens, scale=self.scale, causal=True, alibi_slopes=None,
+                sliding_window=plan.sliding_window, block_table=plan.block_table, softcap=0.0,
+                scheduler_metadata=scheduler_metadata, s_aux=None)
+            output.index_copy_(0, plan.tokens, out)
 
 
 class FluxCPUAttentionBackend(CPUAttentionBackend):

@@ -29,7 +29,10 @@ unchanged:
   subclassing it: ``CPUAttentionBackendImpl.do_kv_cache_update`` (called on a one-block scratch
   cache to find vLLM's CPU KV layout), ``CPUAttentionMetadataBuilder.build`` (called on a
   sub-batch's ``CommonAttentionMetadata.replace``), ``CPUAttentionMetadataBuilder.
-  _set_isa_to_layers`` (sets ``layer.isa``, the ISA whose layout the cache holds).
+  _set_isa_to_layers`` (sets ``layer.isa``, the ISA whose layout the cache holds), and vLLM's
+  CPU attention ops ``vllm._custom_ops.cpu_attn_get_scheduler_metadata`` /
+  ``cpu_attention_with_kv_cache`` (called for sparse rows with a sliding window over virtual
+  block tables, ``kernels.sink_window``).
 
 The model runner is only imported by worker processes (it costs seconds), so hooks are installed
 right after the module that defines them is imported (``_AfterImport``), never by importing it.
@@ -70,11 +73,13 @@ _SCHEDULER = "vllm.v1.core.sched.scheduler"
 _KV_MANAGER = "vllm.v1.core.single_type_kv_cache_manager"
 _CPU_ATTN = "vllm.v1.attention.backends.cpu_attn"
 _ATTN = "vllm.v1.attention.backend"
+_OPS = "vllm._custom_ops"
 
 
 @dataclass(frozen=True)
 class PrivateHook:
-    """A private vLLM attribute ``module.owner.name`` that fluxserve wraps, overrides or calls.
+    """A private vLLM attribute ``module.owner.name`` (``owner`` empty: ``module.name``) that
+    fluxserve wraps, overrides or calls.
 
     ``params``: the parameter names it must start with, in order (ours pass the rest through).
     ``own_only``: checked only when ``owner`` defines it itself (a subclass override we wrap).
@@ -89,7 +94,11 @@ class PrivateHook:
 
     @property
     def qualname(self) -> str:
-        return f"{self.module}.{self.owner}.{self.name}"
+        return ".".join(p for p in (self.module, self.owner, self.name) if p)
+
+    def owner_in(self, module) -> object | None:
+        """The object that holds the name: ``module`` itself, or its attribute ``owner``."""
+        return module if not self.owner else getattr(module, self.owner, None)
 
 
 PRIVATE_HOOKS: tuple[PrivateHook, ...] = (
@@ -128,6 +137,15 @@ PRIVATE_HOOKS: tuple[PrivateHook, ...] = (
                 "sets layer.isa, which the CPU backend reads as its KV layout's key"),
     PrivateHook(_ATTN, "CommonAttentionMetadata", "replace", ("self",),
                 "called by the CPU backend: a sub-batch's metadata"),
+    PrivateHook(_OPS, "", "cpu_attn_get_scheduler_metadata",
+                ("num_reqs", "num_heads", "num_kv_heads", "head_dim", "seq_lens", "dtype",
+                 "query_start_loc", "causal", "sliding_window_size", "isa", "enable_kv_split"),
+                "called by the CPU backend: scheduler metadata of sparse rows' virtual tables"),
+    PrivateHook(_OPS, "", "cpu_attention_with_kv_cache",
+                ("query", "key_cache", "value_cache", "output", "query_start_loc", "seq_lens",
+                 "scale", "causal", "alibi_slopes", "sliding_window", "block_table", "softcap",
+                 "scheduler_metadata", "s_aux"),
+                "called by the CPU backend: sparse rows as sliding-window attention"),
 )
 
 
@@ -169,7 +187,7 @@ def check_module(module_name: str) -> None:
     module = sys.modules[module_name]
     for hook in PRIVATE_HOOKS:
         if hook.module == module_name:
-            check_hook(hook, getattr(module, hook.owner, None))
+            check_hook(hook, hook.owner_in(module))
 
 
 # ------------------------------------------------------------------ the hooks' bodies

@@ -3,8 +3,10 @@ the embedded model:
 
 - a batch whose requests have no option (or the server's explicit defaults, ``full`` and
   ``none``) is exactly vLLM's CPU path: vLLM's metadata and kernel, none of ours;
-- in a mixed batch (one dense, one sparse, one CaliDrop request), each row gets the tokens it
-  gets alone, and both paths run in the same steps;
+- in a mixed batch (one dense request, one sparse with a one-block sink and window, one sparse
+  with a 4-token sink and a 24-token window, one CaliDrop), each row gets the tokens it gets
+  alone, and the three paths (vLLM's kernel on real block tables, vLLM's kernel with its
+  sliding window over virtual ones, ops.paged_attention) run in the same steps;
 - greedy dense output equals stock vLLM's (no plugin at all) on the same checkpoint.
 """
 
@@ -28,10 +30,12 @@ MAX_TOKENS = 16
 _rng = random.Random(7)
 PROMPTS = {  # 700 tokens: two prefill chunks
     name: [_rng.randrange(10, 2000) for _ in range(n)]
-    for name, n in (("dense", 300), ("sparse", 700), ("calidrop", 400))}
+    for name, n in (("dense", 300), ("sparse", 700), ("windowed", 600), ("calidrop", 400))}
+BLOCK = 128  # vLLM's CPU default
 OPTIONS = {
     "dense": None,
     "sparse": {"flux": {"mode": "sparse", "sink": 4, "window": 24}},
+    "windowed": {"flux": {"mode": "sparse", "sink": BLOCK, "window": 2 * BLOCK}},
     "calidrop": {"kv_policy": {"name": "calidrop", "budget": 64, "window": 8}},
 }
 SERVER_DEFAULTS = {"flux": {"mode": "full"}, "kv_policy": {"name": "none"}}
@@ -47,7 +51,7 @@ class Paths:
 
         self.steps: list[bool] = []  # per built metadata: did it carry a fluxserve step
         self.ours: list[list[int]] = []  # rows per call of our attention
-        self.vllm_rows: list[int] = []  # rows per call of vLLM's kernel
+        self.vllm_rows: list[tuple[int, int]] = []  # (rows, sliding window) per vLLM call
 
         build, attend = backend_cpu.step_metadata_for, backend_cpu.attend
         kernel = _custom_ops.cpu_attention_with_kv_cache
@@ -62,7 +66,7 @@ class Paths:
             return attend(*a, rows=rows, **kw)
 
         def counted_kernel(*a, **kw):
-            self.vllm_rows.append(int(kw["seq_lens"].shape[0]))
+            self.vllm_rows.append((int(kw["seq_lens"].shape[0]), kw["sliding_window"]))
             return kernel(*a, **kw)
 
         monkeypatch.setattr(backend_cpu, "step_metadata_for", step_metadata_for)
@@ -87,7 +91,7 @@ def test_a_batch_without_options_is_vllms_cpu_path(llm, monkeypatch, options):
     _generate(llm, list(PROMPTS), [options] * len(PROMPTS))
     assert paths.steps and not any(paths.steps)  # vLLM's own metadata, every step
     assert paths.ours == []
-    assert paths.vllm_rows and max(paths.vllm_rows) == len(PROMPTS)
+    assert paths.vllm_rows and max(paths.vllm_rows) == (len(PROMPTS), -1)
 
 
 def test_mixed_batch_rows_get_their_tokens_alone(llm, monkeypatch):
@@ -97,10 +101,11 @@ def test_mixed_batch_rows_get_their_tokens_alone(llm, monkeypatch):
     mixed = _generate(llm, names, [OPTIONS[n] for n in names])
     for name, a, m in zip(names, alone, mixed, strict=True):
         assert m == a, name
-    # decode steps: the sparse and the compressed rows through ours, the dense one through
-    # vLLM's kernel as a one-row sub-batch
+    # decode steps: the 4-token-sink row and the compressed one through ours, the dense one
+    # through vLLM's kernel as a one-row sub-batch, the windowed one through vLLM's kernel
+    # with the window sink + window
     assert any(len(rows) == 2 for rows in paths.ours)
-    assert 1 in paths.vllm_rows
+    assert (1, -1) in paths.vllm_rows and (1, 3 * BLOCK) in paths.vllm_rows
 
 
 def test_dense_output_matches_stock_vllm(llm, tmp_path):

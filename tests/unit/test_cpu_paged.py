@@ -60,11 +60,13 @@ def test_masked_cpu_path_matches_the_reference(dtype, tol, layout):
         t += r[1]
 
 
-def test_calibrated_rows_go_through_the_reference_and_the_others_do_not():
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_calibrated_rows_merge_as_in_the_reference(q_len):
     gen = torch.Generator().manual_seed(22)
-    rows = ROWS[:4]
+    rows = [(r[0], q_len, *r[2:]) for r in ROWS[:4]]  # several queries: by the reference
     pk, q, qsl, masks = _batch(rows, torch.float32, gen)
-    calib = ops.Calibration(q_ref=q.clone(), o_e=torch.randn(4, HQ, D, generator=gen),
+    calib = ops.Calibration(q_ref=q[qsl[:-1].long()].clone(),
+                            o_e=torch.randn(4, HQ, D, generator=gen),
                             lse_e=torch.randn(4, HQ, generator=gen),
                             enabled=torch.tensor([False, False, True, True]),
                             tau=torch.tensor([0.0, 0.0, -1.0, 2.0]))
@@ -73,9 +75,9 @@ def test_calibrated_rows_go_through_the_reference_and_the_others_do_not():
     got, hits = ops.paged_attention(q, pk.kv_cache, pk.block_table, pk.seq_lens, qsl, 0.1,
                                     calibration=calib, **masks)
     assert torch.equal(hits, want_hits)
-    assert bool(hits[2].all()) and not bool(hits[3].any())  # tau -1 merges, tau 2 does not
-    assert torch.equal(got[2:], want[2:])  # calibrated: the reference itself
-    assert rel_err(got[:2], want[:2]) < 1e-5
+    row = torch.arange(4).repeat_interleave(q_len)
+    assert bool(hits[row == 2].all()) and not bool(hits[row != 2].any())  # tau -1 merges
+    assert rel_err(got, want) < 1e-5
 
 
 def test_visible_ranges_are_the_reference_union():
