@@ -158,12 +158,12 @@ def _decode(q: Tensor, kv_cache: Tensor, layout: KVLayout, block_table: Tensor, 
                             for _, blocks, _ in rows], dtype=torch.int64)  # [R, width]
     sel = torch.tensor([s for s, _, _ in rows], dtype=torch.int64)
     phys = block_table.index_select(0, sel).to(torch.int64).gather(1, logical)
-    k, v = kvl.gather_blocks(kv_cache, layout, phys.flatten())  # [Hkv, R * width * bs, D]
+    k, v = kvl.gather_blocks(kv_cache, layout, phys.flatten(), torch.float32)
     slots = (logical[:, :, None] * bs + torch.arange(bs)).flatten(1)  # [R, N]
     inside = torch.stack([_inside(slots[i], ranges) for i, (_, _, ranges) in enumerate(rows)])
     inside &= torch.arange(width * bs)[None, :] < torch.tensor(
         [len(blocks) * bs for _, blocks, _ in rows])[:, None]  # padding blocks: nothing
-    k, v = (t.view(hkv, r, width * bs, d).transpose(0, 1).to(torch.float32) for t in (k, v))
+    k, v = (t.view(hkv, r, width * bs, d).transpose(0, 1) for t in (k, v))  # [R, Hkv, N, D]
     if not bool(inside.all()):
         k.masked_fill_(~inside[:, None, :, None], 0)
         v.masked_fill_(~inside[:, None, :, None], 0)

@@ -166,29 +166,26 @@ def kv_views(kv_cache: Tensor, layout: KVLayout) -> tuple[Tensor, Tensor] | None
     return _side_view(kv_cache, layout.k_affine), _side_view(kv_cache, layout.v_affine)
 
 
-def read_blocks(kv_cache: Tensor, layout: KVLayout, blocks: Tensor) -> tuple[Tensor, Tensor]:
-    """K and V of the given physical blocks (``blocks [n]`` int64), each a new
-    ``[n, Hkv, block_size, D]`` tensor in the cache's dtype."""
-    views = kv_views(kv_cache, layout)
-    if views is not None:
-        return views[0].index_select(0, blocks), views[1].index_select(0, blocks)
-    reg = _regions(kv_cache).index_select(0, blocks)  # [n, Hkv, 2 * bs * D]
-    shape = (*reg.shape[:2], layout.block_size, layout.head_size)
-    return (reg[..., layout.k_offsets.flatten()].reshape(shape),
-            reg[..., layout.v_offsets.flatten()].reshape(shape))
-
-
-def gather_blocks(kv_cache: Tensor, layout: KVLayout, blocks: Tensor) -> tuple[Tensor, Tensor]:
+def gather_blocks(kv_cache: Tensor, layout: KVLayout, blocks: Tensor,
+                  dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """K and V of the given physical blocks (``blocks [n]`` int64) in slot order, each a new
-    contiguous ``[Hkv, n * block_size, D]`` tensor in the cache's dtype."""
-    hkv, d = kv_cache.shape[1], layout.head_size
-    views = kv_views(kv_cache, layout)
-    if views is not None:
-        return tuple(t.transpose(0, 1).index_select(1, blocks).reshape(hkv, -1, d)
-                     for t in views)
-    reg = _regions(kv_cache).transpose(0, 1).index_select(1, blocks)  # [Hkv, n, 2 * bs * D]
-    return (reg[..., layout.k_offsets.flatten()].reshape(hkv, -1, d),
-            reg[..., layout.v_offsets.flatten()].reshape(hkv, -1, d))
+    contiguous ``[Hkv, n * block_size, D]`` tensor in ``dtype`` (default: the cache's).
+
+    Whole (block, head) regions are copied first (contiguous runs), then K and V are read out
+    of the copy, converted in the same pass."""
+    hkv, bs, d = kv_cache.shape[1], layout.block_size, layout.head_size
+    dtype = dtype or kv_cache.dtype
+    # along dim 0 of the cache's own view: index_select on a transposed view would first copy
+    # the whole cache
+    reg = _regions(kv_cache).index_select(0, blocks)  # [n, Hkv, 2 * bs * D]
+    n, size = reg.shape[0], reg.shape[2]
+    if layout.k_affine is not None and layout.v_affine is not None:
+        return tuple(torch.as_strided(reg, (hkv, n, bs, d), (size, hkv * size, s_slot, s_dim),
+                                      base).to(dtype).reshape(hkv, n * bs, d)
+                     for s_slot, s_dim, base in (layout.k_affine, layout.v_affine))
+    reg = reg.transpose(0, 1)
+    return (reg[..., layout.k_offsets.flatten()].to(dtype).reshape(hkv, -1, d),
+            reg[..., layout.v_offsets.flatten()].to(dtype).reshape(hkv, -1, d))
 
 
 def read_slots(kv_cache: Tensor, layout: KVLayout, blocks: Tensor, heads: Tensor,

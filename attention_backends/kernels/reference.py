@@ -74,13 +74,14 @@ def gather_kv(kv_cache: Tensor, block_row: Tensor, slots: Tensor,
         kv = kv.transpose(0, 1).reshape(hkv, blocks.numel() * bs, 2 * d)
         kv = kv.index_select(1, rank * bs + slots % bs).to(torch.float32)
         return kv[..., :d].contiguous(), kv[..., d:].contiguous()
-    k, v = kvl.gather_blocks(kv_cache, kv_layout, block_row.to(torch.int64)[blocks])
+    k, v = kvl.gather_blocks(kv_cache, kv_layout, block_row.to(torch.int64)[blocks],
+                             torch.float32)
     idx = rank * bs + slots % bs
     n = idx.numel()
     if n and int(idx[-1]) - int(idx[0]) == n - 1 and bool((idx[1:] > idx[:-1]).all()):
         # a run of consecutive slots (a whole prompt, a window): no second gather
-        return tuple(t.narrow(1, int(idx[0]), n).to(torch.float32) for t in (k, v))
-    return tuple(t.index_select(1, idx).to(torch.float32) for t in (k, v))
+        return tuple(t.narrow(1, int(idx[0]), n).contiguous() for t in (k, v))
+    return tuple(t.index_select(1, idx) for t in (k, v))
 
 
 def lse_merge(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> Tensor:
