@@ -207,15 +207,26 @@ def snapkv_scores_ref(q_obs: Tensor, kv_cache: Tensor, block_row: Tensor, prompt
     g = hq // hkv
     dev = q_obs.device
     slots = torch.arange(prompt_len, dtype=torch.int64, device=dev)
-    pos = torch.arange(prompt_len - w, prompt_len, dtype=torch.int64, device=dev)
-    causal = slots[None, :] <= pos[:, None]  # [w, L]
+    # the observation queries sit at the last w slots: the causal mask only touches the last w
+    # keys (key i of those after query i)
+    after = torch.ones(w, w, dtype=torch.bool, device=dev).triu(1)
     k, _ = gather_kv(kv_cache, block_row, slots, kv_layout)  # [Hkv, L, D]
     per_qhead = torch.empty(hq, prompt_len, dtype=torch.float32, device=dev)
     for h in range(hkv):
         qh = q_obs[:, h * g:(h + 1) * g].to(torch.float32).permute(1, 0, 2)  # [G, w, D]
-        scores = (qh @ k[h].T) * scale  # [G, w, L]
-        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
-        per_qhead[h * g:(h + 1) * g] = probs.sum(dim=1)
+        scores = (qh @ k[h].T).mul_(scale)  # [G, w, L]
+        tail = scores[..., prompt_len - w:]
+        # softmax in place (one [G, w, L] buffer per KV head). Masked keys are zeroed after the
+        # exp rather than set to -inf before it: torch's vectorised exp takes a slow path on
+        # -inf (5x on the whole softmax here)
+        peak = tail.masked_fill(after, float("-inf")).amax(-1)  # [G, w]
+        if prompt_len > w:
+            peak = torch.maximum(peak, scores[..., :prompt_len - w].amax(-1))
+        scores.sub_(peak[..., None]).exp_()
+        tail.masked_fill_(after, 0.0)
+        # sum over the queries of each row normalised by its total: one [1, w] @ [w, L] per head
+        inv_total = scores.sum(-1, keepdim=True).reciprocal_()  # [G, w, 1]
+        per_qhead[h * g:(h + 1) * g] = (inv_total.transpose(1, 2) @ scores)[:, 0]
     pooled = max_pool_same(per_qhead, pool_kernel)
     return pooled.reshape(hkv, g, prompt_len).sum(dim=1)
 

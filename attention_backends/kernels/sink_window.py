@@ -5,7 +5,8 @@ A causal paged-attention kernel with a sliding window ``W'`` shows the query at 
 table (vLLM's CPU kernel is one). Sparse attention shows the query at slot ``p`` the first
 ``sink`` slots and the slots ``(p - window, p]``. When ``sink`` is a whole number of blocks
 (``k`` blocks, 0 included) and ``window`` at least one block, the second is the first over a
-*virtual* sequence of real blocks, with ``W' = sink + window``:
+*virtual* sequence of real blocks, with ``W' = sink + window`` (with no sink, the real
+sequence itself, for any window):
 
 - queries below ``sink + window`` see every slot before them: the real table (``W'`` hides
   nothing there);
@@ -51,14 +52,20 @@ class SinkWindowPlan:
 
 
 def can_plan(sink: int, window: int, block_size: int) -> bool:
-    """Whether ``plan_sink_window`` takes a row with this sink and window."""
-    return sink >= 0 and sink % block_size == 0 and window >= block_size
+    """Whether ``plan_sink_window`` takes a row with this sink and window: no sink and any
+    window (the kernel's own sliding window on the real table), or a sink of whole blocks and a
+    window of at least one block."""
+    if sink == 0:
+        return window >= 1
+    return sink > 0 and sink % block_size == 0 and window >= block_size
 
 
 def _virtual_rows(ctx: int, seq_len: int, sink: int, window: int, bs: int,
                   real: list[int]) -> list[tuple[int, int, list[int], int]]:
     """``(q0, q1, blocks, virtual seq_len)`` for the row's queries at slots ``[ctx, seq_len)``
     (``real``: its physical blocks)."""
+    if sink == 0:  # a plain sliding window: the real table, all queries at once
+        return [(ctx, seq_len, real, seq_len)]
     out = []
     k = sink // bs
     p = ctx

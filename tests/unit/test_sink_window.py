@@ -34,6 +34,7 @@ def _write(isa: str):
 ROWS = [
     (900, 1, 32, 64),  # decode, one sink block
     (700, 1, 0, 96),  # decode, no sink: a plain sliding window
+    (300, 40, 0, 5),  # no sink, a window shorter than a block
     (100, 1, 64, 64),  # decode that sees everything (below sink + window)
     (1000, 400, 64, 96),  # chunk over a prefix: several virtual sequences
     (450, 450, 32, 128),  # a whole prompt: the dense start, then windowed chunks
@@ -42,7 +43,7 @@ ROWS = [
 
 
 def test_only_whole_sink_blocks_and_windows_of_a_block_are_planned():
-    assert sw.can_plan(0, BS, BS) and sw.can_plan(2 * BS, 5 * BS + 3, BS)
+    assert sw.can_plan(0, 1, BS) and sw.can_plan(2 * BS, 5 * BS + 3, BS)
     assert not sw.can_plan(4, 4 * BS, BS) and not sw.can_plan(BS, BS - 1, BS)
 
 
