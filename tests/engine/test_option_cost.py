@@ -27,11 +27,11 @@ pytestmark = pytest.mark.engine
 MAX_TOKENS = 4
 PROMPT_LEN = 2 * CHUNK - 12  # two prefill steps, the last one nearly full
 assert PROMPT_LEN + MAX_TOKENS <= MAX_MODEL_LEN and MAX_LAYERS >= NUM_LAYERS
-# The bounds stated in the docs (4x a dense step, 2x the whole request on the CPU, where dense
+# The bounds stated in the docs (4x a dense step, 3x the whole request on the CPU, where dense
 # steps run vLLM's C++ kernel and the options' extra work PyTorch); the assertions leave room for
 # a noisy shared 2-core host.
 MAX_STEP_RATIO = 6.0
-MAX_TOTAL_RATIO = 3.0
+MAX_TOTAL_RATIO = 4.5
 REPEATS = 2
 
 WIDEST = {"budget": PROMPT_LEN - 1, "window": PROMPT_LEN - 2, "pool_kernel": MAX_POOL_KERNEL}
