@@ -69,10 +69,13 @@ class RoutingStep:
 
 def build_routing_step(num_rows: int, query_start_loc: Sequence[int],
                        rows: Sequence[BatchRow | None], registry: FluxRegistry,
-                       num_layers: int) -> RoutingStep:
+                       num_layers: int, *, none_when_full: bool = False) -> RoutingStep | None:
     """The step's routing metadata. ``query_start_loc [num_rows + 1]`` host ints; ``rows`` in
     batch order (None or missing: padding). Creates the registry entry of a request the first
-    time it is seen (from ``extra_args["flux"]``)."""
+    time it is seen (from ``extra_args["flux"]``) and marks the requests whose prompt completes.
+
+    ``none_when_full``: return None, after that bookkeeping, when every row runs full attention
+    at every layer (no sparse decision, no request to route): the step needs no routing."""
     qsl = query_start_loc
     req_ids: list[str | None] = []
     # Python lists, turned into tensors once at the end: per-element tensor writes cost
@@ -97,10 +100,13 @@ def build_routing_step(num_rows: int, query_start_loc: Sequence[int],
             st.prompt_done_pending = True
         sink_l[i] = st.sink
         window_l[i] = st.window
-        if st.sparse is not None:
+        if st.sparse is None:
+            if q_len > 0:
+                route_rows.append(RouteRow(i, r.req_id, qsl[i], q_len))
+        elif st.mode != "full":  # a full request's column stays all False
             known.append((i, st.sparse))
-        elif q_len > 0:
-            route_rows.append(RouteRow(i, r.req_id, qsl[i], q_len))
+    if none_when_full and not known and not route_rows:
+        return None
     sparse = torch.zeros(num_layers, num_rows, dtype=torch.bool)
     if known:
         sparse[:, [i for i, _ in known]] = torch.stack([col for _, col in known], 1)

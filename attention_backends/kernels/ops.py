@@ -6,22 +6,27 @@ CUDA tensors go to the Triton kernels; CPU tensors go to the float32 references 
 kernel tests use it).
 Triton is imported lazily, so importing this module never needs it.
 
-Paged KV layout: ``kv_cache[num_blocks, num_kv_heads, block_size, 2 * head_size]`` (K then V on
-the last dim); ``block_table[num_seqs, max_blocks]`` int32; ``seq_lens[num_seqs]`` int32 counts the
-KV slots of each sequence including this step's tokens (already written);
-``query_start_loc[num_seqs + 1]`` int32. The queries of sequence ``s`` are its last ``q_len_s``
-slots.
+Paged KV cache: ``kv_cache[num_blocks, num_kv_heads, block_size, 2 * head_size]``, slot-major (K
+then V on the last dim) unless a ``kv_layout`` (``kernels.kv_layout``) says otherwise: the CPU
+backend passes vLLM's CPU layout; the Triton kernels take slot-major only.
+``block_table[num_seqs, max_blocks]`` int32; ``seq_lens[num_seqs]`` int32 counts the KV slots of
+each sequence including this step's tokens (already written); ``query_start_loc[num_seqs + 1]``
+int32. The queries of sequence ``s`` are its last ``q_len_s`` slots.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from attention_backends.kernels import cpu_paged
+from attention_backends.kernels import kv_layout as kv_layout_lib
 from attention_backends.kernels import reference as ref
+from attention_backends.kernels.kv_layout import KVLayout
 from attention_backends.kernels.sdpa_prefill import dense_prefill_sdpa
 
 __all__ = [
@@ -61,6 +66,11 @@ def _use_triton(t: Tensor) -> bool:
     return t.is_cuda or os.environ.get(FORCE_TRITON_ENV) == "1"
 
 
+def _slot_major_only(kv_layout: KVLayout | None) -> None:
+    if kv_layout is not None and not kv_layout.is_slot_major:
+        raise ValueError(f"the Triton kernels read a slot-major KV cache, not {kv_layout.name}")
+
+
 def _as_i32(x: Tensor | None, device: torch.device) -> Tensor | None:
     if x is None:
         return None
@@ -91,6 +101,53 @@ def _dense_cpu(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tenso
     return out, None
 
 
+@functools.lru_cache(maxsize=16)
+def _slot_major(block_size: int, head_size: int) -> KVLayout:
+    return kv_layout_lib.slot_major(block_size, head_size)
+
+
+def _masked_cpu(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
+                query_start_loc: Tensor, scale: float, sink: Tensor | None,
+                window: Tensor | None, kept_end: Tensor | None, gap_end: Tensor | None,
+                calibration: Calibration | None, out: Tensor | None,
+                kv_layout: KVLayout | None) -> tuple[Tensor, Tensor | None]:
+    """Masked attention on the CPU (``cpu_paged.masked_paged_attention``); a calibrated row with
+    several queries (rare: calibration starts after the prompt) through the float32 reference."""
+    if out is None:
+        out = torch.empty_like(q)
+    layout = kv_layout or _slot_major(kv_cache.shape[2], kv_cache.shape[3] // 2)
+    n = seq_lens.shape[0]
+    qsl = query_start_loc.tolist()
+    hits = None
+    by_ref: list[int] = []
+    if calibration is not None:
+        hits = torch.zeros(q.shape[0], q.shape[1], dtype=torch.bool, device=q.device)
+        by_ref = [s for s, on in enumerate(calibration.enabled.tolist())
+                  if on and qsl[s + 1] - qsl[s] > 1]
+    taken = set(by_ref)
+    cpu_paged.masked_paged_attention(
+        q, kv_cache, block_table, seq_lens, query_start_loc, scale, sink=sink, window=window,
+        kept_end=kept_end, gap_end=gap_end, out=out, kv_layout=layout, calibration=calibration,
+        hits=hits, rows=[s for s in range(n) if s not in taken] if taken else None)
+    if not by_ref:
+        return out, hits
+    tokens = torch.cat([torch.arange(qsl[s], qsl[s + 1]) for s in by_ref])
+    sel = torch.tensor(by_ref, dtype=torch.int64)
+    sub_qsl = torch.tensor([0, *[qsl[s + 1] - qsl[s] for s in by_ref]]).cumsum(0)
+    tau = calibration.tau
+    sub_calib = Calibration(calibration.q_ref[sel], calibration.o_e[sel],
+                            calibration.lse_e[sel], calibration.enabled[sel],
+                            tau[sel] if isinstance(tau, Tensor) else tau)
+    o, h = ref.paged_attention_ref(
+        q.index_select(0, tokens), kv_cache, block_table[sel], seq_lens[sel], sub_qsl, scale,
+        **{name: t[sel] if t is not None else None for name, t in
+           (("sink", sink), ("window", window), ("kept_end", kept_end), ("gap_end", gap_end))},
+        calibration=sub_calib, kv_layout=kv_layout)
+    out.index_copy_(0, tokens, o)
+    hits.index_copy_(0, tokens, h)
+    return out, hits
+
+
 def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
                     query_start_loc: Tensor, scale: float, *, sink: Tensor | None = None,
                     window: Tensor | None = None, kept_end: Tensor | None = None,
@@ -98,7 +155,8 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
                     out: Tensor | None = None, max_query_len: int | None = None,
                     max_seq_len: int | None = None, max_kv_tokens: int | None = None,
                     decode_config: dict | None = None,
-                    prefill_config: dict | None = None) -> tuple[Tensor, Tensor | None]:
+                    prefill_config: dict | None = None,
+                    kv_layout: KVLayout | None = None) -> tuple[Tensor, Tensor | None]:
     """Varlen paged attention with sink/window/gap masks and optional calibration.
 
     Key slot ``j`` is visible to the query at slot ``p`` of sequence ``s`` iff ``j <= p`` and
@@ -119,6 +177,9 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
     the keys any sequence sees, e.g. ``sink + window + q_len`` for SA or ``budget + decoded`` for
     compressed KV; defaults to ``max_seq_len``); ``decode_config`` / ``prefill_config`` (block
     sizes, warps, stages, ``num_splits``).
+
+    ``kv_layout``: where K/V lie in the cache (None: slot-major); raises ``ValueError`` for any
+    other layout on the Triton path.
     """
     t_total, hq, d = q.shape
     hkv = kv_cache.shape[1]
@@ -129,11 +190,12 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
     if out is not None and out.shape != q.shape:
         raise ValueError(f"out shape {tuple(out.shape)} != q shape {tuple(q.shape)}")
     if not _use_triton(q):
-        if all(m is None for m in (sink, window, kept_end, gap_end, calibration)):
+        slot_major = kv_layout is None or kv_layout.is_slot_major
+        if slot_major and all(m is None for m in (sink, window, kept_end, gap_end, calibration)):
             return _dense_cpu(q, kv_cache, block_table, seq_lens, query_start_loc, scale, out)
-        return ref.paged_attention_ref(q, kv_cache, block_table, seq_lens, query_start_loc, scale,
-                                       sink=sink, window=window, kept_end=kept_end,
-                                       gap_end=gap_end, calibration=calibration, out=out)
+        return _masked_cpu(q, kv_cache, block_table, seq_lens, query_start_loc, scale,
+                           sink, window, kept_end, gap_end, calibration, out, kv_layout)
+    _slot_major_only(kv_layout)
     from attention_backends.kernels.paged_attention import paged_attention_triton
 
     dev = q.device
@@ -147,19 +209,22 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
 
 
 def snapkv_scores(q_obs: Tensor, kv_cache: Tensor, block_row: Tensor, prompt_len: int,
-                  scale: float, pool_kernel: int) -> Tensor:
+                  scale: float, pool_kernel: int, kv_layout: KVLayout | None = None) -> Tensor:
     """SnapKV scores ``[Hkv, prompt_len]`` float32 for one sequence.
 
     ``q_obs [w, Hq, D]`` are the queries at slots ``prompt_len - w .. prompt_len - 1``. For each
     q head: causal softmax over keys ``[0, prompt_len)``, summed over the ``w`` queries, max-pooled
     along positions (kernel ``pool_kernel``, stride 1, padding ``pool_kernel // 2``, same length;
     use an odd kernel), then summed over each GQA group. ``block_row = block_table[s]``.
+    ``kv_layout`` as in ``paged_attention``.
     """
     w = q_obs.shape[0]
     if not 0 < w <= prompt_len:
         raise ValueError(f"need 0 < observation window ({w}) <= prompt_len ({prompt_len})")
     if not _use_triton(q_obs):
-        return ref.snapkv_scores_ref(q_obs, kv_cache, block_row, prompt_len, scale, pool_kernel)
+        return ref.snapkv_scores_ref(q_obs, kv_cache, block_row, prompt_len, scale, pool_kernel,
+                                     kv_layout)
+    _slot_major_only(kv_layout)
     from attention_backends.kernels.snapkv import snapkv_scores_triton
 
     return snapkv_scores_triton(q_obs, kv_cache, block_row.to(torch.int32).contiguous(),
@@ -177,22 +242,29 @@ def select_kept(scores: Tensor, budget: int, window: int) -> Tensor:
 
 
 def evicted_partial(q_ref: Tensor, kv_cache: Tensor, block_row: Tensor, kept_idx: Tensor,
-                    prompt_len: int, scale: float) -> tuple[Tensor, Tensor]:
+                    prompt_len: int, scale: float,
+                    kv_layout: KVLayout | None = None) -> tuple[Tensor, Tensor]:
     """``(o_e [Hq, D] f32, lse_e [Hq] f32)``: attention of ``q_ref [Hq, D]`` over the slots of
-    ``[0, prompt_len)`` not kept for its KV head. Call before ``compact_kv``."""
+    ``[0, prompt_len)`` not kept for its KV head. Call before ``compact_kv``. ``kv_layout`` as
+    in ``paged_attention``."""
     if not _use_triton(q_ref):
-        return ref.evicted_partial_ref(q_ref, kv_cache, block_row, kept_idx, prompt_len, scale)
+        return ref.evicted_partial_ref(q_ref, kv_cache, block_row, kept_idx, prompt_len, scale,
+                                       kv_layout)
+    _slot_major_only(kv_layout)
     from attention_backends.kernels.snapkv import evicted_partial_triton
 
     return evicted_partial_triton(q_ref, kv_cache, block_row.to(torch.int32).contiguous(),
                                   kept_idx, prompt_len, scale)
 
 
-def compact_kv(kv_cache: Tensor, block_row: Tensor, kept_idx: Tensor) -> None:
-    """In place: for KV head h, slot j (``j < budget``) takes old slot ``kept_idx[h, j]``."""
+def compact_kv(kv_cache: Tensor, block_row: Tensor, kept_idx: Tensor,
+               kv_layout: KVLayout | None = None) -> None:
+    """In place: for KV head h, slot j (``j < budget``) takes old slot ``kept_idx[h, j]``.
+    ``kv_layout`` as in ``paged_attention``."""
     if not _use_triton(kv_cache):
-        ref.compact_kv_ref(kv_cache, block_row, kept_idx)
+        ref.compact_kv_ref(kv_cache, block_row, kept_idx, kv_layout)
         return
+    _slot_major_only(kv_layout)
     from attention_backends.kernels.snapkv import compact_kv_triton
 
     compact_kv_triton(kv_cache, block_row.to(torch.int32).contiguous(), kept_idx)

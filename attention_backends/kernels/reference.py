@@ -4,9 +4,10 @@ These functions define what the Triton kernels compute and are also the CPU path
 ``attention_backends.kernels.ops``. They are written for clarity first, but vectorised: loops run
 over sequences, KV heads and chunks of queries, never over single tokens.
 
-Paged KV layout: ``kv_cache[num_blocks, num_kv_heads, block_size, 2 * head_size]``; K is
-``[..., :D]`` and V is ``[..., D:]``. Slot ``j`` of sequence ``s`` lives in physical block
-``block_table[s, j // block_size]`` at offset ``j % block_size``.
+Paged KV cache: ``kv_cache[num_blocks, num_kv_heads, block_size, 2 * head_size]``. Slot ``j`` of
+sequence ``s`` lives in physical block ``block_table[s, j // block_size]`` at offset
+``j % block_size``; where its K and V lie inside the block is the ``kv_layout``
+(``kernels.kv_layout``; None: slot-major, K ``[..., :D]`` and V ``[..., D:]``).
 
 Visibility of key slot ``j`` for the query at slot ``p`` of sequence ``s``::
 
@@ -23,6 +24,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from attention_backends.kernels import kv_layout as kvl
+from attention_backends.kernels.kv_layout import KVLayout
 
 # Queries handled at once by the reference paged attention (bounds the score matrix size).
 _REF_Q_CHUNK = 256
@@ -56,18 +60,28 @@ def visible_union(p_lo: int, p_hi: int, sink: int, window: int, kept_end: int,
     return j[keep]
 
 
-def gather_kv(kv_cache: Tensor, block_row: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+def gather_kv(kv_cache: Tensor, block_row: Tensor, slots: Tensor,
+              kv_layout: KVLayout | None = None) -> tuple[Tensor, Tensor]:
     """K and V of the given slots as contiguous float32 ``[Hkv, n, D]`` each."""
-    bs = kv_cache.shape[2]
+    hkv, bs = kv_cache.shape[1], kv_cache.shape[2]
     d = kv_cache.shape[3] // 2
     slots = slots.to(torch.int64)
     # whole blocks first (one index_select), then the slots within them: much cheaper on the
     # CPU than indexing every slot of the paged cache by advanced indexing
     blocks, rank = torch.unique(torch.div(slots, bs, rounding_mode="floor"), return_inverse=True)
-    kv = torch.index_select(kv_cache, 0, block_row.to(torch.int64)[blocks])  # [nb, Hkv, bs, 2D]
-    kv = kv.transpose(0, 1).reshape(kv.shape[1], blocks.numel() * bs, kv.shape[3])
-    kv = kv.index_select(1, rank * bs + slots % bs).to(torch.float32)
-    return kv[..., :d].contiguous(), kv[..., d:].contiguous()
+    if kv_layout is None or kv_layout.is_slot_major:  # K and V side by side: one copy
+        kv = torch.index_select(kv_cache, 0, block_row.to(torch.int64)[blocks])
+        kv = kv.transpose(0, 1).reshape(hkv, blocks.numel() * bs, 2 * d)
+        kv = kv.index_select(1, rank * bs + slots % bs).to(torch.float32)
+        return kv[..., :d].contiguous(), kv[..., d:].contiguous()
+    k, v = kvl.gather_blocks(kv_cache, kv_layout, block_row.to(torch.int64)[blocks],
+                             torch.float32)
+    idx = rank * bs + slots % bs
+    n = idx.numel()
+    if n and int(idx[-1]) - int(idx[0]) == n - 1 and bool((idx[1:] > idx[:-1]).all()):
+        # a run of consecutive slots (a whole prompt, a window): no second gather
+        return tuple(t.narrow(1, int(idx[0]), n).contiguous() for t in (k, v))
+    return tuple(t.index_select(1, idx) for t in (k, v))
 
 
 def lse_merge(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> Tensor:
@@ -113,7 +127,8 @@ def paged_attention_ref(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_le
                         query_start_loc: Tensor, scale: float, *, sink: Tensor | None = None,
                         window: Tensor | None = None, kept_end: Tensor | None = None,
                         gap_end: Tensor | None = None, calibration=None,
-                        out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                        out: Tensor | None = None,
+                        kv_layout: KVLayout | None = None) -> tuple[Tensor, Tensor | None]:
     """Paged varlen attention with sink/window/gap masks and optional calibration (float32).
 
     See ``attention_backends.kernels.ops.paged_attention`` for the contract.
@@ -146,7 +161,7 @@ def paged_attention_ref(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_le
             t0, t1 = qsl[s] + c0, qsl[s] + c1
             cols = visible_union(ctx + c0, ctx + c1, sinks[s], windows[s], kept_ends[s],
                                  gap_ends[s]).to(q.device)
-            k, v = gather_kv(kv_cache, row_table, cols)  # [Hkv, n, D]
+            k, v = gather_kv(kv_cache, row_table, cols, kv_layout)  # [Hkv, n, D]
             n_q = c1 - c0
             if n_q == 1:  # a single query sees all of the union of what it can see
                 mask = None
@@ -180,7 +195,8 @@ def paged_attention_ref(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_le
 
 
 def snapkv_scores_ref(q_obs: Tensor, kv_cache: Tensor, block_row: Tensor, prompt_len: int,
-                      scale: float, pool_kernel: int) -> Tensor:
+                      scale: float, pool_kernel: int,
+                      kv_layout: KVLayout | None = None) -> Tensor:
     """Per-KV-head SnapKV scores ``[Hkv, prompt_len]`` float32.
 
     Softmax (causal) of the observation queries over the prompt keys, summed over the queries,
@@ -191,15 +207,26 @@ def snapkv_scores_ref(q_obs: Tensor, kv_cache: Tensor, block_row: Tensor, prompt
     g = hq // hkv
     dev = q_obs.device
     slots = torch.arange(prompt_len, dtype=torch.int64, device=dev)
-    pos = torch.arange(prompt_len - w, prompt_len, dtype=torch.int64, device=dev)
-    causal = slots[None, :] <= pos[:, None]  # [w, L]
-    k, _ = gather_kv(kv_cache, block_row, slots)  # [Hkv, L, D]
+    # the observation queries sit at the last w slots: the causal mask only touches the last w
+    # keys (key i of those after query i)
+    after = torch.ones(w, w, dtype=torch.bool, device=dev).triu(1)
+    k, _ = gather_kv(kv_cache, block_row, slots, kv_layout)  # [Hkv, L, D]
     per_qhead = torch.empty(hq, prompt_len, dtype=torch.float32, device=dev)
     for h in range(hkv):
         qh = q_obs[:, h * g:(h + 1) * g].to(torch.float32).permute(1, 0, 2)  # [G, w, D]
-        scores = (qh @ k[h].T) * scale  # [G, w, L]
-        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
-        per_qhead[h * g:(h + 1) * g] = probs.sum(dim=1)
+        scores = (qh @ k[h].T).mul_(scale)  # [G, w, L]
+        tail = scores[..., prompt_len - w:]
+        # softmax in place (one [G, w, L] buffer per KV head). Masked keys are zeroed after the
+        # exp rather than set to -inf before it: torch's vectorised exp takes a slow path on
+        # -inf (5x on the whole softmax here)
+        peak = tail.masked_fill(after, float("-inf")).amax(-1)  # [G, w]
+        if prompt_len > w:
+            peak = torch.maximum(peak, scores[..., :prompt_len - w].amax(-1))
+        scores.sub_(peak[..., None]).exp_()
+        tail.masked_fill_(after, 0.0)
+        # sum over the queries of each row normalised by its total: one [1, w] @ [w, L] per head
+        inv_total = scores.sum(-1, keepdim=True).reciprocal_()  # [G, w, 1]
+        per_qhead[h * g:(h + 1) * g] = (inv_total.transpose(1, 2) @ scores)[:, 0]
     pooled = max_pool_same(per_qhead, pool_kernel)
     return pooled.reshape(hkv, g, prompt_len).sum(dim=1)
 
@@ -234,7 +261,8 @@ def select_kept(scores: Tensor, budget: int, window: int) -> Tensor:
 
 
 def evicted_partial_ref(q_ref: Tensor, kv_cache: Tensor, block_row: Tensor, kept_idx: Tensor,
-                        prompt_len: int, scale: float) -> tuple[Tensor, Tensor]:
+                        prompt_len: int, scale: float,
+                        kv_layout: KVLayout | None = None) -> tuple[Tensor, Tensor]:
     """Attention of ``q_ref [Hq, D]`` over the prompt slots NOT kept for its KV head.
 
     Returns ``(o_e [Hq, D] float32, lse_e [Hq] float32)``; ``lse_e = -inf`` and ``o_e = 0`` where
@@ -245,7 +273,7 @@ def evicted_partial_ref(q_ref: Tensor, kv_cache: Tensor, block_row: Tensor, kept
     g = hq // hkv
     dev = q_ref.device
     slots = torch.arange(prompt_len, dtype=torch.int64, device=dev)
-    k, v = gather_kv(kv_cache, block_row, slots)
+    k, v = gather_kv(kv_cache, block_row, slots, kv_layout)
     evicted = torch.ones(hkv, prompt_len, dtype=torch.bool, device=dev)
     evicted.scatter_(1, kept_idx.to(torch.int64), False)
     qh = q_ref.to(torch.float32).reshape(hkv, g, d)
@@ -254,7 +282,8 @@ def evicted_partial_ref(q_ref: Tensor, kv_cache: Tensor, block_row: Tensor, kept
     return o.reshape(hq, d), lse.reshape(hq)
 
 
-def compact_kv_ref(kv_cache: Tensor, block_row: Tensor, kept_idx: Tensor) -> None:
+def compact_kv_ref(kv_cache: Tensor, block_row: Tensor, kept_idx: Tensor,
+                   kv_layout: KVLayout | None = None) -> None:
     """In place: for KV head h, slot j (j < budget) <- old slot ``kept_idx[h, j]``."""
     hkv, budget = kept_idx.shape
     bs = kv_cache.shape[2]
@@ -262,6 +291,11 @@ def compact_kv_ref(kv_cache: Tensor, block_row: Tensor, kept_idx: Tensor) -> Non
     src = kept_idx.to(torch.int64)
     heads = torch.arange(hkv, device=kv_cache.device)[:, None].expand(hkv, budget)
     dst = torch.arange(budget, device=kv_cache.device)[None, :].expand(hkv, budget)
-    moved = kv_cache[row[src // bs], heads, src % bs].clone()  # gather before any write
-    kv_cache[row[dst // bs], heads, dst % bs] = moved
+    if kv_layout is None or kv_layout.is_slot_major:
+        moved = kv_cache[row[src // bs], heads, src % bs].clone()  # gather before any write
+        kv_cache[row[dst // bs], heads, dst % bs] = moved
+        return
+    # read_slots copies: every slot is read before any is written
+    k, v = kvl.read_slots(kv_cache, kv_layout, row[src // bs], heads, src % bs)
+    kvl.write_slots(kv_cache, kv_layout, row[dst // bs], heads, dst % bs, k, v)
 

@@ -1,21 +1,26 @@
 """The attention step shared by the CPU and GPU backends.
 
-One ``ops.paged_attention`` call per layer covers the whole batch: full-attention rows pass
-``window = 0``, sparse rows their request's ``sink``/``window``, compressed rows (KV eviction)
-their ``kept_end``/``gap_end`` and calibration. After the attention of the step in which a
-request's prompt completes, the KV-policy runtime compresses that layer's KV in place.
+``attend`` makes one ``ops.paged_attention`` call per layer for the rows it is given (all of the
+batch on the GPU; on the CPU only the rows that need a mask, the others going through vLLM's own
+CPU kernel): full-attention rows pass ``window = 0``, sparse rows their request's
+``sink``/``window``, compressed rows (KV eviction) their ``kept_end``/``gap_end`` and
+calibration. After the attention of the step in which a request's prompt completes,
+``compress_completed`` compresses that layer's KV in place (``run_attention``: both).
 
-KV layout (CPU and GPU alike): ``kv_cache[num_blocks, num_kv_heads, block_size, 2 * head_size]``
-with slot ``j``'s K in ``[..., :D]`` and V in ``[..., D:]``. vLLM's own CPU kernels use an
-ISA-specific layout inside the same tensor shape (K transposed per block, V after it), which our
-ops and the KV compaction cannot read, so our backends write K/V themselves (``write_kv``).
+KV layout: ``kv_cache[num_blocks, num_kv_heads, block_size, 2 * head_size]``. The GPU backend
+keeps it slot-major (slot ``j``'s K in ``[..., :D]``, V in ``[..., D:]``) and writes it with
+``write_kv``; the CPU backend leaves writing to vLLM's CPU op, in vLLM's ISA-specific layout,
+and passes that layout (``kernels.kv_layout.KVLayout``) to our ops as ``kv_layout``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from attention_backends.kernels import ops
+from attention_backends.kernels.kv_layout import KVLayout
 from attention_backends.vllm_glue.metadata import StepMetadata
 from kv_policies.eviction.runtime import get_runtime
 
@@ -32,7 +37,8 @@ def layer_index(layer) -> int:
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Scatter this step's K/V into the paged cache (slot = block * block_size + offset)."""
+    """Scatter this step's K/V into the slot-major paged cache (slot = block * block_size +
+    offset)."""
     n = slot_mapping.shape[0]
     if n == 0:
         return
@@ -47,14 +53,23 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     kv_cache[blk, :, off, d:] = v.to(kv_cache.dtype)
 
 
-def run_attention(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale: float,
-                  output: torch.Tensor) -> torch.Tensor:
-    """One layer's decoder attention for the whole batch, written into ``output``.
+def token_index(query_start_loc: Sequence[int], rows: Sequence[int]) -> torch.Tensor:
+    """The batch's token positions of ``rows`` (in that order), int64 on the host."""
+    spans = [torch.arange(query_start_loc[r], query_start_loc[r + 1]) for r in rows]
+    return torch.cat(spans) if spans else torch.zeros(0, dtype=torch.int64)
+
+
+def attend(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale: float,
+           output: torch.Tensor, rows: Sequence[int] | None = None,
+           kv_layout: KVLayout | None = None) -> None:
+    """One layer's decoder attention for ``rows`` of the batch (None: all), written into
+    ``output``; other rows' outputs are left as they are.
 
     ``md``: the backend's metadata (CPU or GPU), with ``num_actual_tokens``, ``max_query_len``,
     ``max_seq_len``, ``query_start_loc [S+1]``, ``seq_lens [S]``, ``block_table [S, max_blocks]``
     (int32, on the query's device) and ``step`` (``StepMetadata``, None: full attention without
-    eviction). ``query [T, Hq, D]``, ``output`` likewise; ``kv_cache`` as in the module docstring.
+    eviction). ``query [T, Hq, D]``, ``output`` likewise; ``kv_cache`` as in the module docstring,
+    ``kv_layout`` where K/V lie in it (None: slot-major).
     """
     step: StepMetadata | None = md.step
     seq_lens, block_table = md.seq_lens, md.block_table
@@ -62,6 +77,8 @@ def run_attention(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale:
     dev = query.device
     q = query[:md.num_actual_tokens]
     out = output[:md.num_actual_tokens]
+    qsl = md.query_start_loc[:n + 1]
+    qsl_host = step.query_start_loc[:n + 1] if step is not None else None
     sink = window = kept_end = gap_end = calib = None
     li = layer_index(layer)
     rt = None
@@ -73,22 +90,59 @@ def run_attention(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale:
             sink, window = sink[:n], window[:n]
         if eviction.kept_end is not None:
             kept_end, gap_end = (t[:n] for t in eviction.bounds(dev))
-        if eviction.has_plans:
-            rt = get_runtime()
-            live_ids = [r or "" for r in routing.req_ids[:n]]
-            if kept_end is not None:
-                calib = rt.calibration_for(li, live_ids, dev)
+    tokens = None
+    if rows is not None and len(rows) != n:
+        # a sub-batch: its rows' tokens, lengths, blocks and per-row masks
+        if qsl_host is None:
+            qsl_host = qsl.tolist()
+        tokens = token_index(qsl_host, rows).to(dev)
+        sel = torch.tensor(rows, dtype=torch.int64, device=dev)
+        q_lens = [qsl_host[r + 1] - qsl_host[r] for r in rows]
+        qsl_host = [0, *torch.tensor(q_lens, dtype=torch.int64).cumsum(0).tolist()]
+        qsl = torch.tensor(qsl_host, dtype=torch.int32, device=dev)
+        seq_lens, block_table = seq_lens[sel], block_table[sel]
+        sink, window, kept_end, gap_end = (t[sel] if t is not None else None
+                                           for t in (sink, window, kept_end, gap_end))
+        q, n = q.index_select(0, tokens), len(rows)
+    if step is not None and step.eviction.has_plans:
+        rt = get_runtime()
+        ids = step.routing.req_ids
+        live_ids = [ids[r] or "" for r in (rows if tokens is not None else range(n))]
+        if kept_end is not None:
+            calib = rt.calibration_for(li, live_ids, dev)
     max_kv = step.max_kv_tokens[li] if step is not None and step.max_kv_tokens else None
-    _, hits = ops.paged_attention(
-        q, kv_cache, block_table[:n], seq_lens, md.query_start_loc[:n + 1], scale,
+    res, hits = ops.paged_attention(
+        q, kv_cache, block_table[:n], seq_lens, qsl, scale,
         sink=sink, window=window, kept_end=kept_end, gap_end=gap_end, calibration=calib,
-        out=out, max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
-        max_kv_tokens=max_kv)
-    if rt is not None:
-        if hits is not None:
-            rt.record_hits(li, live_ids, hits, step.query_start_loc[:n + 1])  # host: no sync
-        for row, q0, q1, q_end in eviction.compress_rows:
-            rt.compress_layer(routing.req_ids[row], li, eviction.plans[row],
-                              eviction.policies[row], q[q0:q1], kv_cache, block_table[row],
-                              scale, q_end=q_end)
+        out=out if tokens is None else None, max_query_len=md.max_query_len,
+        max_seq_len=md.max_seq_len, max_kv_tokens=max_kv, kv_layout=kv_layout)
+    if tokens is not None:
+        out.index_copy_(0, tokens, res)
+    if rt is not None and hits is not None:
+        rt.record_hits(li, live_ids, hits, qsl_host)  # host: no sync
+
+
+def compress_completed(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale: float,
+                       kv_layout: KVLayout | None = None) -> None:
+    """Compress this layer's KV of the rows whose prompt completes in this step (after their
+    attention, which read the uncompressed KV). Arguments as in ``attend``."""
+    step: StepMetadata | None = md.step
+    if step is None or not step.eviction.compress_rows:
+        return
+    rt, eviction, req_ids = get_runtime(), step.eviction, step.routing.req_ids
+    q = query[:md.num_actual_tokens]
+    li = layer_index(layer)
+    for row, q0, q1, q_end in eviction.compress_rows:
+        rt.compress_layer(req_ids[row], li, eviction.plans[row], eviction.policies[row],
+                          q[q0:q1], kv_cache, md.block_table[row], scale, q_end=q_end,
+                          kv_layout=kv_layout)
+
+
+def run_attention(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale: float,
+                  output: torch.Tensor) -> torch.Tensor:
+    """One layer's decoder attention for the whole batch (slot-major KV), written into
+    ``output``, then the compression of the rows whose prompt completes (``attend``,
+    ``compress_completed``)."""
+    attend(layer, query, kv_cache, md, scale, output)
+    compress_completed(layer, query, kv_cache, md, scale)
     return output

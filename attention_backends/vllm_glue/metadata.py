@@ -38,13 +38,22 @@ class StepMetadata:
 def build_step_metadata(num_rows: int, query_start_loc_cpu: torch.Tensor,
                         rows: Sequence[BatchRow | None], registry: FluxRegistry,
                         num_layers: int, block_size: int | None = None,
-                        runtime: KVPolicyRuntime | None = None) -> StepMetadata:
+                        runtime: KVPolicyRuntime | None = None, *,
+                        none_when_dense: bool = False) -> StepMetadata | None:
     """The step's metadata. ``query_start_loc_cpu [num_rows + 1]`` int32 on the host; ``rows``
-    in batch order (None or missing: padding); ``block_size`` None: no KV eviction."""
+    in batch order (None or missing: padding); ``block_size`` None: no KV eviction.
+
+    ``none_when_dense``: None when every row runs full attention at every layer and none has an
+    eviction plan (the requests are still registered, for their metrics)."""
     qsl = query_start_loc_cpu.tolist()
-    routing = build_routing_step(num_rows, qsl, rows, registry, num_layers)
+    routing = build_routing_step(num_rows, qsl, rows, registry, num_layers,
+                                 none_when_full=none_when_dense)
     eviction = build_eviction_step(num_rows, qsl, rows, block_size,
                                    runtime if runtime is not None else get_runtime())
+    if routing is None:
+        if not eviction.has_plans:
+            return None
+        routing = build_routing_step(num_rows, qsl, rows, registry, num_layers)
     return StepMetadata(routing, eviction, _max_kv_tokens(rows, qsl, num_rows, routing, eviction),
                         qsl)
 
@@ -77,8 +86,16 @@ def publish_batch(rows: list[BatchRow | None] | None) -> None:
     _BATCH = rows
 
 
-def step_metadata_for(cm, vllm_config) -> StepMetadata:
-    """The step's ``StepMetadata`` from vLLM's ``CommonAttentionMetadata`` (both backends)."""
-    layers = int(vllm_config.model_config.hf_text_config.num_hidden_layers)
+def num_layers(vllm_config) -> int:
+    return int(vllm_config.model_config.hf_text_config.num_hidden_layers)
+
+
+def step_metadata_for(cm, vllm_config, *, none_when_dense: bool = False,
+                      layers: int | None = None) -> StepMetadata | None:
+    """The step's ``StepMetadata`` from vLLM's ``CommonAttentionMetadata`` (both backends);
+    ``none_when_dense`` as in ``build_step_metadata``; ``layers``: the model's layer count
+    (``num_layers``, microseconds a step when read from the config each time)."""
+    layers = num_layers(vllm_config) if layers is None else layers
     return build_step_metadata(cm.num_reqs, cm.query_start_loc_cpu, _BATCH or [], get_registry(),
-                               layers, vllm_config.cache_config.block_size)
+                               layers, vllm_config.cache_config.block_size,
+                               none_when_dense=none_when_dense)

@@ -32,6 +32,14 @@ unchanged:
   report for the output the step may still build for it.
 - ``SingleTypeKVCacheManager._remove_blocks_in_range`` (called by
   ``kv_policies.vllm_glue.manager``): free an evicted request's gap blocks.
+- The CPU attention backend's internals that ``vllm_glue.backend_cpu`` relies on beyond
+  subclassing it: ``CPUAttentionBackendImpl.do_kv_cache_update`` (called on a one-block scratch
+  cache to find vLLM's CPU KV layout), ``CPUAttentionMetadataBuilder.build`` (called on a
+  sub-batch's ``CommonAttentionMetadata.replace``), ``CPUAttentionMetadataBuilder.
+  _set_isa_to_layers`` (sets ``layer.isa``, the ISA whose layout the cache holds), and vLLM's
+  CPU attention ops ``vllm._custom_ops.cpu_attn_get_scheduler_metadata`` /
+  ``cpu_attention_with_kv_cache`` (called for sparse rows with a sliding window over virtual
+  block tables, ``kernels.sink_window``).
 
 The model runner is only imported by worker processes (it costs seconds), so hooks are installed
 right after the module that defines them is imported (``_AfterImport``), never by importing it.
@@ -73,11 +81,15 @@ _INPUT = "vllm.v1.engine.input_processor"
 _OUTPUT = "vllm.v1.engine.output_processor"
 _SCHEDULER = "vllm.v1.core.sched.scheduler"
 _KV_MANAGER = "vllm.v1.core.single_type_kv_cache_manager"
+_CPU_ATTN = "vllm.v1.attention.backends.cpu_attn"
+_ATTN = "vllm.v1.attention.backend"
+_OPS = "vllm._custom_ops"
 
 
 @dataclass(frozen=True)
 class PrivateHook:
-    """A private vLLM attribute ``module.owner.name`` that fluxserve wraps, overrides or calls.
+    """A private vLLM attribute ``module.owner.name`` (``owner`` empty: ``module.name``) that
+    fluxserve wraps, overrides or calls.
 
     ``params``: the parameter names it must start with, in order (ours pass the rest through).
     ``own_only``: checked only when ``owner`` defines it itself (a subclass override we wrap).
@@ -92,7 +104,11 @@ class PrivateHook:
 
     @property
     def qualname(self) -> str:
-        return f"{self.module}.{self.owner}.{self.name}"
+        return ".".join(p for p in (self.module, self.owner, self.name) if p)
+
+    def owner_in(self, module) -> object | None:
+        """The object that holds the name: ``module`` itself, or its attribute ``owner``."""
+        return module if not self.owner else getattr(module, self.owner, None)
 
 
 PRIVATE_HOOKS: tuple[PrivateHook, ...] = (
@@ -126,6 +142,26 @@ PRIVATE_HOOKS: tuple[PrivateHook, ...] = (
     PrivateHook(_OUTPUT, "OutputProcessor", "process_outputs",
                 ("self", "engine_core_outputs"),
                 "wrapped: take the engine's accounting reports out of kv_transfer_params"),
+    PrivateHook(_CPU_ATTN, "CPUAttentionBackendImpl", "do_kv_cache_update",
+                ("self", "layer", "key", "value", "kv_cache", "slot_mapping"),
+                "called by the CPU backend on a scratch block: probes vLLM's CPU KV layout"),
+    PrivateHook(_CPU_ATTN, "CPUAttentionMetadataBuilder", "build",
+                ("self", "common_prefix_len", "common_attn_metadata"),
+                "called by the CPU backend for the rows that need no mask (a sub-batch)"),
+    PrivateHook(_CPU_ATTN, "CPUAttentionMetadataBuilder", "_set_isa_to_layers",
+                ("self", "layer_names"),
+                "sets layer.isa, which the CPU backend reads as its KV layout's key"),
+    PrivateHook(_ATTN, "CommonAttentionMetadata", "replace", ("self",),
+                "called by the CPU backend: a sub-batch's metadata"),
+    PrivateHook(_OPS, "", "cpu_attn_get_scheduler_metadata",
+                ("num_reqs", "num_heads", "num_kv_heads", "head_dim", "seq_lens", "dtype",
+                 "query_start_loc", "causal", "sliding_window_size", "isa", "enable_kv_split"),
+                "called by the CPU backend: scheduler metadata of sparse rows' virtual tables"),
+    PrivateHook(_OPS, "", "cpu_attention_with_kv_cache",
+                ("query", "key_cache", "value_cache", "output", "query_start_loc", "seq_lens",
+                 "scale", "causal", "alibi_slopes", "sliding_window", "block_table", "softcap",
+                 "scheduler_metadata", "s_aux"),
+                "called by the CPU backend: sparse rows as sliding-window attention"),
 )
 
 
@@ -167,7 +203,7 @@ def check_module(module_name: str) -> None:
     module = sys.modules[module_name]
     for hook in PRIVATE_HOOKS:
         if hook.module == module_name:
-            check_hook(hook, getattr(module, hook.owner, None))
+            check_hook(hook, hook.owner_in(module))
 
 
 # ------------------------------------------------------------------ the hooks' bodies

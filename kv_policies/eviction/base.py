@@ -17,6 +17,8 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from attention_backends.kernels.kv_layout import KVLayout
+
 # A static ceiling for every token-count option, far above any model's context length (the
 # model's own max_model_len is the real bound, checked by model_limit_errors). Bounded values
 # also stay far inside int64, which is what msgspec can carry from the front end to the engine.
@@ -64,9 +66,10 @@ class SelectionInputs:
     ``q_obs [n, Hq, D]`` are the queries (RoPE applied) of the last ``n`` prompt positions,
     ending at ``prompt_len - 1`` (``n`` = the policy's ``observation_window``, fewer when the
     prompt's last chunk is shorter);
-    ``kv_cache``/``block_row`` locate the layer's keys and values (vLLM's paged layout
-    ``[num_blocks, Hkv, block_size, 2*D]``); ``options`` is the request's validated options
-    model (the policy's own class).
+    ``kv_cache``/``block_row`` locate the layer's keys and values (vLLM's paged cache
+    ``[num_blocks, Hkv, block_size, 2*D]``), ``kv_layout`` where K and V lie inside its blocks
+    (None: slot-major; pass it on to every ``kernels.ops`` call that reads ``kv_cache``);
+    ``options`` is the request's validated options model (the policy's own class).
     """
 
     q_obs: Tensor
@@ -75,6 +78,7 @@ class SelectionInputs:
     prompt_len: int
     scale: float
     options: BudgetOptions
+    kv_layout: KVLayout | None = None
 
     @property
     def num_kv_heads(self) -> int:

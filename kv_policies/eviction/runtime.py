@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from attention_backends.kernels import ops
+from attention_backends.kernels.kv_layout import KVLayout
 from kv_policies.eviction.base import PolicyOptions, SelectionInputs
 from kv_policies.eviction.options import parse_kv_policy
 from kv_policies.eviction.plan import EvictionPlan, checked_options, plan_for_options
@@ -88,7 +89,7 @@ class KVPolicyRuntime:
     def compress_layer(self, req_id: str, layer_idx: int, plan: EvictionPlan,
                        policy: PolicyOptions | dict,
                        q_chunk: Tensor, kv_cache: Tensor, block_row: Tensor, scale: float,
-                       q_end: int | None = None) -> None:
+                       q_end: int | None = None, kv_layout: KVLayout | None = None) -> None:
         """Evict one layer of one request in place.
 
         ``q_chunk [n, Hq, D]``: the queries (RoPE applied) of this request's tokens in the step
@@ -96,8 +97,9 @@ class KVPolicyRuntime:
         of prompt position ``plan.gap_end - 1`` (a recompute after preemption may carry output
         tokens after it). The observation window is the last ``min(window, q_end)`` of those
         rows: when a chunk boundary falls inside the window, fewer observation queries are used.
-        ``kv_cache [num_blocks, Hkv, block_size, 2*D]`` is this layer's cache and ``block_row``
-        the request's block-table row, both already holding the whole prompt's KV. ``policy``
+        ``kv_cache [num_blocks, Hkv, block_size, 2*D]`` is this layer's cache (``kv_layout``:
+        where K/V lie in its blocks, None: slot-major) and ``block_row`` the request's
+        block-table row, both already holding the whole prompt's KV. ``policy``
         is the request's options model (a ``kv_policy`` dict is validated first: raises
         ``pydantic.ValidationError`` if invalid).
         """
@@ -110,7 +112,8 @@ class KVPolicyRuntime:
         n_obs = min(impl.observation_window(opts), q_end)
         q_obs = q_chunk[q_end - n_obs:q_end]
         inputs = SelectionInputs(q_obs=q_obs, kv_cache=kv_cache, block_row=block_row,
-                                 prompt_len=prompt_len, scale=scale, options=opts)
+                                 prompt_len=prompt_len, scale=scale, options=opts,
+                                 kv_layout=kv_layout)
         kept = impl.select(inputs)
 
         state = self._states.get(req_id)
@@ -125,7 +128,7 @@ class KVPolicyRuntime:
         summary = impl.summarize_evicted(inputs, kept, q_chunk[q_end - 1])
         if summary is not None:
             state.layers[layer_idx] = summary
-        ops.compact_kv(kv_cache, block_row, kept)
+        ops.compact_kv(kv_cache, block_row, kept, kv_layout)
         state.compressed_layers.add(layer_idx)
 
     def is_compressed(self, req_id: str, layer_idx: int) -> bool:

@@ -27,8 +27,11 @@ pytestmark = pytest.mark.engine
 MAX_TOKENS = 4
 PROMPT_LEN = 2 * CHUNK - 12  # two prefill steps, the last one nearly full
 assert PROMPT_LEN + MAX_TOKENS <= MAX_MODEL_LEN and MAX_LAYERS >= NUM_LAYERS
-# The bound stated in the docs is 2x; the assertion leaves room for a noisy shared 2-core host.
-MAX_RATIO = 3.0
+# The bounds stated in the docs (4x a dense step, 3x the whole request on the CPU, where dense
+# steps run vLLM's C++ kernel and the options' extra work PyTorch); the assertions leave room for
+# a noisy shared 2-core host.
+MAX_STEP_RATIO = 6.0
+MAX_TOTAL_RATIO = 4.5
 REPEATS = 2
 
 WIDEST = {"budget": PROMPT_LEN - 1, "window": PROMPT_LEN - 2, "pool_kernel": MAX_POOL_KERNEL}
@@ -84,5 +87,5 @@ def test_option_costs_at_most_a_small_factor_over_dense(llm, case):
     opt_step, opt_total = min(r[0] for r in opt), min(r[1] for r in opt)
     print(f"{case}: slowest step {opt_step * 1e3:.1f} ms vs dense {dense_step * 1e3:.1f} ms "
           f"({opt_step / dense_step:.2f}x); total {opt_total / dense_total:.2f}x")
-    assert opt_step <= MAX_RATIO * dense_step, (opt_step, dense_step)
-    assert opt_total <= MAX_RATIO * dense_total, (opt_total, dense_total)
+    assert opt_step <= MAX_STEP_RATIO * dense_step, (opt_step, dense_step)
+    assert opt_total <= MAX_TOTAL_RATIO * dense_total, (opt_total, dense_total)

@@ -62,7 +62,7 @@ class CaliDropPolicy(SnapKVPolicy):
         """``ops.evicted_partial`` of ``q_ref [Hq, D]`` over the prompt slots not in ``kept``;
         must run before compaction overwrites the slots it reads."""
         o_e, lse_e = ops.evicted_partial(q_ref, inputs.kv_cache, inputs.block_row, kept,
-                                         inputs.prompt_len, inputs.scale)
+                                         inputs.prompt_len, inputs.scale, inputs.kv_layout)
         return LayerCalibration(q_ref=q_ref.detach().clone(), o_e=o_e, lse_e=lse_e,
                                 tau=inputs.options.tau)
 

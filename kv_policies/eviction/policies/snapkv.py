@@ -68,5 +68,6 @@ class SnapKVPolicy(KVPolicy):
     def select(self, inputs: SelectionInputs) -> Tensor:
         opts = inputs.options
         scores = ops.snapkv_scores(inputs.q_obs, inputs.kv_cache, inputs.block_row,
-                                   inputs.prompt_len, inputs.scale, opts.pool_kernel)
+                                   inputs.prompt_len, inputs.scale, opts.pool_kernel,
+                                   inputs.kv_layout)
         return ops.select_kept(scores, inputs.budget, opts.window)

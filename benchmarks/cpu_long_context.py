@@ -1,0 +1,96 @@
+"""CPU: wall time of long-prompt requests by policy (prefill + decode), on one fluxserve server.
+
+Starts ``fluxserve serve`` on the checkpoint (``--max-model-len 8192``, ``--reward-model
+none``), then for each prompt length and each round sends one non-streamed ``/v1/completions``
+request per policy, the policies one after another in an order rotated every round (so load
+from other work hits them alike). Every prompt is fresh random token ids (no prefix-cache
+hits); every request generates exactly ``--tokens`` tokens (``ignore_eos``). Prints the median
+wall time per (length, policy) and dense ``full``'s median / the policy's: above 1 is faster
+than dense. CPU absolute times are not figures to quote; the ratios, measured in one run, are.
+
+    .venv/bin/python benchmarks/cpu_long_context.py [--model DIR] [--lengths 4096 8064]
+        [--tokens 128] [--runs 5] [--policies full sparse calidrop]
+
+Policies: ``full``; ``sparse`` (flux.mode=sparse with the model's default sink 128 and window
+2048); ``calidrop`` (kv_policy calidrop, budget 2048). With no --model, the embedded
+smoke-test checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from server.child_process import child_server
+
+POLICIES = {
+    "full": {"flux": {"mode": "full"}},
+    "sparse": {"flux": {"mode": "sparse"}},
+    "calidrop": {"kv_policy": {"name": "calidrop", "budget": 2048}},
+}
+
+
+def _request_s(client: httpx.Client, base: str, prompt: list[int], tokens: int,
+               extra: dict) -> float:
+    body = {"model": "bench", "prompt": prompt, "max_tokens": tokens, "temperature": 0,
+            "ignore_eos": True, **extra}
+    t0 = time.perf_counter()
+    resp = client.post(f"{base}/v1/completions", json=body)
+    elapsed = time.perf_counter() - t0
+    resp.raise_for_status()
+    if resp.json()["usage"]["completion_tokens"] != tokens:
+        raise RuntimeError("a request did not generate the tokens asked")
+    return elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="checkpoint directory (default: the smoke-test model)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8064])
+    ap.add_argument("--tokens", type=int, default=128, help="tokens generated per request")
+    ap.add_argument("--runs", type=int, default=5, help="timed rounds per length")
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    args = ap.parse_args()
+    if args.model is None:
+        from server.default_model import ensure_default_model
+
+        args.model = str(ensure_default_model())
+    logs = Path(tempfile.mkdtemp(prefix="cpu_long_context-"))
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2")
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", args.model, "--host",
+           "127.0.0.1", "--max-model-len", "8192", "--enforce-eager", "--max-num-seqs", "4",
+           "--served-model-name", "bench", "--reward-model", "none"]
+    policies = ["full", *[p for p in args.policies if p != "full"]]
+    rng = random.Random(0)
+    times: dict[tuple[int, str], list[float]] = {}
+    with child_server(cmd, env=env, log_path=logs / "fluxserve.log", ready_path="/v1/models",
+                      timeout_s=300) as (base, _), httpx.Client(timeout=1200) as client:
+        for length in args.lengths:
+            for r in range(args.runs + 1):  # round 0 warms up
+                order = policies[r % len(policies):] + policies[:r % len(policies)]
+                for name in order:
+                    prompt = [rng.randrange(10, 2000) for _ in range(length)]
+                    t = _request_s(client, base, prompt, args.tokens, POLICIES[name])
+                    if r:
+                        times.setdefault((length, name), []).append(t)
+    print(f"{args.tokens} tokens per request, non-streamed, median of {args.runs} "
+          f"(logs in {logs})")
+    print("prompt | policy | median s | full / policy")
+    for length in args.lengths:
+        full = statistics.median(times[(length, "full")])
+        for name in policies:
+            med = statistics.median(times[(length, name)])
+            print(f"{length:6d} | {name:8s} | {med:8.2f} | {full / med:.2f}")
+
+
+if __name__ == "__main__":
+    main()
