@@ -215,6 +215,34 @@ def routing_loss(model, state: RoutingState, batch: dict, targets: dict[str, flo
     return loss, {"ce": ce.item(), "s": s, "s_hard": s_hard}
 
 
+class RouterTrainer:
+    """One optimisation step at a time: AdamW descent on the routers, gradient ascent on the
+    Lagrange multipliers ``lam1``, ``lam2`` (one per entry of `TYPE_NAMES`)."""
+
+    def __init__(self, model, state: RoutingState, targets: dict[str, float], lr: float = 1e-3,
+                 lambda_lr: float = 0.1):
+        self.model, self.state, self.targets = model, state, targets
+        self.lambda_lr = lambda_lr
+        device = next(state.routers.parameters()).device
+        self.opt = torch.optim.AdamW(state.routers.parameters(), lr=lr, weight_decay=0.0)
+        self.lam1 = torch.zeros(len(TYPE_NAMES), device=device)
+        self.lam2 = torch.zeros(len(TYPE_NAMES), device=device)
+        self.target = torch.tensor([targets[n] for n in TYPE_NAMES], device=device)
+
+    def step(self, batch: dict) -> dict:
+        """Returns ``loss``, ``ce`` (floats), ``s`` and ``s_hard`` (per-type tensors)."""
+        loss, stats = routing_loss(self.model, self.state, batch, self.targets, self.lam1,
+                                   self.lam2)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():  # dL/dlambda1 = gap, dL/dlambda2 = gap**2 (absent types: 0)
+            gap = torch.nan_to_num(stats["s"] - self.target)
+            self.lam1 += self.lambda_lr * gap
+            self.lam2 += self.lambda_lr * gap * gap
+        return {**stats, "loss": loss.item()}
+
+
 def _parse_targets(items: list[str]) -> dict[str, float]:
     targets = dict(DEFAULT_TARGETS)
     for item in items:
@@ -313,9 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = load_checkpoint(model_dir, args.device, dtype)
     state = attach(model, args.sink, args.window, args.pool_size, args.seed)
-    opt = torch.optim.AdamW(state.routers.parameters(), lr=args.lr, weight_decay=0.0)
-    lam1 = torch.zeros(len(TYPE_NAMES), device=args.device)
-    lam2 = torch.zeros(len(TYPE_NAMES), device=args.device)
+    trainer = RouterTrainer(model, state, targets, args.lr, args.lambda_lr)
     mix = recipe["mix"]
     if args.tokens_per_batch:
         mix = LengthMix(mix.buckets, mix.weights, args.tokens_per_batch, mix.min_fill)
@@ -341,15 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
             break
         state.tau = args.tau_start * (args.tau_end / args.tau_start) ** frac
         batch = {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
-        loss, stats = routing_loss(model, state, batch, targets, lam1, lam2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():  # gradient ascent on the multipliers: dL/dlambda
-            gap = torch.nan_to_num(stats["s"] - torch.tensor(
-                [targets[n] for n in TYPE_NAMES], device=args.device))
-            lam1 += args.lambda_lr * gap
-            lam2 += args.lambda_lr * gap * gap
+        stats = trainer.step(batch)
         step += 1
         if step in (1, 10, 25) or step % 25 == 0:
             now = time.monotonic()
@@ -357,9 +375,9 @@ def main(argv: list[str] | None = None) -> dict:
                              for n, v in zip(TYPE_NAMES, t.tolist(), strict=True)}
             log({"event": "train", "step": step, "elapsed_s": round(now - t_start, 1),
                  "steps_per_s": round(step / (now - t_loop), 3), "tau": round(state.tau, 4),
-                 "ce": round(stats["ce"], 4), "loss": round(loss.item(), 4),
+                 "ce": round(stats["ce"], 4), "loss": round(stats["loss"], 4),
                  "expected_sparsity": fmt(stats["s"]), "sampled_sparsity": fmt(stats["s_hard"]),
-                 "lambda1": fmt(lam1), "lambda2": fmt(lam2),
+                 "lambda1": fmt(trainer.lam1), "lambda2": fmt(trainer.lam2),
                  "seq_len": batch["input_ids"].shape[1]})
 
     extra = {"trained": {"steps": step, "targets": targets, "tau": [args.tau_start, args.tau_end],
