@@ -10,7 +10,7 @@
 set -uo pipefail
 OUT=${1:-${OUT:?give the output folder as \$OUT or the first argument}}
 PRESET=${PRESET:-gpu}
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 START=$(date +%s)
 DEADLINE=$((START + ${TOTAL_SECONDS:-555}))
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
