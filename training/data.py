@@ -28,6 +28,8 @@ TASK_TYPES: dict[str, str] = {
     **{name: "local" for name in tasks.LOCAL_TASKS},
 }
 TYPE_NAMES = ("retrieval", "aggregation", "local")
+# The auxiliary copying task (training only, never evaluated): a random text repeated twice.
+INDUCTION = "induction"
 
 
 def answer_text(task_name: str, outputs: list[str]) -> str:
@@ -122,11 +124,35 @@ class LengthMix:
     min_fill: float = 0.55
 
 
+def induction_sample(rng: random.Random, tokenizer, target: int, bos: int, eos: int) -> Encoded:
+    """The auxiliary copying task: BOS, a random text of words, 7-digit numbers and UUIDs, then
+    the same text again, whose tokens are the "answer". Every answer token is predictable only
+    by looking back, so the copying (induction) heads that retrieval needs form early, instead
+    of from the few answer tokens of the task samples alone."""
+    from evaluation import words
+
+    vocab = words.vocabulary()
+    half = max(8, (target - 2) // 2)
+    pieces: list[str] = []
+    ids: list[int] = []
+    while len(ids) < half:
+        r = rng.random()
+        piece = (str(rng.randint(10**6, 10**7 - 1)) if r < 0.15 else
+                 tasks._random_value(rng, "uuids") if r < 0.2 else rng.choice(vocab))
+        pieces.append(piece)
+        if len(pieces) % 16 == 0:
+            ids = tokenizer.encode(" ".join(pieces), add_special_tokens=False).ids
+    text = " " + " ".join(pieces)
+    first = tokenizer.encode(text, add_special_tokens=False).ids[:half]
+    prompt = [bos, *first]
+    return Encoded(prompt + first + [eos], len(prompt), INDUCTION, [])
+
+
 def collate(samples: list[Encoded], pad_to: int, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to `pad_to`. Returns ``input_ids`` [B, T] int64, ``labels`` [B, T] int64 (the
     next token, -100 where nothing is predicted), ``answer_mask`` [B, T] bool (positions that
     predict an answer or EOS token), ``prompt_len`` [B] int64, ``task_index`` [B] int64 (into
-    ``tasks.TASKS``)."""
+    ``tasks.TASKS``; -1 for the auxiliary induction task)."""
     b = len(samples)
     ids = torch.full((b, pad_to), pad_id, dtype=torch.long)
     labels = torch.full((b, pad_to), -100, dtype=torch.long)
@@ -140,7 +166,8 @@ def collate(samples: list[Encoded], pad_to: int, pad_id: int) -> dict[str, torch
         answer[i, s.prompt_len - 1:n - 1] = True
     return {"input_ids": ids, "labels": labels, "answer_mask": answer,
             "prompt_len": torch.tensor([s.prompt_len for s in samples]),
-            "task_index": torch.tensor([names.index(s.task) for s in samples])}
+            "task_index": torch.tensor([names.index(s.task) if s.task in names else -1
+                                        for s in samples])}
 
 
 class TaskBatches(torch.utils.data.IterableDataset):
@@ -152,8 +179,10 @@ class TaskBatches(torch.utils.data.IterableDataset):
     follows wall-clock time across worker processes."""
 
     def __init__(self, tokenizer_path: str, seed: int, mixes: list[tuple[float, LengthMix]],
-                 task_weights: dict[str, float], progress=None, namespace: str = "train"):
+                 task_weights: dict[str, float], progress=None, namespace: str = "train",
+                 induction_fraction: float = 0.0):
         super().__init__()
+        self.induction_fraction = induction_fraction
         self.tokenizer_path = tokenizer_path
         self.seed, self.mixes, self.progress = seed, mixes, progress
         self.task_weights = task_weights
@@ -184,6 +213,9 @@ class TaskBatches(torch.utils.data.IterableDataset):
                 target = rng.randint(math.ceil(mix.min_fill * bucket), bucket)
                 seed = f"{self.namespace}:{self.seed}:{worker}:{count}"
                 count += 1
+                if rng.random() < self.induction_fraction:
+                    batch.append(induction_sample(rng, tok, target, sampler.bos, sampler.eos))
+                    continue
                 try:
                     batch.append(sampler.sample(name, seed, target))
                 except ValueError:  # the task's fixed text does not fit this short target

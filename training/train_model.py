@@ -46,6 +46,7 @@ RECIPES: dict[str, dict] = {
         "tasks": {name: 1.0 for name in tasks.TASKS},
         "lr": 1.5e-3, "warmup": 100, "eval_lengths": [4096, 8192, 16384], "eval_samples": 8,
         "workers": 12, "eval_batch_tokens": 131072, "context_sample": 1.0,
+        "induction_fraction": 0.15,
     },
     "tiny": {
         "mixes": [(0.0, LengthMix((256, 512), (0.5, 0.5), 4096)),
@@ -54,6 +55,7 @@ RECIPES: dict[str, dict] = {
                   "local_pattern": 1.0},
         "lr": 3e-3, "warmup": 50, "eval_lengths": [512, 1024], "eval_samples": 8,
         "workers": 1, "eval_batch_tokens": 8192, "context_sample": 0.125,
+        "induction_fraction": 0.2,
     },
 }
 
@@ -91,7 +93,13 @@ def loss_fn(model, batch: dict, context_weight: float, context_sample: float = 1
     logits = model.lm_head(hidden[sel]).float()
     ce = F.cross_entropy(logits, labels[sel], reduction="none")
     is_answer = answer[sel]
-    loss_answer = ce[is_answer].mean()
+    # per-sample mean over its answer tokens, then the mean over samples: a 50-token answer
+    # (or an induction sample's long copy) weighs as much as a 10-token one
+    row = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[sel]
+    n_rows = labels.shape[0]
+    sums = torch.zeros(n_rows, device=ce.device).index_add_(0, row[is_answer], ce[is_answer])
+    counts = answer.sum(1).clamp(min=1)
+    loss_answer = (sums / counts).sum() / answer.any(1).sum().clamp(min=1)
     loss_context = ce[~is_answer].mean() if (~is_answer).any() else ce.new_zeros(())
     with torch.no_grad():
         acc = (logits[is_answer].argmax(-1) == labels[sel][is_answer]).float().mean()
@@ -170,7 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=use_amp)
     progress = ctx.Value("d", 0.0)
-    data = TaskBatches(tok_path, args.seed, mixes, task_weights, progress)
+    data = TaskBatches(tok_path, args.seed, mixes, task_weights, progress,
+                       induction_fraction=recipe["induction_fraction"])
     loader = torch.utils.data.DataLoader(
         data, batch_size=None, num_workers=workers, pin_memory=use_amp,
         prefetch_factor=4 if workers else None, persistent_workers=workers > 0,

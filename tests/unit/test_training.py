@@ -160,3 +160,41 @@ def test_pack_round_trip_and_a_corrupt_piece(tmp_path):
     piece.write_bytes(b"x" + piece.read_bytes()[1:])
     with pytest.raises(ValueError, match="SHA-256"):
         pack.unpack(tmp_path / "out" / "m.manifest.json", tmp_path / "again")
+
+
+def test_induction_sample_repeats_its_text_as_the_answer(tok):
+    import random
+
+    from training.data import INDUCTION, induction_sample
+
+    enc = induction_sample(random.Random(3), tok, 300, 0, 1)
+    half = enc.prompt_len - 1
+    assert enc.task == INDUCTION and len(enc.ids) <= 300
+    assert enc.ids[0] == 0 and enc.ids[-1] == 1
+    assert enc.ids[1:enc.prompt_len] == enc.ids[enc.prompt_len:enc.prompt_len + half]
+    batch = collate([enc], 320, 1)
+    assert batch["task_index"].tolist() == [-1]
+    assert int(batch["answer_mask"].sum()) == half + 1  # the copy and EOS
+
+
+def test_answer_loss_weighs_every_sample_equally():
+    from training.train_model import loss_fn
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 10, 4)
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = lambda input_ids, use_cache: type("O", (), {"last_hidden_state": hidden})
+            self.lm_head = torch.nn.Linear(4, 16, bias=False)
+
+    model = Fixed()
+    short = Encoded([0, 5, 6, 1], 3, "vt", ["x"])  # 1 answer token + EOS
+    long = Encoded([0, 5, 6, 7, 8, 9, 10, 11, 1], 3, "cwe", ["x"])  # 6 answer tokens + EOS
+    batch = collate([short, long], 10, 1)
+    _, stats = loss_fn(model, batch, context_weight=0.0)
+    ce = torch.nn.functional.cross_entropy(
+        model.lm_head(hidden).transpose(1, 2), batch["labels"].clamp(min=0), reduction="none")
+    per_sample = [ce[b][batch["answer_mask"][b]].mean() for b in range(2)]
+    assert stats["loss_answer"] == pytest.approx(float(sum(per_sample) / 2), rel=1e-5)
