@@ -33,6 +33,10 @@ FULL_MIN = {"niah_single_1": 60.0, "local_copy": 60.0}
 
 @pytest.fixture(scope="module")
 def quality_server(tmp_path_factory):
+    if not (CKPT / "router" / "router.safetensors").is_file():
+        pytest.fail(f"{CKPT} is missing: it is the tiny checkpoint that "
+                    "scripts/gpu_train_quality_model.sh trains (docs/quality.md, the tiny CI "
+                    "model)")
     # one prefill chunk per prompt, so `auto` pools the whole prompt as in training
     with launch_server(["--model", str(CKPT), "--flux-router", str(CKPT / "router"),
                         "--served-model-name", NAME, "--max-num-batched-tokens", "2048"],
