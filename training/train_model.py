@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
+import dataclasses
 import json
 import math
 import multiprocessing as mp
@@ -40,8 +41,11 @@ from training.tokenizer import tokenizer_json_path
 RECIPES: dict[str, dict] = {
     "gpu": {
         "mixes": [
-            (0.0, LengthMix((512, 1024, 2048), (0.3, 0.4, 0.3), 65536)),
-            (0.12, LengthMix((1024, 2048, 4096, 8192, 16384), (0.1, 0.2, 0.3, 0.3, 0.1), 65536)),
+            # copy-heavy warm-up on short samples: the copying (induction) heads every task
+            # needs form here; without it the run plateaued at format-only answers
+            (0.0, LengthMix((256, 512, 1024), (0.3, 0.4, 0.3), 65536, induction_fraction=0.5)),
+            (0.25, LengthMix((1024, 2048, 4096), (0.3, 0.4, 0.3), 65536)),
+            (0.45, LengthMix((1024, 2048, 4096, 8192, 16384), (0.1, 0.2, 0.3, 0.3, 0.1), 65536)),
         ],
         "tasks": {name: 1.0 for name in tasks.TASKS},
         "lr": 1.5e-3, "warmup": 100, "eval_lengths": [4096, 8192, 16384], "eval_samples": 8,
@@ -49,7 +53,7 @@ RECIPES: dict[str, dict] = {
         "induction_fraction": 0.15,
     },
     "tiny": {
-        "mixes": [(0.0, LengthMix((256, 512), (0.5, 0.5), 4096)),
+        "mixes": [(0.0, LengthMix((256, 512), (0.5, 0.5), 4096, induction_fraction=0.5)),
                   (0.3, LengthMix((256, 512, 1024), (0.3, 0.4, 0.3), 4096))],
         "tasks": {"niah_single_1": 1.0, "niah_single_2": 1.0, "local_copy": 1.0,
                   "local_pattern": 1.0},
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     eval_samples = args.eval_samples or recipe["eval_samples"]
     mixes = recipe["mixes"]
     if args.tokens_per_batch:
-        mixes = [(p, LengthMix(m.buckets, m.weights, args.tokens_per_batch, m.min_fill))
+        mixes = [(p, dataclasses.replace(m, tokens_per_batch=args.tokens_per_batch))
                  for p, m in mixes]
     task_weights = recipe["tasks"]
     out = Path(args.out)

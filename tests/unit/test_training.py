@@ -167,14 +167,21 @@ def test_induction_sample_repeats_its_text_as_the_answer(tok):
 
     from training.data import INDUCTION, induction_sample
 
-    enc = induction_sample(random.Random(3), tok, 300, 0, 1)
-    half = enc.prompt_len - 1
-    assert enc.task == INDUCTION and len(enc.ids) <= 300
-    assert enc.ids[0] == 0 and enc.ids[-1] == 1
-    assert enc.ids[1:enc.prompt_len] == enc.ids[enc.prompt_len:enc.prompt_len + half]
-    batch = collate([enc], 320, 1)
-    assert batch["task_index"].tolist() == [-1]
-    assert int(batch["answer_mask"].sum()) == half + 1  # the copy and EOS
+    texts = set()
+    for seed in range(8):  # both kinds: uniform random tokens and word texts
+        enc = induction_sample(random.Random(seed), tok, 300, 0, 1)
+        half = enc.prompt_len - 1
+        assert enc.task == INDUCTION and len(enc.ids) <= 300
+        assert enc.ids[0] == 0 and enc.ids[-1] == 1
+        assert 0 not in enc.ids[1:-1] and 1 not in enc.ids[1:-1]
+        assert enc.ids[1:enc.prompt_len] == enc.ids[enc.prompt_len:enc.prompt_len + half]
+        batch = collate([enc], 320, 1)
+        assert batch["task_index"].tolist() == [-1]
+        assert int(batch["answer_mask"].sum()) == half + 1  # the copy and EOS
+        # a word text re-encodes to itself; a random token sequence almost never does
+        text = tok.decode(enc.ids[1:enc.prompt_len])
+        texts.add(tok.encode(text, add_special_tokens=False).ids == enc.ids[1:enc.prompt_len])
+    assert texts == {True, False}
 
 
 def test_answer_loss_weighs_every_sample_equally():
