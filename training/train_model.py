@@ -53,8 +53,8 @@ RECIPES: dict[str, dict] = {
         "induction_fraction": 0.15,
     },
     "tiny": {
-        "mixes": [(0.0, LengthMix((256, 512), (0.5, 0.5), 4096, induction_fraction=0.5)),
-                  (0.3, LengthMix((256, 512, 1024), (0.3, 0.4, 0.3), 4096))],
+        "mixes": [(0.0, LengthMix((256, 512), (0.5, 0.5), 8192, induction_fraction=0.5)),
+                  (0.5, LengthMix((256, 512, 1024), (0.3, 0.4, 0.3), 4096))],
         "tasks": {"niah_single_1": 1.0, "niah_single_2": 1.0, "local_copy": 1.0,
                   "local_pattern": 1.0},
         "lr": 3e-3, "warmup": 50, "eval_lengths": [512, 1024], "eval_samples": 8,
@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--context-weight", type=float, default=0.1)
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--tasks", nargs="*", default=None,
+                        help="train (and evaluate) on these tasks only, equally weighted "
+                             "(sanity runs; default: the preset's)")
     parser.add_argument("--eval-lengths", type=int, nargs="*", default=None)
     parser.add_argument("--eval-samples", type=int, default=None)
     parser.add_argument("--eval-seed", type=int, default=42)
@@ -149,7 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tokens_per_batch:
         mixes = [(p, dataclasses.replace(m, tokens_per_batch=args.tokens_per_batch))
                  for p, m in mixes]
-    task_weights = recipe["tasks"]
+    task_weights = ({name: 1.0 for name in tasks.resolve_tasks(args.tasks)} if args.tasks
+                    else recipe["tasks"])
     out = Path(args.out)
     metrics_path = Path(args.metrics) if args.metrics else out.with_suffix(".log.jsonl")
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
