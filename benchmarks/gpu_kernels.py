@@ -394,15 +394,16 @@ DECODE_CONFIGS = [
     {"block_n": 64, "num_warps": 2, "num_stages": 4, "waves": 4},
     {"block_n": 64, "num_warps": 4, "num_stages": 3, "waves": 2},
 ]
-# mask_mode 2 is a timing experiment (skips every mask: wrong on boundary tiles), never chosen
+# Prefill configs: full/partial tile loops (mask_mode 0); config 5 is the all-masked ablation.
 PREFILL_CONFIGS = [
-    {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 2, "mask_mode": 0},
-    {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3, "mask_mode": 3},
-    {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "mask_mode": 0},
-    {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 2, "mask_mode": 3},
-    {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "mask_mode": 2},
-    {"block_m": 128, "block_n": 32, "num_warps": 4, "num_stages": 3, "mask_mode": 3},
+    {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "pack_gqa": True},
+    {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3, "pack_gqa": True},
+    {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 2, "pack_gqa": True},
+    {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "pack_gqa": False},
+    {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "pack_gqa": True},
+    {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 4, "pack_gqa": True},
 ]
+PREFILL_CONFIGS = [dict(c, mask_mode=0) for c in PREFILL_CONFIGS]
 
 
 def guarded(name, fn, *a, **kw):

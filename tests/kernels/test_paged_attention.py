@@ -99,32 +99,69 @@ def test_dense_prefill_through_sdpa(dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("num_splits", [1, 3, 40])
-def test_decode_split_counts(num_splits):
-    """Split-KV decode: one split (no reduce), several, and more splits than KV tiles."""
+def test_decode_split_counts(num_splits, fused):
+    """Split-KV decode: one split (no reduce), several, and more splits than KV tiles; the
+    partials merged by the last split to arrive (fused) or by the reduce launch. Run twice: the
+    fused path's arrival counters must be back at zero after each launch."""
     dtype = torch.bfloat16
     seqs = [(150, 1), (16, 1), (77, 2), (5, 1), (600, 1)]  # 600: 38 tiles of 16
     paged, q, qsl = _make_inputs(200 + num_splits, dtype, 8, 2, 64, 16, seqs)
-    got, _, want, _ = _run_both(paged, q, qsl, 0.1, {}, max_query_len=2,
-                                decode_config={"block_n": 16, "num_splits": num_splits})
+    cfg = {"block_n": 16, "num_splits": num_splits, "fused_max_splits": 64 if fused else 0}
+    for _ in range(2):
+        got, _, want, _ = _run_both(paged, q, qsl, 0.1, {}, max_query_len=2, decode_config=cfg)
+        _check(got, want, dtype)
+    if fused and num_splits > 1:
+        from attention_backends.kernels.paged_attention import _COUNTERS
+
+        assert all(int(c.abs().sum()) == 0 for c in _COUNTERS.values())
+
+
+PREFILL_LAYOUTS = [
+    {"mask_mode": 0, "pack_gqa": True, "block_m": 16, "block_n": 16},
+    {"mask_mode": 1, "pack_gqa": True, "block_m": 16, "block_n": 16},
+    {"mask_mode": 0, "pack_gqa": False, "block_m": 16, "block_n": 16},
+    {"mask_mode": 0, "pack_gqa": True, "block_m": 32, "block_n": 32},
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", range(len(PREFILL_LAYOUTS)))
+def test_sink_window(layout):
+    """Full and partial KV tiles (sink end, window edge, diagonal), with and without GQA packing
+    and with every tile masked."""
+    dtype = torch.bfloat16
+    seqs = [(120, 1), (100, 60), (40, 40), (90, 3), (70, 1), (66, 20), (150, 100), (200, 120)]
+    masks = {
+        "sink": _i32([4, 8, 0, 16, 3, 0, 5, 32]),
+        # window >= length, window of 1 (self only), sink larger than the window hole,
+        # sink and window on tile boundaries (the last row)
+        "window": _i32([16, 41, 64, 1, 200, 0, 37, 32]),
+    }
+    paged, q, qsl = _make_inputs(300 + layout, dtype, 8, 2, 64, 16, seqs)
+    tuning = {"prefill_config": PREFILL_LAYOUTS[layout], "decode_config": {"block_n": 16}}
+    got, _, want, _ = _run_both(paged, q, qsl, 0.125, masks, **tuning)
     _check(got, want, dtype)
 
 
 @needs_triton
-@pytest.mark.parametrize("mask_mode", [0, 1, 3])
-def test_sink_window(mask_mode):
-    dtype = torch.bfloat16
-    seqs = [(120, 1), (100, 60), (40, 40), (90, 3), (70, 1), (66, 20), (150, 100)]
-    masks = {
-        "sink": _i32([4, 8, 0, 16, 3, 0, 5]),
-        # window >= length, window of 1 (self only), sink larger than the window hole...
-        "window": _i32([16, 41, 64, 1, 200, 0, 37]),
-    }
-    paged, q, qsl = _make_inputs(300 + mask_mode, dtype, 8, 2, 64, 16, seqs)
-    tuning = {"prefill_config": {"block_m": 16, "block_n": 16, "mask_mode": mask_mode},
-              "decode_config": {"block_n": 16}}
-    got, _, want, _ = _run_both(paged, q, qsl, 0.125, masks, **tuning)
-    _check(got, want, dtype)
+@pytest.mark.parametrize("pack_gqa", [True, False])
+def test_chunked_prefill_full_and_partial_tiles(pack_gqa):
+    """Chunks over a cached prefix, dense and sparse, with a gap: the full-tile runs of every
+    interval are cut at the right tiles (GQA 4 and 3)."""
+    for hq, hkv, seed in ((8, 2, 0), (6, 2, 1)):
+        dtype = torch.bfloat16
+        seqs = [(160, 70), (130, 130), (140, 40), (96, 33)]
+        kept_end, gap_end = [0, 0, 24, 0], [0, 0, 60, 0]
+        masks = {"sink": _i32([0, 16, 8, 0]), "window": _i32([0, 48, 40, 0]),
+                 "kept_end": _i32(kept_end), "gap_end": _i32(gap_end)}
+        paged, q, qsl = _make_inputs(350 + seed + 2 * pack_gqa, dtype, hq, hkv, 64, 16, seqs,
+                                     kept_end, gap_end)
+        tuning = {"prefill_config": {"block_m": 16, "block_n": 16, "pack_gqa": pack_gqa},
+                  "decode_config": {"block_n": 16}}
+        got, _, want, _ = _run_both(paged, q, qsl, 0.125, masks, **tuning)
+        _check(got, want, dtype)
 
 
 @needs_triton
@@ -175,20 +212,23 @@ def _calibration(gen, q, qsl, num_seqs, hq, d, hit_heads, enabled, dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("num_splits", [1, 4, -4])
 def test_calibration(num_splits):
+    """Calibration merge in the epilogue of the decode kernel (one split), of the fused split-K
+    reduce (4) and of the reduce launch (-4: 4 splits, unfused), and of the prefill kernel."""
     dtype, hq, hkv, d = torch.bfloat16, 8, 2, 64
     seqs = [(80, 1), (60, 1), (100, 2), (90, 20), (50, 1)]
     kept_end, gap_end = [16, 20, 10, 30, 0], [60, 50, 90, 70, 0]
     masks = {"kept_end": _i32(kept_end), "gap_end": _i32(gap_end)}
-    paged, q, qsl = _make_inputs(600 + num_splits, dtype, hq, hkv, d, 16, seqs, kept_end,
+    paged, q, qsl = _make_inputs(610 + num_splits, dtype, hq, hkv, d, 16, seqs, kept_end,
                                  gap_end)
     gen = torch.Generator().manual_seed(601)
     hit_heads = [0, 3, 5]
     calib = _calibration(gen, q, qsl, len(seqs), hq, d, hit_heads,
                          [True, False, True, True, True], dtype)
     tuning = {"prefill_config": {"block_m": 16, "block_n": 16},
-              "decode_config": {"block_n": 16, "num_splits": num_splits}}
+              "decode_config": {"block_n": 16, "num_splits": abs(num_splits),
+                                "fused_max_splits": 64 if num_splits > 0 else 0}}
     got, hits, want, want_hits = _run_both(paged, q, qsl, 0.125, masks, calib, **tuning)
     _check(got, want, dtype)
     assert hits.dtype == torch.bool and hits.shape == (q.shape[0], hq)
