@@ -16,6 +16,7 @@ slots.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -98,7 +99,11 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
                     out: Tensor | None = None, max_query_len: int | None = None,
                     max_seq_len: int | None = None, max_kv_tokens: int | None = None,
                     decode_config: dict | None = None,
-                    prefill_config: dict | None = None) -> tuple[Tensor, Tensor | None]:
+                    prefill_config: dict | None = None,
+                    host_query_start_loc: Sequence[int] | None = None,
+                    host_seq_lens: Sequence[int] | None = None,
+                    new_kv: tuple[Tensor, Tensor] | None = None
+                    ) -> tuple[Tensor, Tensor | None]:
     """Varlen paged attention with sink/window/gap masks and optional calibration.
 
     Key slot ``j`` is visible to the query at slot ``p`` of sequence ``s`` iff ``j <= p`` and
@@ -118,7 +123,11 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
     the split-KV grid: ``max_query_len``, ``max_seq_len``, ``max_kv_tokens`` (an upper bound on
     the keys any sequence sees, e.g. ``sink + window + q_len`` for SA or ``budget + decoded`` for
     compressed KV; defaults to ``max_seq_len``); ``decode_config`` / ``prefill_config`` (block
-    sizes, warps, stages, ``num_splits``).
+    sizes, warps, stages, ``num_splits``); ``host_query_start_loc`` / ``host_seq_lens`` (host
+    copies of the two tensors, ``host_seq_lens`` exact at least on rows with ``q_len > 1``: the
+    dense-prefill dispatch then needs no device sync); ``new_kv`` (this step's K and V
+    ``[T, Hkv, D]``, already written to the cache: whole prompts read them instead of gathering
+    their K/V from the cache).
     """
     t_total, hq, d = q.shape
     hkv = kv_cache.shape[1]
@@ -143,7 +152,8 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
         scale, _as_i32(sink, dev), _as_i32(window, dev), _as_i32(kept_end, dev),
         _as_i32(gap_end, dev), calibration, out, max_query_len=max_query_len,
         max_seq_len=max_seq_len, max_kv_tokens=max_kv_tokens, decode_config=decode_config,
-        prefill_config=prefill_config)
+        prefill_config=prefill_config, host_query_start_loc=host_query_start_loc,
+        host_seq_lens=host_seq_lens, new_kv=new_kv)
 
 
 def snapkv_scores(q_obs: Tensor, kv_cache: Tensor, block_row: Tensor, prompt_len: int,

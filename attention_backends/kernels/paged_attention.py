@@ -521,6 +521,30 @@ def _prefill_kernel(
             qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau_ptr, HQ, D, HAS_CALIB)
 
 
+@triton.jit
+def _merge_kernel(out_ptr, o1_ptr, o2_ptr, l1_ptr, l2_ptr, n, s_ot, s_oh, s_1t, s_1h, s_2t,
+                  s_2h, s_l1h, s_l1t, s_l2h, s_l2t, D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """out[t, h] = LSE-merge of (o1, l1) and (o2, l2) at (t, h); l* natural-log [H, T]."""
+    h = tl.program_id(1)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = t < n
+    d = tl.arange(0, D)
+    t64 = t.to(tl.int64)
+    l1 = tl.load(l1_ptr + h * s_l1h + t64 * s_l1t, mask=ok, other=0.0)
+    l2 = tl.load(l2_ptr + h * s_l2h + t64 * s_l2t, mask=ok, other=0.0)
+    m = tl.maximum(l1, l2)
+    w1 = tl.exp(l1 - m)
+    w2 = tl.exp(l2 - m)
+    den = w1 + w2
+    a = tl.load(o1_ptr + t64[:, None] * s_1t + h * s_1h + d[None, :], mask=ok[:, None],
+                other=0.0).to(tl.float32)
+    b = tl.load(o2_ptr + t64[:, None] * s_2t + h * s_2h + d[None, :], mask=ok[:, None],
+                other=0.0).to(tl.float32)
+    o = (a * (w1 / den)[:, None] + b * (w2 / den)[:, None])
+    tl.store(out_ptr + t64[:, None] * s_ot + h * s_oh + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -581,9 +605,15 @@ def decode_splits(kv_tokens: int, block_n: int, waves: int, pairs: int, sms: int
 def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, scale, sink,
                            window, kept_end, gap_end, calibration, out, *, max_query_len=None,
                            max_seq_len=None, max_kv_tokens=None, decode_config=None,
-                           prefill_config=None):
+                           prefill_config=None, host_query_start_loc=None, host_seq_lens=None,
+                           new_kv=None):
     """Launch the decode and/or prefill kernels. Mask tensors: int32 [num_seqs] or None (0).
-    sink and window come together (both or neither), so do kept_end and gap_end."""
+    sink and window come together (both or neither), so do kept_end and gap_end.
+
+    A prefill batch without masks or calibration goes to torch SDPA's fused kernels
+    (``sdpa_prefill``): whole prompts always, chunks over a cached prefix with
+    ``chunk_backend = "sdpa"``; the host copies ``host_query_start_loc`` / ``host_seq_lens``
+    spare that dispatch a device sync, ``new_kv`` spares whole prompts their K/V gather."""
     t_total, hq, d = q.shape
     _, hkv, page, d2 = kv_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -613,7 +643,11 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
         hits_u8 = out  # unused
         qref = o_e = lse_e = en = tau = q
     if max_query_len is None:
-        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item())
+        if host_query_start_loc is not None:
+            hq_l = list(host_query_start_loc)
+            max_query_len = max(b - a for a, b in zip(hq_l[:-1], hq_l[1:], strict=True))
+        else:
+            max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item())
     if max_seq_len is None:
         max_seq_len = block_table.shape[1] * page
     if max_kv_tokens is None:
@@ -674,12 +708,18 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
         )
 
     # prefill: sequences with q_len > q_thr. Without any mask or calibration in the batch, the
-    # work is plain causal attention, where torch's flash kernel beats ours (docs/benchmarks.md).
-    # (The interpreter, UPCAST_DOT, keeps the Triton kernel so the CPU tests exercise it.)
-    dense_done = (max_query_len > q_thr and not (has_sw or has_gap or has_calib)
-                  and pcfg["dense_backend"] == "sdpa" and not UPCAST_DOT
+    # work is plain causal attention, where torch's fused kernels beat ours (docs/benchmarks.md).
+    # (The interpreter, UPCAST_DOT, keeps the Triton kernel unless a test asks for SDPA, so the
+    # CPU tests exercise it.)
+    use_sdpa = pcfg["dense_backend"] == "sdpa" and (
+        not UPCAST_DOT or "dense_backend" in (prefill_config or {}))
+    dense_done = (max_query_len > q_thr and not (has_sw or has_gap or has_calib) and use_sdpa
                   and dense_prefill_sdpa(q, kv_cache, block_table, seq_lens, query_start_loc,
-                                         scale, out, q_thr, whole_batch=True) is not None)
+                                         scale, out, q_thr, whole_batch=True,
+                                         chunks=pcfg["chunk_backend"] == "sdpa",
+                                         host_query_start_loc=host_query_start_loc,
+                                         host_seq_lens=host_seq_lens, new_kv=new_kv,
+                                         triton_merge=True) is not None)
     if max_query_len > q_thr and not dense_done:
         pack = bool(pcfg["pack_gqa"])
         bm = max(pcfg["block_m"], triton.next_power_of_2(g)) if pack else pcfg["block_m"]

@@ -98,6 +98,49 @@ def test_dense_prefill_through_sdpa(dtype):
     _check(out[prefill_rows], want[prefill_rows], dtype)
 
 
+def _new_kv(paged, seqs, hkv, d):
+    """This step's K and V [T, Hkv, D]: the last q_len slots of every sequence."""
+    rows = [paged.logical[s][length - q_len:] for s, (length, q_len) in enumerate(seqs)]
+    x = torch.cat(rows)
+    return x[..., :d].contiguous(), x[..., d:].contiguous()
+
+
+@needs_triton
+@pytest.mark.parametrize("chunks", [False, True])
+@pytest.mark.parametrize("hints", [False, True])
+def test_dense_prefill_dispatch(monkeypatch, chunks, hints):
+    """Dense prefill batches through SDPA from ``ops.paged_attention``: whole prompts (their
+    K/V from ``new_kv`` or gathered), and chunks over a cached prefix split into a prefix part
+    and a causal square merged by log-sum-exp (Triton merge kernel); decode rows stay on the
+    decode kernel; host copies of the lengths replace the device reads."""
+    from attention_backends.kernels import paged_attention as pa
+
+    taken = []
+    real = pa.dense_prefill_sdpa
+
+    def spy(*a, **kw):
+        r = real(*a, **kw)
+        taken.append(r)
+        return r
+
+    monkeypatch.setattr(pa, "dense_prefill_sdpa", spy)
+    dtype, hq, hkv, d = torch.bfloat16, 8, 2, 64
+    seqs = [(70, 70), (100, 37), (33, 1), (129, 129), (90, 20)] if chunks else \
+        [(70, 70), (33, 1), (129, 129), (64, 64)]
+    paged, q, qsl = _make_inputs(950 + chunks + 2 * hints, dtype, hq, hkv, d, 16, seqs)
+    kw = {}
+    if hints:
+        kw = {"host_query_start_loc": qsl.tolist(), "host_seq_lens": paged.seq_lens.tolist(),
+              "new_kv": _new_kv(paged, seqs, hkv, d), "max_query_len": None}
+    cfg = {"dense_backend": "sdpa", "chunk_backend": "sdpa" if chunks else "triton",
+           "block_m": 16, "block_n": 16}
+    got, _, want, _ = _run_both(paged, q, qsl, 0.125, {}, prefill_config=cfg,
+                                decode_config={"block_n": 16}, **kw)
+    _check(got, want, dtype)
+    prefill = [s for s, (_, q_len) in enumerate(seqs) if q_len > 16]
+    assert taken == [prefill]
+
+
 @needs_triton
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("num_splits", [1, 3, 40])
