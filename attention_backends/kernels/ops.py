@@ -32,6 +32,7 @@ __all__ = [
     "select_kept",
     "evicted_partial",
     "compact_kv",
+    "write_kv",
 ]
 
 FORCE_TRITON_ENV = "FLUXSERVE_FORCE_TRITON"
@@ -206,3 +207,26 @@ def compact_kv(kv_cache: Tensor, block_row: Tensor, kept_idx: Tensor) -> None:
     from attention_backends.kernels.snapkv import compact_kv_triton
 
     compact_kv_triton(kv_cache, block_row.to(torch.int32).contiguous(), kept_idx)
+
+
+def write_kv(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:
+    """Write this step's ``key``/``value [>= n, Hkv, D]`` into the paged cache at
+    ``slot_mapping [n]`` (slot = block * block_size + offset; a negative slot is padding and is
+    skipped). On the GPU one Triton launch with no host sync; on the CPU an indexed copy."""
+    n = slot_mapping.shape[0]
+    if n == 0:
+        return
+    if _use_triton(kv_cache):
+        from attention_backends.kernels.paged_attention import write_kv_triton
+
+        write_kv_triton(key[:n], value[:n], kv_cache, slot_mapping)
+        return
+    block_size, d = kv_cache.shape[2], kv_cache.shape[3] // 2
+    slots = slot_mapping.to(torch.int64)
+    k, v = key[:n], value[:n]
+    valid = slots >= 0
+    if not bool(valid.all()):
+        slots, k, v = slots[valid], k[valid], v[valid]
+    blk, off = slots // block_size, slots % block_size
+    kv_cache[blk, :, off, :d] = k.to(kv_cache.dtype)
+    kv_cache[blk, :, off, d:] = v.to(kv_cache.dtype)

@@ -545,6 +545,43 @@ def _merge_kernel(out_ptr, o1_ptr, o2_ptr, l1_ptr, l2_ptr, n, s_ot, s_oh, s_1t, 
              o.to(out_ptr.dtype.element_ty), mask=ok[:, None])
 
 
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, kv_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_cb, stride_ch, stride_cs, HKV: tl.constexpr, D: tl.constexpr,
+                     PAGE: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One program per token: its K and V rows of every KV head to slot ``slot[t]`` of the paged
+    cache (block ``slot // PAGE``, offset ``slot % PAGE``); a negative slot (padding) is
+    skipped."""
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        h = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, D)
+        ok = (h < HKV)[:, None]
+        t64 = t.to(tl.int64)
+        k = tl.load(k_ptr + t64 * stride_kt + h[:, None] * stride_kh + d[None, :], mask=ok)
+        v = tl.load(v_ptr + t64 * stride_vt + h[:, None] * stride_vh + d[None, :], mask=ok)
+        dst = kv_ptr + (slot // PAGE) * stride_cb + h[:, None] * stride_ch \
+            + (slot % PAGE) * stride_cs + d[None, :]
+        tl.store(dst, k.to(kv_ptr.dtype.element_ty), mask=ok)
+        tl.store(dst + D, v.to(kv_ptr.dtype.element_ty), mask=ok)
+
+
+def write_kv_triton(key, value, kv_cache, slot_mapping) -> None:
+    """Scatter ``key``/``value [n, Hkv, D]`` (any token and head strides) to ``slot_mapping[n]``
+    (negative: skipped) without a host sync."""
+    n = slot_mapping.shape[0]
+    if n == 0:
+        return
+    _, hkv, page, d2 = kv_cache.shape
+    d = d2 // 2
+    assert key.stride(2) == 1 and value.stride(2) == 1 and kv_cache.stride(3) == 1
+    _write_kv_kernel[(n,)](
+        key, value, kv_cache, slot_mapping, key.stride(0), key.stride(1), value.stride(0),
+        value.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        HKV=hkv, D=d, PAGE=page, BLOCK_H=triton.next_power_of_2(hkv), num_warps=4)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 

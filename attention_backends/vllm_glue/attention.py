@@ -36,6 +36,9 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     n = slot_mapping.shape[0]
     if n == 0:
         return
+    if kv_cache.is_cuda:  # one kernel that skips padding slots itself: no host sync per layer
+        ops.write_kv(key, value, kv_cache, slot_mapping)
+        return
     block_size, d = kv_cache.shape[2], kv_cache.shape[3] // 2
     slots = slot_mapping.to(torch.int64)
     k, v = key[:n], value[:n]
@@ -48,13 +51,17 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
 
 
 def run_attention(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale: float,
-                  output: torch.Tensor) -> torch.Tensor:
+                  output: torch.Tensor, key: torch.Tensor | None = None,
+                  value: torch.Tensor | None = None) -> torch.Tensor:
     """One layer's decoder attention for the whole batch, written into ``output``.
 
     ``md``: the backend's metadata (CPU or GPU), with ``num_actual_tokens``, ``max_query_len``,
     ``max_seq_len``, ``query_start_loc [S+1]``, ``seq_lens [S]``, ``block_table [S, max_blocks]``
     (int32, on the query's device) and ``step`` (``StepMetadata``, None: full attention without
     eviction). ``query [T, Hq, D]``, ``output`` likewise; ``kv_cache`` as in the module docstring.
+    Optional (GPU metadata): ``md.query_start_loc_cpu`` / ``md.seq_lens_cpu`` host lists, and
+    this step's ``key``/``value [T, Hkv, D]`` (already written to the cache), which spare the
+    dense-prefill path a device sync and a K/V gather.
     """
     step: StepMetadata | None = md.step
     seq_lens, block_table = md.seq_lens, md.block_table
@@ -83,7 +90,9 @@ def run_attention(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale:
         q, kv_cache, block_table[:n], seq_lens, md.query_start_loc[:n + 1], scale,
         sink=sink, window=window, kept_end=kept_end, gap_end=gap_end, calibration=calib,
         out=out, max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
-        max_kv_tokens=max_kv)
+        max_kv_tokens=max_kv, host_query_start_loc=getattr(md, "query_start_loc_cpu", None),
+        host_seq_lens=getattr(md, "seq_lens_cpu", None),
+        new_kv=(key, value) if key is not None and value is not None and q.is_cuda else None)
     if rt is not None:
         if hits is not None:
             rt.record_hits(li, live_ids, hits, step.query_start_loc[:n + 1])  # host: no sync

@@ -403,3 +403,24 @@ def test_cpu_tensors_use_reference_without_force(monkeypatch):
     want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl,
                                       0.2)
     assert torch.equal(got, want)
+
+
+@needs_triton
+def test_write_kv_skips_padding_slots():
+    """The GPU KV write (Triton): strided K/V views land at their slots, padding (-1) slots
+    write nothing, the rest of the cache is untouched; same result as the CPU path."""
+    gen = torch.Generator().manual_seed(990)
+    hkv, d, bs = 3, 32, 8
+    qkv = torch.randn(9, 4 + 2 * hkv, d, generator=gen).to(torch.bfloat16)
+    key, value = qkv[:, 4:4 + hkv], qkv[:, 4 + hkv:]
+    slots = torch.tensor([5, -1, 17, 0, 31, -1, 8, 9, 22])
+    cache = torch.randn(4, hkv, bs, 2 * d, generator=gen).to(torch.bfloat16)
+    want = cache.clone()
+    for t, s in enumerate(slots.tolist()):
+        if s >= 0:
+            want[s // bs, :, s % bs, :d] = key[t]
+            want[s // bs, :, s % bs, d:] = value[t]
+    got = cache.clone()
+    ops.write_kv(key, value, got, slots[:8])  # slot_mapping shorter than key: first 8 tokens
+    want[22 // bs, :, 22 % bs] = cache[22 // bs, :, 22 % bs]
+    assert torch.equal(got, want)
