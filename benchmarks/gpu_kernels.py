@@ -387,23 +387,8 @@ def run_snapkv(length, bs):
 # ----------------------------------------------------------------------------- sweeps
 
 
-DECODE_CONFIGS = [
-    {"block_n": 128, "num_warps": 4, "num_stages": 3, "waves": 3},
-    {"block_n": 128, "num_warps": 4, "num_stages": 3, "waves": 2},
-    {"block_n": 128, "num_warps": 4, "num_stages": 3, "waves": 4},
-    {"block_n": 64, "num_warps": 2, "num_stages": 4, "waves": 4},
-    {"block_n": 64, "num_warps": 4, "num_stages": 3, "waves": 2},
-]
-# Prefill configs: full/partial tile loops (mask_mode 0); config 5 is the all-masked ablation.
-PREFILL_CONFIGS = [
-    {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "pack_gqa": True},
-    {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3, "pack_gqa": True},
-    {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 2, "pack_gqa": True},
-    {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "pack_gqa": False},
-    {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "pack_gqa": True},
-    {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 4, "pack_gqa": True},
-]
-PREFILL_CONFIGS = [dict(c, mask_mode=0) for c in PREFILL_CONFIGS]
+# one definition of the swept configs: benchmarks/gpu_sweep.py
+from gpu_sweep import DECODE_CONFIGS, PREFILL_CONFIGS  # noqa: E402
 
 
 def guarded(name, fn, *a, **kw):

@@ -130,6 +130,22 @@ def describe(k) -> dict:
     return info
 
 
+def merge_variant():
+    args = {"out_ptr": "*bf16", "o1_ptr": "*bf16", "o2_ptr": "*bf16", "l1_ptr": "*fp32",
+            "l2_ptr": "*fp32", "n": 8192, "s_ot": HQ * D, "s_oh": D, "s_1t": HQ * D, "s_1h": D,
+            "s_2t": HQ * D, "s_2h": D, "s_l1h": 1, "s_l1t": HQ, "s_l2h": 1, "s_l2t": HQ}
+    return _compile(pa._merge_kernel, args, {"D": D, "BLOCK_T": 16}, 4, 1)
+
+
+def write_kv_variant():
+    args = {"k_ptr": "*bf16", "v_ptr": "*bf16", "kv_ptr": "*bf16", "slot_ptr": "*i64",
+            "stride_kt": (HQ + 2 * HKV) * D, "stride_kh": D, "stride_vt": (HQ + 2 * HKV) * D,
+            "stride_vh": D, "stride_cb": HKV * PAGE * 2 * D, "stride_ch": PAGE * 2 * D,
+            "stride_cs": 2 * D}
+    return _compile(pa._write_kv_kernel, args, {"HKV": HKV, "D": D, "PAGE": PAGE, "BLOCK_H": 8},
+                    4, 1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dump", help="write each variant's TTGIR and PTX here")
@@ -137,20 +153,30 @@ def main():
     args = ap.parse_args()
     print(f"triton {triton.__version__}")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from gpu_kernels import DECODE_CONFIGS, PREFILL_CONFIGS
+    from gpu_sweep import DECODE_CONFIGS, PREFILL_CONFIGS
 
     variants = []
     for i, cfg in enumerate(PREFILL_CONFIGS):
         variants.append((f"prefill{i} sparse {cfg}", lambda c=cfg: prefill_variant(c, True)))
         variants.append((f"prefill{i} dense {cfg}", lambda c=cfg: prefill_variant(c, False)))
+    variants.append(("lse merge", merge_variant))
+    variants.append(("write_kv", write_kv_variant))
+    variants.append(("prefill mask_mode 1", lambda: prefill_variant(
+        dict(PREFILL_CONFIGS[0], mask_mode=1), True)))
     variants.append(("prefill calib+gap+sw (default cfg)",
                      lambda: prefill_variant(pa.DEFAULT_PREFILL, True, True, True, 4)))
     for i, cfg in enumerate(DECODE_CONFIGS):
         for fused in (False, True):
             variants.append((f"decode{i} compressed fused={fused} {cfg}",
                              lambda c=cfg, f=fused: decode_variant(c, False, True, True, False, f)))
+        variants.append((f"decode{i} compressed final {cfg}",
+                         lambda c=cfg: decode_variant(c, False, True, True, True, False)))
         variants.append((f"decode{i} sparse final {cfg}",
                          lambda c=cfg: decode_variant(c, True, False, False, True, False)))
+        variants.append((f"decode{i} sparse fused {cfg}",
+                         lambda c=cfg: decode_variant(c, True, False, False, False, True)))
+        variants.append((f"decode{i} dense fused {cfg}",
+                         lambda c=cfg: decode_variant(c, False, False, False, False, True)))
     failed = 0
     for name, make in variants:
         if args.only and args.only not in name:

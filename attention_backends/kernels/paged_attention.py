@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from attention_backends.kernels.host import to_device
 from attention_backends.kernels.sdpa_prefill import dense_prefill_sdpa
 
 LOG2E = 1.4426950408889634
@@ -611,6 +612,30 @@ DEFAULT_PREFILL = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 
                    "chunk_backend": "triton"}
 MAX_SPLITS = 256
 
+# Per-shape winners of the H200 sweep (benchmarks/gpu_sweep.py writes tuned_h200.json; copied
+# here it overrides the defaults above): {"prefill": {mode: {min_query_len: cfg}},
+# "decode": {mode: {min_num_seqs: cfg}}}, mode "dense" / "sparse" (/ "compressed" for decode).
+TUNED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_h200.json")
+
+
+@functools.lru_cache(maxsize=1)
+def _tuned_table() -> dict:
+    if not os.path.exists(TUNED_FILE):
+        return {}
+    import json
+
+    with open(TUNED_FILE) as f:
+        return json.load(f)
+
+
+@functools.lru_cache(maxsize=4096)
+def tuned_config(kind: str, mode: str, size: int) -> dict:
+    """The tuned config of the largest size class ``<= size`` (query length for prefill, batch
+    size for decode), or {} (defaults) when none is recorded."""
+    classes = _tuned_table().get(kind, {}).get(mode, {})
+    fits = [int(k) for k in classes if int(k) <= size]
+    return dict(classes[str(max(fits))]) if fits else {}
+
 # Split-K arrival counters of the fused decode reduce, one int32 per (sequence, KV head), zero
 # between launches (the last split of each resets its own). Allocated once per device, outside
 # any CUDA-graph capture; a batch that needs more than one allocated during capture falls back
@@ -705,8 +730,11 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
     assert block_table.stride(1) == 1
 
     q_thr = max(1, DECODE_MAX_ROWS // g)
-    dcfg = dict(DEFAULT_DECODE, **(decode_config or {}))
-    pcfg = dict(DEFAULT_PREFILL, **(prefill_config or {}))
+    mode = "compressed" if has_gap else ("sparse" if has_sw else "dense")
+    dcfg = dict(DEFAULT_DECODE, **tuned_config("decode", mode, num_seqs),
+                **(decode_config or {}))
+    pcfg = dict(DEFAULT_PREFILL, **tuned_config("prefill", "sparse" if has_sw else "dense",
+                                                max_query_len), **(prefill_config or {}))
 
     # decode kernel: sequences with 1 <= q_len <= q_thr
     max_q_dec = min(max_query_len, q_thr)
@@ -756,15 +784,26 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
                                          chunks=pcfg["chunk_backend"] == "sdpa",
                                          host_query_start_loc=host_query_start_loc,
                                          host_seq_lens=host_seq_lens, new_kv=new_kv,
-                                         triton_merge=True) is not None)
+                                         triton_merge=True, lse_impl=pcfg.get("lse_impl"))
+                  is not None)
     if max_query_len > q_thr and not dense_done:
         pack = bool(pcfg["pack_gqa"])
         bm = max(pcfg["block_m"], triton.next_power_of_2(g)) if pack else pcfg["block_m"]
         tok = bm // g if pack else bm
-        q_lens = query_start_loc[1:] - query_start_loc[:-1]
-        tiles = torch.where(q_lens > q_thr, (q_lens + tok - 1) // tok, torch.zeros_like(q_lens))
-        cu_tiles = torch.zeros(num_seqs + 1, dtype=torch.int32, device=dev)
-        cu_tiles[1:] = torch.cumsum(tiles, 0)
+        if host_query_start_loc is not None and not (
+                dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            # from the host lengths: one asynchronous copy instead of five small kernels
+            hq_l = list(host_query_start_loc)
+            cu = [0]
+            for a, b in zip(hq_l[:-1], hq_l[1:], strict=True):
+                cu.append(cu[-1] + ((b - a + tok - 1) // tok if b - a > q_thr else 0))
+            cu_tiles = to_device(torch.tensor(cu, dtype=torch.int32), dev)
+        else:
+            q_lens = query_start_loc[1:] - query_start_loc[:-1]
+            tiles = torch.where(q_lens > q_thr, (q_lens + tok - 1) // tok,
+                                torch.zeros_like(q_lens))
+            cu_tiles = torch.zeros(num_seqs + 1, dtype=torch.int32, device=dev)
+            cu_tiles[1:] = torch.cumsum(tiles, 0)
         grid_tiles = triton.cdiv(t_total, tok) + num_seqs
         steps = max(1, math.ceil(math.log2(num_seqs + 1)) + 1)
         _prefill_kernel[(hkv if pack else hq, grid_tiles)](

@@ -45,14 +45,20 @@ def _bhld(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1)[None]
 
 
-def _sdpa_lse(q, k, v, causal: bool, scale: float):
+LSE_IMPLS = ("cudnn", "flash", "cudnn_rep", "flash_rep")
+
+
+def _sdpa_lse(q, k, v, causal: bool, scale: float, impl: str | None = None):
     """Fused attention returning ``(o [1, H, L, D], lse [H, L] float32, natural log)``.
 
-    ``q [1, Hq, L, D]``, ``k``/``v [1, Hkv, S, D]``. Tries cuDNN, then flash (the CPU's flash
-    on the CPU); a kernel that rejects grouped KV heads gets them repeated."""
+    ``q [1, Hq, L, D]``, ``k``/``v [1, Hkv, S, D]``. ``impl`` (one of ``LSE_IMPLS``; ``_rep``:
+    K/V heads repeated to the q heads first) or, if None, the first that runs of cuDNN, flash,
+    and both with repeated heads (the CPU's flash kernel on the CPU)."""
     key = (q.device.type, q.dtype, q.shape[1], k.shape[1], q.shape[3])
-    impls = ["cudnn", "flash", "cudnn_rep", "flash_rep"] if q.is_cuda else ["cpu", "cpu_rep"]
-    if key in _LSE_IMPL:
+    impls = list(LSE_IMPLS) if q.is_cuda else ["cpu", "cpu_rep"]
+    if impl is not None and q.is_cuda:
+        impls = [impl]
+    elif key in _LSE_IMPL:
         impls = [_LSE_IMPL[key]]
     err = None
     for impl in impls:
@@ -74,7 +80,7 @@ def _sdpa_lse(q, k, v, causal: bool, scale: float):
             err = e
             continue
         o, lse = r[0], r[1]
-        _LSE_IMPL[key] = impl
+        _LSE_IMPL.setdefault(key, impl)
         return o, lse.reshape(q.shape[1], -1)[:, :q.shape[2]]
     raise RuntimeError(f"no fused SDPA kernel with log-sum-exp for these shapes: {err}")
 
@@ -110,7 +116,8 @@ def dense_prefill_sdpa(q: torch.Tensor, kv_cache: torch.Tensor, block_table: tor
                        chunks: bool = False, host_query_start_loc: Sequence[int] | None = None,
                        host_seq_lens: Sequence[int] | None = None,
                        new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       triton_merge: bool = False) -> list[int] | None:
+                       triton_merge: bool = False, lse_impl: str | None = None
+                       ) -> list[int] | None:
     """Write ``out`` for each sequence with ``q_len > q_thr`` that is a whole prompt (or, with
     ``chunks``, any prefill sequence); returns their indices.
 
@@ -120,7 +127,8 @@ def dense_prefill_sdpa(q: torch.Tensor, kv_cache: torch.Tensor, block_table: tor
     ``new_kv``: this step's K and V ``[T, Hkv, D]`` (already in the cache), read by whole
     prompts instead of gathering their K/V. None also when no fused SDPA kernel takes these
     shapes (remembered per shape). ``triton_merge``: merge a chunk's two parts with the Triton
-    kernel (GPU, or the interpreter), else with torch ops.
+    kernel (GPU, or the interpreter), else with torch ops. ``lse_impl``: the fused kernel of the
+    chunks' two parts (``_sdpa_lse``; None: the first that runs).
     """
     key = (q.device.type, q.dtype, q.shape[1], kv_cache.shape[1], q.shape[2], chunks)
     if key in _UNSUPPORTED:
@@ -152,8 +160,10 @@ def dense_prefill_sdpa(q: torch.Tensor, kv_cache: torch.Tensor, block_table: tor
                         qs, _bhld(k), _bhld(v), is_causal=True, scale=scale, enable_gqa=True)
                     out[t0:t1] = o[0].transpose(0, 1)
                 else:
-                    o1, l1 = _sdpa_lse(qs, _bhld(k[:ctx]), _bhld(v[:ctx]), False, scale)
-                    o2, l2 = _sdpa_lse(qs, _bhld(k[ctx:]), _bhld(v[ctx:]), True, scale)
+                    o1, l1 = _sdpa_lse(qs, _bhld(k[:ctx]), _bhld(v[:ctx]), False, scale,
+                                       lse_impl)
+                    o2, l2 = _sdpa_lse(qs, _bhld(k[ctx:]), _bhld(v[ctx:]), True, scale,
+                                       lse_impl)
                     _merge(out[t0:t1], o1[0].transpose(0, 1), l1, o2[0].transpose(0, 1), l2,
                            triton_merge)
     except RuntimeError:

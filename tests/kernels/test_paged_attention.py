@@ -424,3 +424,23 @@ def test_write_kv_skips_padding_slots():
     ops.write_kv(key, value, got, slots[:8])  # slot_mapping shorter than key: first 8 tokens
     want[22 // bs, :, 22 % bs] = cache[22 // bs, :, 22 % bs]
     assert torch.equal(got, want)
+
+
+@needs_triton
+def test_tuned_configs_by_size_class(monkeypatch):
+    """The sweep's winners apply from their size class up; below the smallest, the defaults."""
+    from attention_backends.kernels import paged_attention as pa
+
+    table = {"prefill": {"sparse": {"8192": {"block_n": 32}, "32768": {"block_n": 128}}},
+             "decode": {"compressed": {"8": {"waves": 1}}}}
+    monkeypatch.setattr(pa, "_tuned_table", lambda: table)
+    pa.tuned_config.cache_clear()
+    try:
+        assert pa.tuned_config("prefill", "sparse", 4096) == {}
+        assert pa.tuned_config("prefill", "sparse", 16384) == {"block_n": 32}
+        assert pa.tuned_config("prefill", "sparse", 131072) == {"block_n": 128}
+        assert pa.tuned_config("prefill", "dense", 131072) == {}
+        assert pa.tuned_config("decode", "compressed", 32) == {"waves": 1}
+        assert pa.tuned_config("decode", "sparse", 32) == {}
+    finally:
+        pa.tuned_config.cache_clear()
