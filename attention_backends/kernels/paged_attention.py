@@ -597,17 +597,18 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: a few splits, so the split/reduce path is exercised
 
 
-# Defaults = the winners of benchmarks/gpu_kernels.py's sweep on an H200 (docs/benchmarks.md).
+# Defaults, used where tuned_h200.json (below) has no entry. Chosen from the sm_90 compile of
+# Triton 3.6 (benchmarks/sm90_compile_report.py) before the v8 sweep: see docs/benchmarks.md.
 # waves: decode programs per SM. The split count makes (sequences x KV heads x splits) about
 # waves x SMs, all co-resident (one wave: no tail), so one long sequence fills the GPU too.
-# block_n 128: the pipeliner prefetches only one KV tile ahead behind the block-table load, so
-# a large tile keeps enough bytes in flight.
+# num_stages 5: the least that leaves a K/V tile in flight behind the block-table load (one
+# stage goes to that indirect load); 64-key tiles keep two such programs per SM.
 # fused_max_splits: up to this many splits the last split merges them (no reduce launch).
-DEFAULT_DECODE = {"block_n": 128, "num_warps": 4, "num_stages": 3, "waves": 3,
-                  "fused_max_splits": 64}
+DEFAULT_DECODE = {"block_n": 64, "num_warps": 4, "num_stages": 5, "waves": 2,
+                  "fused_max_splits": 16}
 # Prefill: full and partial KV tiles in two straight-line loops (mask_mode 0), FlexAttention's
-# Hopper shape (128 x 64 tiles, 8 warps, 3 stages), GQA-packed rows.
-DEFAULT_PREFILL = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3,
+# Hopper shape (128 x 64 tiles, 8 warps), 5 stages (three K/V buffers), GQA-packed rows.
+DEFAULT_PREFILL = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 5,
                    "mask_mode": 0, "pack_gqa": True, "dense_backend": "sdpa",
                    "chunk_backend": "triton"}
 MAX_SPLITS = 256
