@@ -70,15 +70,18 @@ PEAK_SHEET, BW_SHEET = 989e12, 4.8e12  # H200 datasheet: dense bf16, HBM3e
 
 # Prefill configs (mask_mode 0: full and partial KV tiles in separate loops). num_stages 5 is
 # the least that gives the K/V loads a third buffer behind the block-table load (TTGIR, Triton
-# 3.6: at 3 or 4 stages the indirect load leaves only one tile in flight).
+# 3.6: at 3 or 4 stages the indirect load leaves only one tile in flight). 8 warps x 128 rows
+# hold one CTA per SM (registers); the 4-warp, 64-row configs fit two (sm90_compile_report:
+# config 3 uses 113 KiB of shared memory, two CTAs exactly fill an SM), so one CTA's softmax
+# can overlap the other's MMA.
 PREFILL_CONFIGS = [
     {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 5, "pack_gqa": True},
     {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 7, "pack_gqa": True},
     {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 5, "pack_gqa": False},
-    {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "pack_gqa": True},
-    {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "pack_gqa": True},
+    {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 5, "pack_gqa": True},
+    {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 7, "pack_gqa": True},
     {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "pack_gqa": True},
-    {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3, "pack_gqa": True},
+    {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "pack_gqa": True},
 ]
 PREFILL_CONFIGS = [dict(c, mask_mode=0) for c in PREFILL_CONFIGS]
 # Decode configs. Stages 3 leave one K/V buffer (no prefetch), 5 two, 7 three (TTGIR).
