@@ -665,6 +665,48 @@ def decode_splits(kv_tokens: int, block_n: int, waves: int, pairs: int, sms: int
     return max(1, min(MAX_SPLITS, n))
 
 
+def _launch_decode(q, kv_cache, block_table, seq_lens, query_start_loc, sink, window, kept_end,
+                   gap_end, out, hits_u8, qref, o_e, lse_e, en, tau, scale_log2, strides, q_thr,
+                   max_q_dec, kv_tokens, has_calib, has_sw, has_gap, dcfg):
+    """The split-KV decode launch (and its reduce, when the splits are not merged in-kernel)."""
+    num_seqs, hq, d = seq_lens.shape[0], q.shape[1], q.shape[2]
+    _, hkv, page, _ = kv_cache.shape
+    g = hq // hkv
+    dev = q.device
+    block_m = max(16, triton.next_power_of_2(max_q_dec * g))
+    bn = dcfg["block_n"]
+    num_splits = dcfg.get("num_splits")
+    if num_splits is None:
+        num_splits = decode_splits(kv_tokens, bn, dcfg["waves"], num_seqs * hkv, _num_sms(dev))
+    num_splits = max(1, int(num_splits))
+    final = num_splits == 1
+    locks = None
+    if final:
+        part_o = part_lse = out
+    else:
+        rows = num_seqs * max_q_dec * hq * num_splits
+        part_o = torch.empty(rows * d, dtype=torch.float32, device=dev)
+        part_lse = torch.empty(rows, dtype=torch.float32, device=dev)
+        if num_splits <= dcfg["fused_max_splits"]:
+            locks = _split_counters(dev, num_seqs * hkv)
+    fused = locks is not None
+    _decode_kernel[(num_seqs, hkv, num_splits)](
+        q, kv_cache, block_table, seq_lens, query_start_loc, sink, window, kept_end, gap_end,
+        out, hits_u8, part_o, part_lse, locks if fused else seq_lens, qref, o_e, lse_e, en, tau,
+        scale_log2, *strides, num_splits, q_thr,
+        HQ=hq, G=g, D=d, PAGE=page, BLOCK_M=block_m, BLOCK_N=bn, HAS_CALIB=has_calib,
+        FINAL=final, MAXQ=max_q_dec, HAS_SW=has_sw, HAS_GAP=has_gap, FUSED_REDUCE=fused,
+        num_warps=dcfg["num_warps"], num_stages=dcfg["num_stages"],
+    )
+    if not final and not fused:
+        _decode_reduce_kernel[(num_seqs, hq, max_q_dec)](
+            q, query_start_loc, out, hits_u8, part_o, part_lse, qref, o_e, lse_e, en, tau,
+            strides[0], strides[1], strides[6], strides[7], num_splits, q_thr,
+            HQ=hq, D=d, SPLIT_CHUNK=SPLIT_CHUNK, HAS_CALIB=has_calib, MAXQ=max_q_dec,
+            num_warps=4,
+        )
+
+
 def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, scale, sink,
                            window, kept_end, gap_end, calibration, out, *, max_query_len=None,
                            max_seq_len=None, max_kv_tokens=None, decode_config=None,
@@ -737,41 +779,17 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
     pcfg = dict(DEFAULT_PREFILL, **tuned_config("prefill", "sparse" if has_sw else "dense",
                                                 max_query_len), **(prefill_config or {}))
 
-    # decode kernel: sequences with 1 <= q_len <= q_thr
-    max_q_dec = min(max_query_len, q_thr)
-    block_m = max(16, triton.next_power_of_2(max_q_dec * g))
-    bn = dcfg["block_n"]
-    num_splits = dcfg.get("num_splits")
-    if num_splits is None:
-        num_splits = decode_splits(min(max_kv_tokens, max_seq_len), bn, dcfg["waves"],
-                                   num_seqs * hkv, _num_sms(dev))
-    num_splits = max(1, int(num_splits))
-    final = num_splits == 1
-    locks = None
-    if final:
-        part_o = part_lse = out
-    else:
-        rows = num_seqs * max_q_dec * hq * num_splits
-        part_o = torch.empty(rows * d, dtype=torch.float32, device=dev)
-        part_lse = torch.empty(rows, dtype=torch.float32, device=dev)
-        if num_splits <= dcfg["fused_max_splits"]:
-            locks = _split_counters(dev, num_seqs * hkv)
-    fused = locks is not None
-    _decode_kernel[(num_seqs, hkv, num_splits)](
-        q, kv_cache, block_table, seq_lens, query_start_loc, sink, window, kept_end, gap_end,
-        out, hits_u8, part_o, part_lse, locks if fused else seq_lens, qref, o_e, lse_e, en, tau,
-        scale_log2, *strides, num_splits, q_thr,
-        HQ=hq, G=g, D=d, PAGE=page, BLOCK_M=block_m, BLOCK_N=bn, HAS_CALIB=has_calib,
-        FINAL=final, MAXQ=max_q_dec, HAS_SW=has_sw, HAS_GAP=has_gap, FUSED_REDUCE=fused,
-        num_warps=dcfg["num_warps"], num_stages=dcfg["num_stages"],
-    )
-    if not final and not fused:
-        _decode_reduce_kernel[(num_seqs, hq, max_q_dec)](
-            q, query_start_loc, out, hits_u8, part_o, part_lse, qref, o_e, lse_e, en, tau,
-            strides[0], strides[1], strides[6], strides[7], num_splits, q_thr,
-            HQ=hq, D=d, SPLIT_CHUNK=SPLIT_CHUNK, HAS_CALIB=has_calib, MAXQ=max_q_dec,
-            num_warps=4,
-        )
+    # decode kernel: sequences with 1 <= q_len <= q_thr (with the host lengths, a batch of
+    # prefills alone launches no empty decode grid)
+    has_decode = True
+    if host_query_start_loc is not None:
+        hq_l = list(host_query_start_loc)
+        has_decode = any(0 < b - a <= q_thr for a, b in zip(hq_l[:-1], hq_l[1:], strict=True))
+    if has_decode:
+        _launch_decode(q, kv_cache, block_table, seq_lens, query_start_loc, sink, window,
+                       kept_end, gap_end, out, hits_u8, qref, o_e, lse_e, en, tau, scale_log2,
+                       strides, q_thr, min(max_query_len, q_thr), min(max_kv_tokens, max_seq_len),
+                       has_calib, has_sw, has_gap, dcfg)
 
     # prefill: sequences with q_len > q_thr. Without any mask or calibration in the batch, the
     # work is plain causal attention, where torch's fused kernels beat ours (docs/benchmarks.md).
