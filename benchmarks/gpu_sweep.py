@@ -491,6 +491,14 @@ def _dense_one(length, tuned):
     guarded(f"ours dense new_kv {length}", lambda: time_prefill(
         case, "ours: sdpa from this step's K/V (glue path)",
         lambda q, out: case.ours(q, out, sd, new_kv=nk)[0], salt=72))
+    fa2 = {"dense_backend": "sdpa", "whole_impl": "fa2_out"}
+    guarded(f"ours dense fa2 {length}", lambda: time_prefill(
+        case, "ours: fa2 into out from paged cache", lambda q, out: case.ours(q, out, fa2)[0],
+        salt=77))
+    if DEV in sdpa_prefill._NO_FA2_OUT:
+        log("fa2 into out: this torch's _flash_attention_forward takes no out=; the variant "
+            "above ran the SDPA path")
+        RESULTS.append({"kind": "note", "name": "fa2_out unsupported"})
     guarded(f"ours dense nohint {length}", lambda: time_prefill(
         case, "ours: sdpa from paged cache, no host lengths (sync)",
         lambda q, out: case.ours(q, out, sd, hints=False)[0], salt=73))
@@ -685,6 +693,22 @@ def _decode_one(mode, batch, length, cfg_ids, tuned):
     save(tuned)
 
 
+def finalize_dense(tuned):
+    """Dense prefill entries per prompt length: the chunk winner plus the faster whole-prompt
+    path (SDPA then a copy, or FlashAttention-2 writing the output in place)."""
+    base = tuned["prefill"]["dense"].get("1024", {})
+    if DEV in sdpa_prefill._NO_FA2_OUT:
+        return
+    for length in DENSE_LENGTHS:
+        sd = _get("prefill", "dense", length, "ours: sdpa from paged cache")
+        fa = _get("prefill", "dense", length, "ours: fa2 into out from paged cache")
+        if sd and fa:
+            impl = "fa2_out" if fa["us"] < sd["us"] else "sdpa"
+            tuned["prefill"]["dense"][str(length)] = dict(base, whole_impl=impl)
+            log(f"dense {length}: sdpa {sd['us']:.0f} us, fa2 into out {fa['us']:.0f} us "
+                f"-> {impl}")
+
+
 # ----------------------------------------------------------------------------- summary
 
 
@@ -729,10 +753,12 @@ def summary():
                   f"{fmt(s['us'] / o['us'] if s else None, 7, 1)} {o.get('cfg', ''):>4}")
     for L in DENSE_LENGTHS:
         s = _get("prefill", "dense", L, "sdpa (contiguous K/V)")
-        for v in ("ours: sdpa from paged cache", "ours: sdpa from this step's K/V (glue path)"):
+        for v in ("ours: sdpa from paged cache", "ours: sdpa from this step's K/V (glue path)",
+                  "ours: fa2 into out from paged cache"):
             o = _get("prefill", "dense", L, v)
             if o:
-                tag = "dense " + str(L // 1024) + "K" + (" glue" if "glue" in v else "")
+                tag = "dense " + str(L // 1024) + "K" + (" glue" if "glue" in v else "") \
+                    + (" fa2 out" if "fa2" in v else "")
                 print(f"{tag:30s} {fmt(o['us'])} {'-':>9s} {fmt(s['us'] if s else None)} "
                       f"{fmt(o['floor_us'], 8)} {fmt(o['floor_meas_us'], 8)} {'-':>7s} "
                       f"{fmt(s['us'] / o['us'] if s else None, 7, 3)}")
@@ -838,6 +864,7 @@ def main():
         guarded("chunk section", section_chunk, tuned)
     if "dense" not in skip:
         guarded("dense section", section_dense_prefill, DENSE_LENGTHS, tuned)
+    guarded("tuned dense", finalize_dense, tuned)
     save(tuned)
     guarded("summary", summary)
     print(f"elapsed {time.time() - T0:.0f} s")

@@ -803,7 +803,8 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
                                          chunks=pcfg["chunk_backend"] == "sdpa",
                                          host_query_start_loc=host_query_start_loc,
                                          host_seq_lens=host_seq_lens, new_kv=new_kv,
-                                         triton_merge=True, lse_impl=pcfg.get("lse_impl"))
+                                         triton_merge=True, lse_impl=pcfg.get("lse_impl"),
+                                         whole_impl=pcfg.get("whole_impl", "sdpa"))
                   is not None)
     if max_query_len > q_thr and not dense_done:
         pack = bool(pcfg["pack_gqa"])

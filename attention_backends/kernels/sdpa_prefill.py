@@ -85,6 +85,29 @@ def _sdpa_lse(q, k, v, causal: bool, scale: float, impl: str | None = None):
     raise RuntimeError(f"no fused SDPA kernel with log-sum-exp for these shapes: {err}")
 
 
+_NO_FA2_OUT: set[str] = set()
+
+
+def _fa2_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              out: torch.Tensor) -> bool:
+    """Causal FlashAttention-2 of one whole prompt (``q [L, Hq, D]``, ``k``/``v [L, Hkv, D]``)
+    written straight into ``out [L, Hq, D]``: no copy of the result. False (nothing written)
+    where torch's ``_flash_attention_forward`` has no ``out`` argument or rejects the inputs."""
+    if not q.is_cuda or q.device.type in _NO_FA2_OUT:
+        return False
+    from attention_backends.kernels.host import to_device
+
+    n = q.shape[0]
+    cu = to_device(torch.tensor([0, n], dtype=torch.int32), q.device)
+    try:
+        torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, n, n, 0.0, True, False,
+                                                scale=scale, out=out)
+    except (RuntimeError, TypeError):
+        _NO_FA2_OUT.add(q.device.type)
+        return False
+    return True
+
+
 def _merge(out: torch.Tensor, o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
            lse2: torch.Tensor, use_triton: bool) -> None:
     """``out [L, H, D] = lse-merge(o1, o2)``; ``o* [L, H, D]`` (any strides, D contiguous),
@@ -116,8 +139,8 @@ def dense_prefill_sdpa(q: torch.Tensor, kv_cache: torch.Tensor, block_table: tor
                        chunks: bool = False, host_query_start_loc: Sequence[int] | None = None,
                        host_seq_lens: Sequence[int] | None = None,
                        new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       triton_merge: bool = False, lse_impl: str | None = None
-                       ) -> list[int] | None:
+                       triton_merge: bool = False, lse_impl: str | None = None,
+                       whole_impl: str = "sdpa") -> list[int] | None:
     """Write ``out`` for each sequence with ``q_len > q_thr`` that is a whole prompt (or, with
     ``chunks``, any prefill sequence); returns their indices.
 
@@ -128,7 +151,9 @@ def dense_prefill_sdpa(q: torch.Tensor, kv_cache: torch.Tensor, block_table: tor
     prompts instead of gathering their K/V. None also when no fused SDPA kernel takes these
     shapes (remembered per shape). ``triton_merge``: merge a chunk's two parts with the Triton
     kernel (GPU, or the interpreter), else with torch ops. ``lse_impl``: the fused kernel of the
-    chunks' two parts (``_sdpa_lse``; None: the first that runs).
+    chunks' two parts (``_sdpa_lse``; None: the first that runs). ``whole_impl``: "sdpa"
+    (``F.scaled_dot_product_attention``, then a copy into ``out``) or "fa2_out" (FlashAttention-2
+    through torch, writing ``out`` itself where the installed torch takes ``out``; else "sdpa").
     """
     key = (q.device.type, q.dtype, q.shape[1], kv_cache.shape[1], q.shape[2], chunks)
     if key in _UNSUPPORTED:
@@ -156,9 +181,12 @@ def dense_prefill_sdpa(q: torch.Tensor, kv_cache: torch.Tensor, block_table: tor
                     k, v = _gather_kv(kv_cache, block_table[s], length)
                 qs = _bhld(q[t0:t1])
                 if ctx == 0:
-                    o = torch.nn.functional.scaled_dot_product_attention(
-                        qs, _bhld(k), _bhld(v), is_causal=True, scale=scale, enable_gqa=True)
-                    out[t0:t1] = o[0].transpose(0, 1)
+                    if not (whole_impl == "fa2_out" and _fa2_into(q[t0:t1], k, v, scale,
+                                                                  out[t0:t1])):
+                        o = torch.nn.functional.scaled_dot_product_attention(
+                            qs, _bhld(k), _bhld(v), is_causal=True, scale=scale,
+                            enable_gqa=True)
+                        out[t0:t1] = o[0].transpose(0, 1)
                 else:
                     o1, l1 = _sdpa_lse(qs, _bhld(k[:ctx]), _bhld(v[:ctx]), False, scale,
                                        lse_impl)
