@@ -61,6 +61,12 @@ class RoutingStep:
         s = torch.where(self.sparse[layer], self.sink, torch.zeros_like(self.sink))
         return to_device(s, device), to_device(w, device)
 
+    def layer_window_host(self, layer: int) -> tuple[list[int], list[int]]:
+        """``layer_window`` as host lists (sink, window per row; window 0 on FA rows)."""
+        sp = self.sparse[layer]
+        return (torch.where(sp, self.sink, torch.zeros_like(self.sink)).tolist(),
+                torch.where(sp, self.window, torch.zeros_like(self.window)).tolist())
+
     def set_decisions(self, layer: int, sparse: Sequence[bool]) -> None:
         """Record the router's decisions for ``route_rows`` (in order) at ``layer``, so that this
         layer's attention, later in the same forward, already uses them."""

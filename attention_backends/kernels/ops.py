@@ -103,7 +103,9 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
                     prefill_config: dict | None = None,
                     host_query_start_loc: Sequence[int] | None = None,
                     host_seq_lens: Sequence[int] | None = None,
-                    new_kv: tuple[Tensor, Tensor] | None = None
+                    new_kv: tuple[Tensor, Tensor] | None = None,
+                    host_sink: Sequence[int] | None = None,
+                    host_window: Sequence[int] | None = None
                     ) -> tuple[Tensor, Tensor | None]:
     """Varlen paged attention with sink/window/gap masks and optional calibration.
 
@@ -128,7 +130,9 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
     copies of the two tensors, ``host_seq_lens`` exact at least on rows with ``q_len > 1``: the
     dense-prefill dispatch then needs no device sync); ``new_kv`` (this step's K and V
     ``[T, Hkv, D]``, already written to the cache: whole prompts read them instead of gathering
-    their K/V from the cache).
+    their K/V from the cache); ``host_sink`` / ``host_window`` (host copies of ``sink`` and
+    ``window``: with the other host copies they let sink + window whole prompts run on the fused
+    attention kernels where the tuned table's ``sparse_backend`` says so).
     """
     t_total, hq, d = q.shape
     hkv = kv_cache.shape[1]
@@ -154,7 +158,8 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
         _as_i32(gap_end, dev), calibration, out, max_query_len=max_query_len,
         max_seq_len=max_seq_len, max_kv_tokens=max_kv_tokens, decode_config=decode_config,
         prefill_config=prefill_config, host_query_start_loc=host_query_start_loc,
-        host_seq_lens=host_seq_lens, new_kv=new_kv)
+        host_seq_lens=host_seq_lens, new_kv=new_kv, host_sink=host_sink,
+        host_window=host_window)
 
 
 def snapkv_scores(q_obs: Tensor, kv_cache: Tensor, block_row: Tensor, prompt_len: int,

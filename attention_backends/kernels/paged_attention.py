@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from attention_backends.kernels.host import to_device
-from attention_backends.kernels.sdpa_prefill import dense_prefill_sdpa
+from attention_backends.kernels.sdpa_prefill import dense_prefill_sdpa, sparse_prefill_sdpa
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -547,6 +547,41 @@ def _merge_kernel(out_ptr, o1_ptr, o2_ptr, l1_ptr, l2_ptr, n, s_ot, s_oh, s_1t, 
 
 
 @triton.jit
+def _merge_band_kernel(out_ptr, o1_ptr, o2_ptr, l1_ptr, l2_ptr, n, W, R, s_ot, s_oh, s_1c,
+                       s_1t, s_1h, s_2c, s_2t, s_2h, s_l1c, s_l1h, s_l1t, s_l2c, s_l2h, s_l2t,
+                       D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Sink + window prefill from fused-attention pieces (``sdpa_prefill.sparse_prefill_pieces``):
+    ``out[t, h]`` for query ``t`` of a run of chunks of ``W`` queries is the LSE-merge of the
+    diagonal piece (``o1``/``l1`` at chunk ``t // W``, row ``t % W``) and the sink + band piece,
+    whose queries run backwards (``o2``/``l2`` at chunk ``t // W``, row ``R - 1 - t % W``; a
+    negative row has no such keys). ``l*`` natural log, indexed (chunk, head, row)."""
+    h = tl.program_id(1)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = t < n
+    c = (t // W).to(tl.int64)
+    a = t % W
+    i2 = R - 1 - a
+    ok2 = ok & (i2 >= 0)
+    i2 = tl.maximum(i2, 0).to(tl.int64)
+    a = a.to(tl.int64)
+    d = tl.arange(0, D)
+    # the diagonal piece always holds the query's own key: l1 is finite
+    l1 = tl.load(l1_ptr + c * s_l1c + h * s_l1h + a * s_l1t, mask=ok, other=0.0)
+    l2 = tl.load(l2_ptr + c * s_l2c + h * s_l2h + i2 * s_l2t, mask=ok2, other=float("-inf"))
+    m = tl.maximum(l1, l2)
+    w1 = tl.exp(l1 - m)
+    w2 = tl.exp(l2 - m)
+    den = w1 + w2
+    x = tl.load(o1_ptr + (c * s_1c + a * s_1t)[:, None] + h * s_1h + d[None, :],
+                mask=ok[:, None], other=0.0).to(tl.float32)
+    y = tl.load(o2_ptr + (c * s_2c + i2 * s_2t)[:, None] + h * s_2h + d[None, :],
+                mask=ok2[:, None], other=0.0).to(tl.float32)
+    o = x * (w1 / den)[:, None] + y * (w2 / den)[:, None]
+    tl.store(out_ptr + t.to(tl.int64)[:, None] * s_ot + h * s_oh + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
 def _write_kv_kernel(k_ptr, v_ptr, kv_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_cb, stride_ch, stride_cs, HKV: tl.constexpr, D: tl.constexpr,
                      PAGE: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -608,9 +643,13 @@ DEFAULT_DECODE = {"block_n": 64, "num_warps": 4, "num_stages": 5, "waves": 2,
                   "fused_max_splits": 16}
 # Prefill: full and partial KV tiles in two straight-line loops (mask_mode 0), FlexAttention's
 # Hopper shape (128 x 64 tiles, 8 warps), 5 stages (three K/V buffers), GQA-packed rows.
+# Dense whole prompts through the fused kernels, cuDNN's first (whole_impl); chunks over a
+# cached prefix and sink + window prompts on Triton unless the sweep's table says otherwise
+# (chunk_backend / sparse_backend).
 DEFAULT_PREFILL = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 5,
                    "mask_mode": 0, "pack_gqa": True, "dense_backend": "sdpa",
-                   "chunk_backend": "triton"}
+                   "chunk_backend": "triton", "whole_impl": "cudnn",
+                   "sparse_backend": "triton"}
 MAX_SPLITS = 256
 
 # Per-shape winners of the H200 sweep (benchmarks/gpu_sweep.py writes tuned_h200.json; copied
@@ -711,14 +750,17 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
                            window, kept_end, gap_end, calibration, out, *, max_query_len=None,
                            max_seq_len=None, max_kv_tokens=None, decode_config=None,
                            prefill_config=None, host_query_start_loc=None, host_seq_lens=None,
-                           new_kv=None):
+                           new_kv=None, host_sink=None, host_window=None):
     """Launch the decode and/or prefill kernels. Mask tensors: int32 [num_seqs] or None (0).
     sink and window come together (both or neither), so do kept_end and gap_end.
 
     A prefill batch without masks or calibration goes to torch SDPA's fused kernels
     (``sdpa_prefill``): whole prompts always, chunks over a cached prefix with
     ``chunk_backend = "sdpa"``; the host copies ``host_query_start_loc`` / ``host_seq_lens``
-    spare that dispatch a device sync, ``new_kv`` spares whole prompts their K/V gather."""
+    spare that dispatch a device sync, ``new_kv`` spares whole prompts their K/V gather. With
+    ``sparse_backend = "cudnn"`` (and no gap or calibration in the batch), sink + window whole
+    prompts go to the fused kernels too (``sparse_prefill_sdpa``; needs every host copy,
+    ``host_sink`` / ``host_window`` included); the Triton kernel takes the other prefills."""
     t_total, hq, d = q.shape
     _, hkv, page, d2 = kv_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -774,10 +816,11 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
 
     q_thr = max(1, DECODE_MAX_ROWS // g)
     mode = "compressed" if has_gap else ("sparse" if has_sw else "dense")
-    dcfg = dict(DEFAULT_DECODE, **tuned_config("decode", mode, num_seqs),
-                **(decode_config or {}))
-    pcfg = dict(DEFAULT_PREFILL, **tuned_config("prefill", "sparse" if has_sw else "dense",
-                                                max_query_len), **(prefill_config or {}))
+    # defaults < the sweep's winners < the caller's settings (later keys override earlier ones)
+    dcfg = {**DEFAULT_DECODE, **tuned_config("decode", mode, num_seqs),
+            **(decode_config or {})}
+    pcfg = {**DEFAULT_PREFILL, **tuned_config("prefill", "sparse" if has_sw else "dense",
+                                              max_query_len), **(prefill_config or {})}
 
     # decode kernel: sequences with 1 <= q_len <= q_thr (with the host lengths, a batch of
     # prefills alone launches no empty decode grid)
@@ -804,19 +847,36 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
                                          host_query_start_loc=host_query_start_loc,
                                          host_seq_lens=host_seq_lens, new_kv=new_kv,
                                          triton_merge=True, lse_impl=pcfg.get("lse_impl"),
-                                         whole_impl=pcfg.get("whole_impl", "sdpa"))
+                                         whole_impl=pcfg["whole_impl"])
                   is not None)
+    # sink + window whole prompts through fused-attention pieces, where the sweep found them
+    # faster than the Triton kernel (tuned "sparse_backend"); the others stay on Triton
+    sparse_done: set[int] = set()
+    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if (max_query_len > q_thr and has_sw and not (has_gap or has_calib or capturing)
+            and pcfg.get("sparse_backend", "triton") == "cudnn"
+            and None not in (host_sink, host_window, host_query_start_loc, host_seq_lens)
+            and (not UPCAST_DOT or "sparse_backend" in (prefill_config or {}))):
+        sparse_done = set(sparse_prefill_sdpa(
+            q, kv_cache, block_table, seq_lens, query_start_loc, scale, out, q_thr, host_sink,
+            host_window, host_query_start_loc=host_query_start_loc,
+            host_seq_lens=host_seq_lens, new_kv=new_kv, triton_merge=True,
+            impl=pcfg.get("lse_impl")))
+    if sparse_done:
+        hq_l = list(host_query_start_loc)
+        dense_done = all(s in sparse_done for s in range(num_seqs)
+                         if hq_l[s + 1] - hq_l[s] > q_thr)
     if max_query_len > q_thr and not dense_done:
         pack = bool(pcfg["pack_gqa"])
         bm = max(pcfg["block_m"], triton.next_power_of_2(g)) if pack else pcfg["block_m"]
         tok = bm // g if pack else bm
-        if host_query_start_loc is not None and not (
-                dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if host_query_start_loc is not None and not capturing:
             # from the host lengths: one asynchronous copy instead of five small kernels
             hq_l = list(host_query_start_loc)
             cu = [0]
-            for a, b in zip(hq_l[:-1], hq_l[1:], strict=True):
-                cu.append(cu[-1] + ((b - a + tok - 1) // tok if b - a > q_thr else 0))
+            for s_i, (a, b) in enumerate(zip(hq_l[:-1], hq_l[1:], strict=True)):
+                take = b - a > q_thr and s_i not in sparse_done
+                cu.append(cu[-1] + ((b - a + tok - 1) // tok if take else 0))
             cu_tiles = to_device(torch.tensor(cu, dtype=torch.int32), dev)
         else:
             q_lens = query_start_loc[1:] - query_start_loc[:-1]

@@ -61,7 +61,8 @@ def run_attention(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale:
     eviction). ``query [T, Hq, D]``, ``output`` likewise; ``kv_cache`` as in the module docstring.
     Optional (GPU metadata): ``md.query_start_loc_cpu`` / ``md.seq_lens_cpu`` host lists, and
     this step's ``key``/``value [T, Hkv, D]`` (already written to the cache), which spare the
-    dense-prefill path a device sync and a K/V gather.
+    dense-prefill path a device sync and a K/V gather; in a prefill step the layer's sink and
+    window go along as host lists too (the sparse prefill dispatch reads them).
     """
     step: StepMetadata | None = md.step
     seq_lens, block_table = md.seq_lens, md.block_table
@@ -69,7 +70,7 @@ def run_attention(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale:
     dev = query.device
     q = query[:md.num_actual_tokens]
     out = output[:md.num_actual_tokens]
-    sink = window = kept_end = gap_end = calib = None
+    sink = window = kept_end = gap_end = calib = host_sink = host_window = None
     li = layer_index(layer)
     rt = None
     live_ids: list[str] = []
@@ -78,6 +79,8 @@ def run_attention(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale:
         if routing.any_sparse(li):
             sink, window = routing.layer_window(li, dev)
             sink, window = sink[:n], window[:n]
+            if q.is_cuda and md.max_query_len > 1:  # a prefill: host copies for its dispatch
+                host_sink, host_window = (x[:n] for x in routing.layer_window_host(li))
         if eviction.kept_end is not None:
             kept_end, gap_end = (t[:n] for t in eviction.bounds(dev))
         if eviction.has_plans:
@@ -92,7 +95,8 @@ def run_attention(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale:
         out=out, max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
         max_kv_tokens=max_kv, host_query_start_loc=getattr(md, "query_start_loc_cpu", None),
         host_seq_lens=getattr(md, "seq_lens_cpu", None),
-        new_kv=(key, value) if key is not None and value is not None and q.is_cuda else None)
+        new_kv=(key, value) if key is not None and value is not None and q.is_cuda else None,
+        host_sink=host_sink, host_window=host_window)
     if rt is not None:
         if hits is not None:
             rt.record_hits(li, live_ids, hits, step.query_start_loc[:n + 1])  # host: no sync

@@ -142,6 +142,7 @@ def test_metadata_modes_and_routing_rows():
     assert fb.prompt_done == [True, True, True, False, False]
     sink, window = fb.layer_window(1, torch.device("cpu"))
     assert window.tolist() == [0, 16, 32, 0, 0]  # layer 1: b (sparse), c (listed); d pending
+    assert fb.layer_window_host(1) == (sink.tolist(), window.tolist())
     # Routing this step fixes the decision; the next chunk and decode reuse it.
     for layer in range(NUM_LAYERS):
         reg.record_decision("d", layer, layer % 2 == 0, NUM_LAYERS)

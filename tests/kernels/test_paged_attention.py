@@ -141,6 +141,116 @@ def test_dense_prefill_dispatch(monkeypatch, chunks, hints):
     assert taken == [prefill]
 
 
+# (prompt length, sink, window): prompt shorter than sink + window (one causal call), whole
+# chunks only, a partial last chunk, no sink, a sink of 1, an odd window, GQA 4 and 3
+PIECES_CASES = [(30, 4, 16, 8, 2), (20 + 16 * 3, 4, 16, 8, 2), (117, 4, 16, 8, 2),
+                (96, 0, 16, 8, 2), (97, 1, 8, 8, 2), (150, 5, 7, 6, 2), (260, 16, 32, 8, 1)]
+
+
+@needs_triton
+@pytest.mark.parametrize("impl", ["math", None])
+@pytest.mark.parametrize("triton_merge", [True, False])
+@pytest.mark.parametrize("case", range(len(PIECES_CASES)))
+def test_sparse_prefill_pieces(case, triton_merge, impl):
+    """Sink + window prefill of one whole prompt from causal squares merged by log-sum-exp (the
+    band of each chunk reversed into a causal square), against the float32 reference: with the
+    float32 math kernel and torch's CPU flash kernel (cuDNN's stand-ins), both merges."""
+    from attention_backends.kernels.sdpa_prefill import sparse_prefill_pieces
+
+    length, sink, window, hq, hkv = PIECES_CASES[case]
+    dtype, d = torch.bfloat16, 64
+    paged, q, qsl = _make_inputs(980 + case, dtype, hq, hkv, d, 16, [(length, length)])
+    x = paged.logical[0]
+    out = torch.full_like(q, float("nan"))
+    sparse_prefill_pieces(q, x[..., :d], x[..., d:], sink, window, 0.125, out, impl=impl,
+                          triton_merge=triton_merge)
+    want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl,
+                                      0.125, sink=_i32([sink]), window=_i32([window]))
+    assert not torch.isnan(out).any(), "a query row was not written"
+    _check(out, want, dtype)
+
+
+def test_pow2_runs():
+    from attention_backends.kernels.sdpa_prefill import _pow2_runs
+
+    assert _pow2_runs(0) == []
+    assert _pow2_runs(1) == [(0, 1)]
+    assert _pow2_runs(62) == [(0, 32), (32, 16), (48, 8), (56, 4), (60, 2)]
+
+
+@needs_triton
+@pytest.mark.parametrize("hints", [False, True])
+def test_sparse_prefill_dispatch(monkeypatch, hints):
+    """``sparse_backend = "cudnn"``: the sink + window whole prompts of a batch go to the fused
+    pieces; a sparse chunk over a cached prefix, a full-attention prompt (window 0) and the
+    decode rows stay on the Triton kernels; without the host copies everything stays there."""
+    from attention_backends.kernels import paged_attention as pa
+
+    dtype, hq, hkv, d = torch.bfloat16, 8, 2, 64
+    seqs = [(70, 70), (100, 37), (33, 1), (129, 129), (90, 90), (60, 2)]
+    sink, window = [4, 4, 2, 8, 0, 3], [16, 16, 8, 32, 0, 20]
+    paged, q, qsl = _make_inputs(990 + hints, dtype, hq, hkv, d, 16, seqs)
+    rows = [slice(int(qsl[s]), int(qsl[s + 1])) for s in range(len(seqs))]
+    taken, pieces = [], {}
+    real = pa.sparse_prefill_sdpa
+
+    def spy(q_, kv, bt, lens, qsl_, scale, out, *a, **kw):
+        r = real(q_, kv, bt, lens, qsl_, scale, out, *a, **kw)
+        taken.append(r)
+        for s in r:  # keep the pieces' rows; a sentinel shows whether Triton writes them again
+            pieces[s] = out[rows[s]].clone()
+            out[rows[s]] = 7.0
+        return r
+
+    monkeypatch.setattr(pa, "sparse_prefill_sdpa", spy)
+    kw = {}
+    if hints:
+        kw = {"host_query_start_loc": qsl.tolist(), "host_seq_lens": paged.seq_lens.tolist(),
+              "new_kv": _new_kv(paged, seqs, hkv, d), "host_sink": sink, "host_window": window}
+    cfg = {"sparse_backend": "cudnn", "block_m": 16, "block_n": 16}
+    got, _, want, _ = _run_both(paged, q, qsl, 0.125, {"sink": _i32(sink),
+                                                       "window": _i32(window)},
+                                prefill_config=cfg, decode_config={"block_n": 16}, **kw)
+    assert taken == ([[0, 3]] if hints else [])
+    for s, o in pieces.items():
+        assert torch.equal(got[rows[s]], torch.full_like(o, 7.0)), "Triton redid a prompt"
+        got[rows[s]] = o
+    _check(got, want, dtype)
+
+
+@needs_triton
+def test_shipped_tuned_table():
+    """The sweep's winners shipped with the package parse, name only known settings with sane
+    values, and are what the kernels read from their size class up."""
+    from attention_backends.kernels import paged_attention as pa
+    from attention_backends.kernels.sdpa_prefill import LSE_IMPLS, WHOLE_IMPLS
+
+    table = pa._tuned_table()
+    if not table:
+        pytest.skip("no tuned_h200.json shipped")
+    prefill_keys = set(pa.DEFAULT_PREFILL) | {"lse_impl"}
+    for mode, classes in table.get("prefill", {}).items():
+        assert mode in ("sparse", "dense")
+        for size, cfg in classes.items():
+            assert int(size) > 0 and set(cfg) <= prefill_keys, (mode, size, cfg)
+            for k in ("block_m", "block_n"):
+                if k in cfg:
+                    assert cfg[k] in (16, 32, 64, 128, 256)
+            assert cfg.get("chunk_backend", "triton") in ("triton", "sdpa")
+            assert cfg.get("sparse_backend", "triton") in ("triton", "cudnn")
+            assert cfg.get("whole_impl", "cudnn") in WHOLE_IMPLS
+            assert cfg.get("lse_impl", "cudnn") in LSE_IMPLS
+            pa.tuned_config.cache_clear()
+            assert pa.tuned_config("prefill", mode, int(size)) == cfg
+    for mode, classes in table.get("decode", {}).items():
+        assert mode in ("compressed", "sparse", "dense")
+        for size, cfg in classes.items():
+            assert set(cfg) <= set(pa.DEFAULT_DECODE) | {"num_splits"}, (mode, size, cfg)
+            assert cfg["block_n"] in (16, 32, 64, 128) and cfg["waves"] >= 1
+            assert pa.tuned_config("decode", mode, int(size)) == cfg
+    pa.tuned_config.cache_clear()
+
+
 @needs_triton
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("num_splits", [1, 3, 40])
@@ -442,5 +552,9 @@ def test_tuned_configs_by_size_class(monkeypatch):
         assert pa.tuned_config("prefill", "dense", 131072) == {}
         assert pa.tuned_config("decode", "compressed", 32) == {"waves": 1}
         assert pa.tuned_config("decode", "sparse", 32) == {}
+        # the caller's settings override the table's, also on the same keys
+        paged, q, qsl = _make_inputs(440, torch.bfloat16, 8, 2, 64, 16, [(40, 1)] * 8)
+        got, _, want, _ = _run_both(paged, q, qsl, 0.125, {}, decode_config={"waves": 2})
+        _check(got, want, torch.bfloat16)
     finally:
         pa.tuned_config.cache_clear()
