@@ -2,21 +2,32 @@
 """Issue 13 sweep on one H200: check every kernel variant against the float32 reference, time it
 next to FlexAttention and torch SDPA in the same process, pick the winner per shape.
 
-    PYTHONUNBUFFERED=1 timeout 530 python3 benchmarks/gpu_sweep.py --out "$OUT"
+    PYTHONUNBUFFERED=1 timeout 420 python3 benchmarks/gpu_sweep.py --out "$OUT"
+
+(about 3 minutes; no section starts after ``--budget-s`` 300 s, so it ends within 7 minutes;
+``--table-from gpu_sweep.json`` prints the ratio table of a saved run.)
 
 Cases (Llama-3.1-8B attention, one layer: 32 q heads, 8 KV heads, head_dim 128, bf16, paged KV
 with block_size 16, blocks in random physical order, one all-NaN block standing for freed ones):
 
 1. sparse prefill, sink 128 + window 2048, one prompt of 8K / 32K / 128K tokens: our Triton
-   kernel in every config of ``PREFILL_CONFIGS``; FlexAttention (torch.compile, the same mask as
-   a block mask built once outside the timing, contiguous K/V); FlashAttention-2's window
-   (torch's ``_flash_attention_forward``) merged with the sink part by log-sum-exp;
-2. dense whole-prompt prefill: our dispatch (SDPA's fused kernel from the paged cache, and from
-   this step's K/V as the vLLM glue passes them), our Triton kernel, SDPA on contiguous K/V;
+   kernel in every config of ``PREFILL_CONFIGS``; our fused-attention pieces
+   (``sdpa_prefill.sparse_prefill_pieces``: causal squares merged by log-sum-exp) with cuDNN's
+   kernel first, from this step's K/V (the glue path) and from the paged cache, and the same
+   pieces on flash; FlexAttention (torch.compile, the same mask as a block mask built once
+   outside the timing, contiguous K/V); FlashAttention-2's window (torch's
+   ``_flash_attention_forward``) merged with the sink part by log-sum-exp;
+2. dense whole-prompt prefill: SDPA on contiguous K/V (torch's default kernel, recorded as
+   ``backend``, then cuDNN and flash forced); our dispatch with cuDNN first (``whole_impl``
+   "cudnn", the product's default) and with torch's own order ("sdpa", v8's path), each from
+   this step's K/V as the vLLM glue passes them and from the paged cache; cuDNN alone without
+   the copy into the caller's buffer; our Triton kernel; at 8K, the first call at new lengths
+   (cuDNN builds a plan per shape) in fresh processes, cuDNN with and without torch's
+   ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1``, and flash;
 3. chunked prefill, the last 8K of a 32K prompt over its cached 24K: our Triton kernel, our
-   SDPA split (prefix + causal square merged by log-sum-exp), each with and without host
-   lengths (a device sync), SDPA ``causal_lower_right``, FlashAttention-2 varlen (bottom-right
-   causal), and the sparse chunk;
+   SDPA split (prefix + causal square merged by log-sum-exp) with each fused kernel first, with
+   and without host lengths (a device sync), SDPA ``causal_lower_right``, FlashAttention-2
+   varlen (bottom-right causal), and the sparse chunk;
 4. decode over compressed KV (CaliDrop, budget 2048 of a 32K prompt, calibration on) and over
    sink + window, B = 1 / 8 / 32, every config of ``DECODE_CONFIGS`` (CUDA-graph replay, L2
    flushed), against SDPA over the pre-gathered visible keys and the byte floor.
@@ -25,7 +36,10 @@ Every variant is checked first (fresh random queries, output poisoned with NaN, 
 against ``reference.paged_attention_ref`` on sampled query rows for prefill and on all rows for
 decode, no NaN anywhere); decode variants are checked again after their timing (a race in the
 fused split-K reduce would show there). A variant that fails to compile, fails its check or
-runs out of memory is recorded as failed and the sweep goes on.
+runs out of memory is recorded as failed and the sweep goes on. Prefill records carry
+``first_call_ms`` (the checked call: compiles and cuDNN plan builds included) and ``impls``
+(the fused kernels that ran). The tuned table shipped with the package is switched off: every
+variant runs the config it names.
 
 Floors (formulas in ``floor_us``): FLOPs = 4 * Hq * D * (visible keys summed over the queries);
 bytes = each input read once and the output written once; floor = max(FLOPs / peak,
@@ -34,8 +48,8 @@ again with the ceilings measured in this run (device copy, bf16 GEMM).
 
 Files under ``--out``: ``gpu_sweep.json`` (every record, rewritten after each section, so a
 timeout keeps what was done), ``tuned_h200.json`` (the winners, the format of
-``attention_backends/kernels/tuned_h200.json``), ``gpu_sweep.log``. The ratio table is printed
-last.
+``attention_backends/kernels/tuned_h200.json``), ``gpu_sweep.log`` (with the ratio table at its
+end).
 """
 
 from __future__ import annotations
@@ -95,6 +109,7 @@ DECODE_CONFIGS = [
 ]
 DECODE_CONFIGS = [dict(c, fused_max_splits=16) for c in DECODE_CONFIGS]
 
+PIECES_GLUE = "ours: cudnn pieces from this step's K/V (glue path)"
 RESULTS: list[dict] = []
 LOG: list[str] = []
 DEV = "cuda"
@@ -342,22 +357,47 @@ class Prefill:
         if hints:
             kw = {"host_query_start_loc": [0, self.q_len], "host_seq_lens": [self.length],
                   "max_query_len": self.q_len, "max_seq_len": self.length}
+            if self.sparse:  # as the glue passes them in a prefill step
+                kw.update(host_sink=[SINK], host_window=[WINDOW])
         return ops.paged_attention(q, self.kv, self.bt, self.seq_lens, self.qsl, SCALE,
                                    out=out, prefill_config=pcfg, new_kv=new_kv, **self.masks,
                                    **kw)
 
+    def new_kv(self):
+        """This step's K and V ``[L, Hkv, D]`` as the vLLM glue passes them (whole prompts)."""
+        k, v = self.contiguous()
+        return k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous()
+
+
+def sync():
+    if not SMOKE:
+        torch.cuda.synchronize()
+
 
 def time_prefill(case: Prefill, name: str, run, salt: int, check=True, **extra) -> dict:
-    """Check ``run(q, out)`` (returns the output) on fresh queries, then time it."""
+    """Check ``run(q, out)`` (returns the output) on fresh queries, then time it.
+    ``first_call_ms``: wall time of the checked (first) call, which includes compiles and cuDNN
+    plan builds for a shape not seen before in the process. ``impls``: the fused kernels
+    ``sdpa_prefill._sdpa_lse`` ran in that call."""
     q = case.fresh_q(salt)
     out = torch.full_like(q, float("nan"))
-    err = case.check(q, run(q, out)) if check else float("nan")
+    before = dict(sdpa_prefill.IMPL_COUNTS)
+    sync()
+    t0 = time.perf_counter()
+    got = run(q, out)
+    sync()
+    first_ms = (time.perf_counter() - t0) * 1e3
+    impls = {k: n - before.get(k, 0) for k, n in sdpa_prefill.IMPL_COUNTS.items()
+             if n > before.get(k, 0)}
+    if impls:
+        extra = dict(extra, impls=",".join(f"{k}x{n}" for k, n in impls.items()))
+    err = case.check(q, got) if check else float("nan")
     t = bench(lambda: run(q, out))
     fl = floors(case.nbytes(), case.flops())
     return record(kind="prefill", case=f"{'sparse' if case.sparse else 'dense'}",
                   L=case.length, ctx=case.ctx, variant=name, err=err, us=t,
                   TFLOPs=case.flops() / (t * 1e-6) / 1e12,
-                  pct_floor=100 * fl["floor_us"] / t, **fl, **extra)
+                  pct_floor=100 * fl["floor_us"] / t, **fl, first_call_ms=first_ms, **extra)
 
 
 # ----------------------------------------------------------------------------- sections
@@ -431,7 +471,7 @@ def fa2_window_sink_runner(case: Prefill):
                                               kt[:SINK].transpose(0, 1)[None],
                                               vt[:SINK].transpose(0, 1)[None], False, SCALE)
             sdpa_prefill._merge(out[cut:], o_w[cut:], lse_w[:, cut:], o_s[0].transpose(0, 1),
-                                l_s, True)
+                                l_s[0], True)
         return out
 
     return run
@@ -460,6 +500,27 @@ def _sparse_one(length, tuned, with_flex):
     if best[1] is not None:
         tuned["prefill"]["sparse"][str(length)] = PREFILL_CONFIGS[best[1]]
         log(f"sparse prefill {length}: winner cfg{best[1]} {best[0]:.0f} us")
+    # the fused-attention pieces (sdpa_prefill.sparse_prefill_pieces): cuDNN's kernel first,
+    # then the same pieces on flash; from this step's K/V as the glue passes them, and gathered
+    # from the paged cache
+    nk = case.new_kv()
+    pieces = None
+    for j, (name, cfg, kv_in) in enumerate((
+            (PIECES_GLUE, {"sparse_backend": "sdpa"}, nk),
+            ("ours: cudnn pieces from paged cache", {"sparse_backend": "sdpa"}, None),
+            ("ours: flash pieces from this step's K/V",
+             {"sparse_backend": "sdpa", "lse_impl": "flash"}, nk))):
+        r = guarded(f"sparse {length} {name}", time_prefill, case, name,
+                    lambda q, out, c=cfg, kv_in=kv_in: case.ours(q, out, c, new_kv=kv_in)[0],
+                    salt=62 + j)
+        if r and kv_in is not None and (pieces is None or r["us"] < pieces[0]["us"]):
+            pieces = (r, cfg)
+    nk = None
+    if pieces and pieces[0]["us"] < best[0]:
+        tuned["prefill"]["sparse"][str(length)] = dict(
+            PREFILL_CONFIGS[best[1]] if best[1] is not None else {}, **pieces[1])
+        log(f"sparse prefill {length}: fused pieces {pieces[0]['us']:.0f} us beat Triton "
+            f"{best[0]:.0f} us -> sparse_backend sdpa {pieces[1]}")
     if with_flex:
         guarded(f"flex sparse {length}", lambda: time_prefill(
             case, "flex", flex_runner(case), salt=60))
@@ -476,39 +537,118 @@ def section_dense_prefill(lengths, tuned):
         empty_cache()
 
 
+def sdpa_forced(q, k, v, backend):
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE,
+                                              enable_gqa=True)
+
+
 def _dense_one(length, tuned):
+    from torch.nn.attention import SDPBackend
+
     case = Prefill(length, 0, False, seed=length + 1)
     k, v = case.contiguous()
+    # torch's own choice among its fused kernels (the reference), then each kernel forced
+    q4 = case.fresh_q(70).transpose(0, 1)[None]
+    default = guarded("sdpa choice", sdpa_prefill.whole_prompt_backend, q4, k, v, SCALE, "sdpa")
     guarded(f"sdpa dense {length}", lambda: time_prefill(
         case, "sdpa (contiguous K/V)",
         lambda q, out: sdpa(q.transpose(0, 1)[None], k, v, True)[0].transpose(0, 1),
-        salt=70))
-    sd = {"dense_backend": "sdpa"}
-    guarded(f"ours dense {length}", lambda: time_prefill(
-        case, "ours: sdpa from paged cache", lambda q, out: case.ours(q, out, sd)[0],
-        salt=71))
-    nk = (k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous())
-    guarded(f"ours dense new_kv {length}", lambda: time_prefill(
-        case, "ours: sdpa from this step's K/V (glue path)",
-        lambda q, out: case.ours(q, out, sd, new_kv=nk)[0], salt=72))
-    fa2 = {"dense_backend": "sdpa", "whole_impl": "fa2_out"}
-    guarded(f"ours dense fa2 {length}", lambda: time_prefill(
-        case, "ours: fa2 into out from paged cache", lambda q, out: case.ours(q, out, fa2)[0],
-        salt=77))
-    if DEV in sdpa_prefill._NO_FA2_OUT:
-        log("fa2 into out: this torch's _flash_attention_forward takes no out=; the variant "
-            "above ran the SDPA path")
+        salt=70, backend=default))
+    for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION),
+                     ("flash", SDPBackend.FLASH_ATTENTION)):
+        if SMOKE and name == "cudnn":
+            continue  # no cuDNN on the CPU
+        guarded(f"sdpa dense {length} {name}", lambda be=be, name=name: time_prefill(
+            case, f"sdpa (contiguous K/V) [{name}]",
+            lambda q, out: sdpa_forced(q.transpose(0, 1)[None], k, v, be)[0].transpose(0, 1),
+            salt=78))
+    nk = case.new_kv()
+    kt, vt = sdpa_prefill._bhld(nk[0]), sdpa_prefill._bhld(nk[1])
+    ours_be = guarded("ours choice", sdpa_prefill.whole_prompt_backend,
+                      sdpa_prefill._bhld(case.fresh_q(71)), kt, vt, SCALE, "cudnn")
+    variants = [
+        # the product's path as the vLLM glue calls it: cuDNN first, this step's K/V
+        ("ours: cudnn from this step's K/V", {"whole_impl": "cudnn"}, nk, ours_be),
+        ("ours: cudnn from paged cache", {"whole_impl": "cudnn"}, None, ours_be),
+        # v8's path: torch's own kernel order
+        ("ours: sdpa from this step's K/V (glue path)", {"whole_impl": "sdpa"}, nk, default),
+        ("ours: sdpa from paged cache", {"whole_impl": "sdpa"}, None, default),
+    ]
+    if DEV not in sdpa_prefill._NO_FA2_OUT:
+        variants.append(("ours: fa2 into out from paged cache", {"whole_impl": "fa2_out"}, None,
+                         "FLASH_ATTENTION"))
+    for j, (name, cfg, kv_in, be) in enumerate(variants):
+        cfg = dict(cfg, dense_backend="sdpa")
+        guarded(f"ours dense {length} {name}", lambda name=name, cfg=cfg, kv_in=kv_in, be=be, j=j:
+                time_prefill(case, name, lambda q, out: case.ours(q, out, cfg,
+                                                                  new_kv=kv_in)[0],
+                             salt=71 + j, backend=be))
+    if DEV in sdpa_prefill._NO_FA2_OUT and not any(
+            r.get("name") == "fa2_out unsupported" for r in RESULTS):
+        log("fa2 into out: this torch's _flash_attention_forward takes no out=; not timed")
         RESULTS.append({"kind": "note", "name": "fa2_out unsupported"})
+    # the same kernel without the copy of its result into the caller's buffer: the copy's cost
+    guarded(f"cudnn alone {length}", lambda: time_prefill(
+        case, "ours: cudnn from this step's K/V, result not copied into out",
+        lambda q, out: sdpa_prefill._whole_prompt(sdpa_prefill._bhld(q), kt, vt, SCALE,
+                                                  "cudnn")[0].transpose(0, 1), salt=76))
     guarded(f"ours dense nohint {length}", lambda: time_prefill(
-        case, "ours: sdpa from paged cache, no host lengths (sync)",
-        lambda q, out: case.ours(q, out, sd, hints=False)[0], salt=73))
-    nk = None
+        case, "ours: cudnn from paged cache, no host lengths (sync)",
+        lambda q, out: case.ours(q, out, {"dense_backend": "sdpa", "whole_impl": "cudnn"},
+                                 hints=False)[0], salt=73))
+    nk = kt = vt = None
+    if length == DENSE_LENGTHS[0]:
+        guarded("cold calls", cold_calls, length)
     cfgs = [0, 2] if length <= DENSE_LENGTHS[1] else [0]
     for i in cfgs:
         guarded(f"triton dense {length} cfg{i}", time_prefill, case, f"ours triton cfg{i}",
                 lambda q, out, c=PREFILL_CONFIGS[i]: case.ours(
                     q, out, dict(c, dense_backend="triton"))[0], salt=74 + i, cfg=i)
     save(tuned)
+
+
+COLD_SCRIPT = r"""
+import json, sys, time, torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+hq, hkv, d, lengths, backend = json.loads(sys.argv[1])
+def call(n):
+    x = lambda h: torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    q, k, v = x(hq), x(hkv), x(hkv)
+    with sdpa_kernel([getattr(SDPBackend, backend)]):
+        torch.cuda.synchronize(); t = time.perf_counter()
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        torch.cuda.synchronize(); return (time.perf_counter() - t) * 1e3
+call(1024)
+print(json.dumps([[n, call(n), call(n)] for n in lengths]))
+"""
+
+
+def cold_calls(length):
+    """First call at a prompt length not seen before against the second call (ms, wall time):
+    cuDNN builds an execution plan per new shape, flash has nothing to build. Each kernel in a
+    fresh process (after one call at another length), cuDNN also with torch's
+    ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1`` (its ragged path, one plan for all lengths)."""
+    import subprocess
+
+    lengths = [length + 16, length + 48, length + 112]
+    for backend, env_extra in (("CUDNN_ATTENTION", {}), ("FLASH_ATTENTION", {}),
+                               ("CUDNN_ATTENTION", {"TORCH_CUDNN_SDPA_AVOID_RECOMPILE": "1"})):
+        if SMOKE:
+            return
+        env = dict(os.environ, **env_extra)
+        r = subprocess.run([sys.executable, "-c", COLD_SCRIPT,
+                            json.dumps([HQ, HKV, D, lengths, backend])],
+                           capture_output=True, text=True, timeout=90, env=env)
+        if r.returncode != 0:
+            log(f"FAILED cold calls {backend} {env_extra}: {r.stderr[-300:]}")
+            continue
+        for n, first, second in json.loads(r.stdout.strip().splitlines()[-1]):
+            record(kind="cold", backend=backend, env=",".join(env_extra) or "-", L=n,
+                   first_ms=first, second_ms=second)
 
 
 def section_chunk(tuned):
@@ -694,19 +834,20 @@ def _decode_one(mode, batch, length, cfg_ids, tuned):
 
 
 def finalize_dense(tuned):
-    """Dense prefill entries per prompt length: the chunk winner plus the faster whole-prompt
-    path (SDPA then a copy, or FlashAttention-2 writing the output in place)."""
+    """Dense prefill entries per prompt length: the chunk winner plus the fastest whole-prompt
+    path (cuDNN first, torch's own order, FlashAttention-2 writing the output in place)."""
     base = tuned["prefill"]["dense"].get("1024", {})
-    if DEV in sdpa_prefill._NO_FA2_OUT:
-        return
     for length in DENSE_LENGTHS:
-        sd = _get("prefill", "dense", length, "ours: sdpa from paged cache")
-        fa = _get("prefill", "dense", length, "ours: fa2 into out from paged cache")
-        if sd and fa:
-            impl = "fa2_out" if fa["us"] < sd["us"] else "sdpa"
+        cands = [(impl, _get("prefill", "dense", length, v)) for impl, v in (
+            ("cudnn", "ours: cudnn from this step's K/V"),
+            ("sdpa", "ours: sdpa from this step's K/V (glue path)"),
+            ("fa2_out", "ours: fa2 into out from paged cache"))]
+        cands = [(impl, r) for impl, r in cands if r]
+        if cands:
+            impl, r = min(cands, key=lambda c: c[1]["us"])
             tuned["prefill"]["dense"][str(length)] = dict(base, whole_impl=impl)
-            log(f"dense {length}: sdpa {sd['us']:.0f} us, fa2 into out {fa['us']:.0f} us "
-                f"-> {impl}")
+            log(f"dense {length}: " + ", ".join(f"{i} {x['us']:.0f} us" for i, x in cands)
+                + f" -> {impl}")
 
 
 # ----------------------------------------------------------------------------- summary
@@ -734,62 +875,91 @@ def _best(kind, case, L, prefix, ctx=0, B=None):
 
 
 def summary():
+    """The ratio table, printed and appended to the log."""
+    def emit(line=""):
+        print(line)
+        LOG.append(line)
+
     def fmt(x, w=9, p=0):
         return f"{x:{w}.{p}f}" if isinstance(x, float) and math.isfinite(x) else f"{'-':>{w}}"
 
-    print("\n==== issue 13 ratio table (times in us; floor = datasheet, floor* = measured "
-          f"ceilings {CEIL['bw'] / 1e12:.2f} TB/s, {CEIL['peak'] / 1e12:.0f} TFLOP/s) ====")
-    print(f"{'case':30s} {'ours':>9s} {'flex':>9s} {'sdpa':>9s} {'floor':>8s} {'floor*':>8s} "
-          f"{'x flex':>7s} {'x sdpa':>7s} {'cfg':>4s}")
+    def us(r):
+        return float(r["us"]) if r else None
+
+    def ratio(a, b, p):  # a / b
+        return fmt(us(a) / us(b) if a and b else None, 7, p)
+
+    def row(tag, o, flex=None, sref=None, pf=2, ps=3, tail=""):
+        emit(f"{tag:34s} {fmt(us(o))} {fmt(us(flex))} {fmt(us(sref))} "
+             f"{fmt(o['floor_us'] if o else None, 8)} {fmt(o['floor_meas_us'] if o else None, 8)}"
+             f" {ratio(flex, o, pf)} {ratio(sref, o, ps)} {tail}")
+
+    emit("")
+    emit("==== issue 13 ratio table (times in us; floor = datasheet, floor* = measured ceilings "
+         f"{CEIL['bw'] / 1e12:.2f} TB/s, {CEIL['peak'] / 1e12:.0f} TFLOP/s; x = reference / "
+         "ours, > 1: ours faster) ====")
+    emit(f"{'case':34s} {'ours':>9s} {'flex':>9s} {'sdpa':>9s} {'floor':>8s} {'floor*':>8s} "
+         f"{'x flex':>7s} {'x sdpa':>7s} cfg / kernel")
     for L in sorted(SPARSE_LENGTHS):
-        o = _best("prefill", "sparse", L, "ours")
         f = _get("prefill", "sparse", L, "flex")
         s = _get("prefill", "dense", L, "sdpa (contiguous K/V)")
+        o = _best("prefill", "sparse", L, "ours cfg")
         if o:
-            print(f"{'SA prefill ' + str(L // 1024) + 'K':30s} {fmt(o['us'])} "
-                  f"{fmt(f['us'] if f else None)} {fmt(s['us'] if s else None)} "
-                  f"{fmt(o['floor_us'], 8)} {fmt(o['floor_meas_us'], 8)} "
-                  f"{fmt(f['us'] / o['us'] if f else None, 7, 2)} "
-                  f"{fmt(s['us'] / o['us'] if s else None, 7, 1)} {o.get('cfg', ''):>4}")
+            row(f"SA prefill {L // 1024}K triton", o, f, s, ps=1, tail=f"cfg{o.get('cfg', '')}")
+        for v, tag in ((PIECES_GLUE, "cudnn pieces"),
+                       ("ours: flash pieces from this step's K/V", "flash pieces")):
+            o = _get("prefill", "sparse", L, v)
+            if o:
+                row(f"SA prefill {L // 1024}K {tag}", o, f, s, ps=1, tail=o.get("impls", ""))
+        fa = _get("prefill", "sparse", L, "fa2 window + sink (lse merge)")
+        if fa:
+            row(f"  (fa2 window + sink {L // 1024}K)", fa, f, s, ps=1)
     for L in DENSE_LENGTHS:
         s = _get("prefill", "dense", L, "sdpa (contiguous K/V)")
-        for v in ("ours: sdpa from paged cache", "ours: sdpa from this step's K/V (glue path)",
-                  "ours: fa2 into out from paged cache"):
+        if s:
+            emit(f"{'dense ' + str(L // 1024) + 'K: sdpa default is':34s} "
+                 f"{s.get('backend', '?')}")
+        for v, tag in (("ours: cudnn from this step's K/V", "cudnn glue"),
+                       ("ours: cudnn from paged cache", "cudnn cache"),
+                       ("ours: sdpa from this step's K/V (glue path)", "sdpa glue"),
+                       ("ours: sdpa from paged cache", "sdpa cache"),
+                       ("ours: fa2 into out from paged cache", "fa2 out"),
+                       ("ours: cudnn from this step's K/V, result not copied into out",
+                        "cudnn, no copy"),
+                       ("sdpa (contiguous K/V) [cudnn]", "sdpa forced cudnn"),
+                       ("sdpa (contiguous K/V) [flash]", "sdpa forced flash")):
             o = _get("prefill", "dense", L, v)
             if o:
-                tag = "dense " + str(L // 1024) + "K" + (" glue" if "glue" in v else "") \
-                    + (" fa2 out" if "fa2" in v else "")
-                print(f"{tag:30s} {fmt(o['us'])} {'-':>9s} {fmt(s['us'] if s else None)} "
-                      f"{fmt(o['floor_us'], 8)} {fmt(o['floor_meas_us'], 8)} {'-':>7s} "
-                      f"{fmt(s['us'] / o['us'] if s else None, 7, 3)}")
+                row(f"dense {L // 1024}K {tag}", o, None, s, tail=o.get("backend", ""))
         t = _best("prefill", "dense", L, "ours triton")
-        if t and s:
-            print(f"{'  (triton dense ' + str(L // 1024) + 'K)':30s} {fmt(t['us'])} {'-':>9s} "
-                  f"{fmt(s['us'])} {'':>8s} {'':>8s} {'-':>7s} {fmt(s['us'] / t['us'], 7, 3)}")
+        if t:
+            row(f"  (triton dense {L // 1024}K)", t, None, s, tail=f"cfg{t.get('cfg', '')}")
     refs = [r for r in (_get("prefill", "dense", CHUNK[0], "sdpa causal_lower_right", CHUNK[1]),
                         _get("prefill", "dense", CHUNK[0], "fa2 varlen bottom-right causal",
                              CHUNK[1])) if r]
     sref = min(refs, key=lambda r: r["us"]) if refs else None
+    if sref:
+        emit(f"{'chunk 8K/32K reference':34s} {sref['variant']}")
     for v in ("ours triton", "ours: sdpa split + lse merge"):
         o = _best("prefill", "dense", CHUNK[0], v, CHUNK[1])
         if o:
-            print(f"{'chunk 8K/32K ' + v[:17]:30s} {fmt(o['us'])} {'-':>9s} "
-                  f"{fmt(sref['us'] if sref else None)} {fmt(o['floor_us'], 8)} "
-                  f"{fmt(o['floor_meas_us'], 8)} {'-':>7s} "
-                  f"{fmt(sref['us'] / o['us'] if sref else None, 7, 3)}")
+            row(f"chunk 8K/32K {v[:22]}", o, None, sref, tail=o["variant"][len(v):].strip())
     for mode in ("compressed", "sparse", "dense"):
         for B in (1, 8, 32):
             o = _best("decode", mode, DEC_L, "ours", B=B)
             s = _get("decode", mode, DEC_L, "sdpa pre-gathered", B=B)
             if o:
-                print(f"{'decode ' + mode + ' B' + str(B):30s} {fmt(o['us'], 9, 1)} {'-':>9s} "
-                      f"{fmt(s['us'] if s else None, 9, 1)} {fmt(o['floor_us'], 8, 1)} "
-                      f"{fmt(o['floor_meas_us'], 8, 1)} {'-':>7s} "
-                      f"{fmt(s['us'] / o['us'] if s else None, 7, 2)} {o.get('cfg', ''):>4} "
-                      f" {o['pct_copy_bw']:.0f}% of copy bw")
-    fails = [r for r in RESULTS if r.get("kind") in ("failure", "skipped")]
-    for r in fails:
-        print(f"{r['kind'].upper()} {r['name']}: {r.get('error', '')[:140]}")
+                emit(f"{'decode ' + mode + ' B' + str(B):34s} {fmt(o['us'], 9, 1)} {'-':>9s} "
+                     f"{fmt(us(s), 9, 1)} {fmt(o['floor_us'], 8, 1)} "
+                     f"{fmt(o['floor_meas_us'], 8, 1)} {'-':>7s} {ratio(s, o, 2)} "
+                     f"cfg{o.get('cfg', '')}  {o['pct_copy_bw']:.0f}% of copy bw")
+    for r in RESULTS:
+        if r.get("kind") == "cold":
+            emit(f"cold call {r['backend']} {r['env']} L={r['L']}: first {r['first_ms']:.1f} ms, "
+                 f"second {r['second_ms']:.1f} ms")
+    for r in RESULTS:
+        if r.get("kind") in ("failure", "skipped"):
+            emit(f"{r['kind'].upper()} {r['name']}: {r.get('error', '')[:140]}")
 
 
 # ----------------------------------------------------------------------------- main
@@ -801,27 +971,42 @@ def main():
     global HQ, HKV, D, G, SCALE, KV_TOKEN_BYTES
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--budget-s", type=float, default=390.0,
+    ap.add_argument("--budget-s", type=float, default=300.0,
                     help="start no new section after this many seconds")
     ap.add_argument("--skip", default="", help="comma list: sparse,dense,chunk,decode,flex")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU tensors in Triton's interpreter (run with TRITON_INTERPRET=1), "
                          "tiny shapes: exercises the script's logic, not a benchmark")
+    ap.add_argument("--table-from", metavar="JSON",
+                    help="print the ratio table of a saved gpu_sweep.json and exit")
     args = ap.parse_args()
+    if args.table_from:
+        with open(args.table_from) as f:
+            saved = json.load(f)
+        RESULTS.extend(saved["results"])
+        CEIL.update(saved["ceilings"])
+        summary()
+        return
     OUT, BUDGET_S = args.out, args.budget_s
     skip = set(filter(None, args.skip.split(",")))
     import signal
 
     def on_term(signum, frame):  # `timeout` ran out: keep what was measured, print the table
         log("TERMINATED by the time limit: the table below covers the sections done")
-        save()
         guarded("summary", summary)
+        save()
         sys.stdout.flush()
         os._exit(124)
 
     signal.signal(signal.SIGTERM, on_term)
     import triton
 
+    from attention_backends.kernels import paged_attention
+
+    # every variant runs exactly the config it names, not the winners shipped with the package
+    paged_attention.TUNED_FILE = ""
+    paged_attention._tuned_table.cache_clear()
+    paged_attention.tuned_config.cache_clear()
     if args.smoke:
         os.environ["FLUXSERVE_FORCE_TRITON"] = "1"
         DEV, SMOKE = "cpu", True
@@ -835,8 +1020,9 @@ def main():
         log(f"smoke run on the CPU, triton {triton.__version__}")
     else:
         log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
-            f"{triton.__version__}, SMs "
-            f"{torch.cuda.get_device_properties(0).multi_processor_count}")
+            f"{triton.__version__}, cuDNN {torch.backends.cudnn.version()}, SMs "
+            f"{torch.cuda.get_device_properties(0).multi_processor_count}; cuDNN attention "
+            f"used by ours: {sdpa_prefill.cudnn_attention_ok(torch.device('cuda'))}")
         FLUSH = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
         torch.backends.cuda.matmul.allow_tf32 = False
         guarded("ceilings", measure_ceilings)
@@ -865,9 +1051,13 @@ def main():
     if "dense" not in skip:
         guarded("dense section", section_dense_prefill, DENSE_LENGTHS, tuned)
     guarded("tuned dense", finalize_dense, tuned)
-    save(tuned)
+    from torch.nn.attention import SDPBackend
+
+    log("torch's SDPA priority order now: " + ", ".join(
+        SDPBackend(i).name for i in torch._C._get_sdp_priority_order()))
     guarded("summary", summary)
-    print(f"elapsed {time.time() - T0:.0f} s")
+    log(f"elapsed {time.time() - T0:.0f} s")
+    save(tuned)
 
 
 if __name__ == "__main__":

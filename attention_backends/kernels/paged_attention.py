@@ -758,7 +758,7 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
     (``sdpa_prefill``): whole prompts always, chunks over a cached prefix with
     ``chunk_backend = "sdpa"``; the host copies ``host_query_start_loc`` / ``host_seq_lens``
     spare that dispatch a device sync, ``new_kv`` spares whole prompts their K/V gather. With
-    ``sparse_backend = "cudnn"`` (and no gap or calibration in the batch), sink + window whole
+    ``sparse_backend = "sdpa"`` (and no gap or calibration in the batch), sink + window whole
     prompts go to the fused kernels too (``sparse_prefill_sdpa``; needs every host copy,
     ``host_sink`` / ``host_window`` included); the Triton kernel takes the other prefills."""
     t_total, hq, d = q.shape
@@ -854,7 +854,7 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
     sparse_done: set[int] = set()
     capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if (max_query_len > q_thr and has_sw and not (has_gap or has_calib or capturing)
-            and pcfg.get("sparse_backend", "triton") == "cudnn"
+            and pcfg.get("sparse_backend", "triton") == "sdpa"
             and None not in (host_sink, host_window, host_query_start_loc, host_seq_lens)
             and (not UPCAST_DOT or "sparse_backend" in (prefill_config or {}))):
         sparse_done = set(sparse_prefill_sdpa(

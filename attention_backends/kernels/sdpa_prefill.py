@@ -24,6 +24,7 @@ dispatch needs no device sync.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -55,6 +56,8 @@ LSE_IMPLS = ("cudnn", "flash", "cudnn_rep", "flash_rep")
 MIN_CUDNN_VERSION = 91501
 # (impl, shape key) pairs a fused kernel refused: not tried again
 _REFUSED: set[tuple] = set()
+# calls per fused kernel that ran (``_sdpa_lse``): benchmarks read which one did the work
+IMPL_COUNTS: Counter[str] = Counter()
 
 
 def cudnn_attention_ok(device: torch.device) -> bool:
@@ -119,6 +122,7 @@ def _sdpa_lse(q, k, v, causal: bool, scale: float, impl: str | None = None):
             err = e
             _REFUSED.add((name, shape))
             continue
+        IMPL_COUNTS[name] += 1
         b, h, n = q.shape[0], q.shape[1], q.shape[2]
         return r[0], r[1].reshape(b, h, -1)[:, :, :n]
     raise RuntimeError(f"no fused SDPA kernel with log-sum-exp for these shapes: {err}")

@@ -181,7 +181,7 @@ def test_pow2_runs():
 @needs_triton
 @pytest.mark.parametrize("hints", [False, True])
 def test_sparse_prefill_dispatch(monkeypatch, hints):
-    """``sparse_backend = "cudnn"``: the sink + window whole prompts of a batch go to the fused
+    """``sparse_backend = "sdpa"``: the sink + window whole prompts of a batch go to the fused
     pieces; a sparse chunk over a cached prefix, a full-attention prompt (window 0) and the
     decode rows stay on the Triton kernels; without the host copies everything stays there."""
     from attention_backends.kernels import paged_attention as pa
@@ -207,7 +207,7 @@ def test_sparse_prefill_dispatch(monkeypatch, hints):
     if hints:
         kw = {"host_query_start_loc": qsl.tolist(), "host_seq_lens": paged.seq_lens.tolist(),
               "new_kv": _new_kv(paged, seqs, hkv, d), "host_sink": sink, "host_window": window}
-    cfg = {"sparse_backend": "cudnn", "block_m": 16, "block_n": 16}
+    cfg = {"sparse_backend": "sdpa", "block_m": 16, "block_n": 16}
     got, _, want, _ = _run_both(paged, q, qsl, 0.125, {"sink": _i32(sink),
                                                        "window": _i32(window)},
                                 prefill_config=cfg, decode_config={"block_n": 16}, **kw)
@@ -237,7 +237,7 @@ def test_shipped_tuned_table():
                 if k in cfg:
                     assert cfg[k] in (16, 32, 64, 128, 256)
             assert cfg.get("chunk_backend", "triton") in ("triton", "sdpa")
-            assert cfg.get("sparse_backend", "triton") in ("triton", "cudnn")
+            assert cfg.get("sparse_backend", "triton") in ("triton", "sdpa")
             assert cfg.get("whole_impl", "cudnn") in WHOLE_IMPLS
             assert cfg.get("lse_impl", "cudnn") in LSE_IMPLS
             pa.tuned_config.cache_clear()
