@@ -94,8 +94,9 @@ def _sdpa_lse(q, k, v, causal: bool, scale: float, impl: str | None = None):
     if impl == "math":
         return _math_lse(q, k, v, causal, scale)
     if q.is_cuda:
-        allowed = [i for i in LSE_IMPLS
-                   if not i.startswith("cudnn") or cudnn_attention_ok(q.device)]
+        # torch never sends a single key to cuDNN (unsupported there): neither do we
+        cudnn = cudnn_attention_ok(q.device) and k.shape[2] > 1
+        allowed = [i for i in LSE_IMPLS if cudnn or not i.startswith("cudnn")]
         impls = ([impl] if impl in allowed else []) + [i for i in allowed if i != impl]
     else:
         impls = ["cpu", "cpu_rep"]
@@ -139,12 +140,14 @@ def _whole_prompt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     (GQA inside the kernel), through ``F.scaled_dot_product_attention``: with ``whole_impl``
     "cudnn" (where ``cudnn_attention_ok``) cuDNN's kernel comes first, then flash and
     memory-efficient for the shapes cuDNN does not take; else torch's own order."""
+    def attend():
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
     if whole_impl == "cudnn" and cudnn_attention_ok(q.device):
         with sdpa_kernel(_PRIORITY, set_priority=True):
-            return torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                            scale=scale, enable_gqa=True)
+            return attend()
+    return attend()
 
 
 def whole_prompt_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -217,8 +220,9 @@ def sparse_prefill_pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin
     calls (cuDNN's on the H200), written into ``out``.
 
     ``q [L, Hq, D]``, ``k``/``v [L, Hkv, D]``, ``out [L, Hq, D]`` (token-major, any strides with
-    D contiguous); ``sink >= 0``, ``window >= 1`` (ints). Query ``p`` sees key ``j`` iff
-    ``j <= p`` and (``j < sink`` or ``j > p - window``), as in ``ops.paged_attention``.
+    D contiguous); ``sink >= 0``, ``window >= 1``, ``sink + window >= 2`` (ints, else
+    ``ValueError``). Query ``p`` sees key ``j`` iff ``j <= p`` and (``j < sink`` or
+    ``j > p - window``), as in ``ops.paged_attention``.
 
     Pieces, with ``P = sink + window``:
 
@@ -239,6 +243,8 @@ def sparse_prefill_pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin
     in runs of power-of-two lengths, so the shapes of the fused calls take a few values per
     ``(sink, window)`` whatever ``L``: cuDNN builds an execution plan per new shape.
     ``impl``: the fused kernel to try first (``_sdpa_lse``)."""
+    if sink < 0 or window < 1 or sink + window < 2:
+        raise ValueError(f"need sink >= 0, window >= 1, sink + window >= 2: {sink}, {window}")
     n_tok = q.shape[0]
     p0 = min(n_tok, sink + window)
     o, _ = _sdpa_lse(_bhsd(q[:p0], 1), _bhsd(k[:p0], 1), _bhsd(v[:p0], 1), True, scale, impl)
@@ -403,6 +409,9 @@ def dense_prefill_sdpa(q: torch.Tensor, kv_cache: torch.Tensor, block_table: tor
     return [s for s, _, _ in take]
 
 
+PIECES_MIN_WINDOW = 16
+
+
 def sparse_prefill_sdpa(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                         seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
                         out: torch.Tensor, q_thr: int, host_sink: Sequence[int],
@@ -413,7 +422,8 @@ def sparse_prefill_sdpa(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
                         triton_merge: bool = False, impl: str | None = None) -> list[int]:
     """Sink + window prefill of the whole prompts (``q_len > q_thr``, no cached prefix,
     ``window > 0``) from fused-attention pieces (``sparse_prefill_pieces``); returns the indices
-    of the sequences written (the others are left to the Triton kernel).
+    of the sequences written (the others are left to the Triton kernel). Windows under
+    ``PIECES_MIN_WINDOW`` stay on Triton: their pieces would be a few keys wide.
 
     ``host_sink`` / ``host_window``: this layer's per-sequence sink and window (host ints, window
     0 = full attention). Other arguments as in ``dense_prefill_sdpa``; ``impl``: the fused
@@ -425,7 +435,7 @@ def sparse_prefill_sdpa(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     for s, t0, t1 in prefill:
         sink, window = int(host_sink[s]), int(host_window[s])
         key = (q.device.type, q.dtype, q.shape[1], kv_cache.shape[1], q.shape[2], "sparse")
-        if t1 - t0 != lens[s] or window <= 0 or key in _UNSUPPORTED:
+        if t1 - t0 != lens[s] or window < PIECES_MIN_WINDOW or key in _UNSUPPORTED:
             continue
         if new_kv is not None:
             k, v = new_kv[0][t0:t1], new_kv[1][t0:t1]

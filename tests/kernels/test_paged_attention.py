@@ -170,6 +170,15 @@ def test_sparse_prefill_pieces(case, triton_merge, impl):
     _check(out, want, dtype)
 
 
+def test_sparse_prefill_pieces_rejects_degenerate_masks():
+    from attention_backends.kernels.sdpa_prefill import sparse_prefill_pieces
+
+    q = torch.zeros(8, 4, 16)
+    for sink, window in ((0, 1), (-1, 4), (4, 0)):
+        with pytest.raises(ValueError):
+            sparse_prefill_pieces(q, q[:, :2], q[:, :2], sink, window, 0.25, q.clone())
+
+
 def test_pow2_runs():
     from attention_backends.kernels.sdpa_prefill import _pow2_runs
 
