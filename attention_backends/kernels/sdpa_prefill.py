@@ -24,6 +24,7 @@ dispatch needs no device sync.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Sequence
 
@@ -61,10 +62,19 @@ IMPL_COUNTS: Counter[str] = Counter()
 
 
 def cudnn_attention_ok(device: torch.device) -> bool:
-    """Whether cuDNN's fused attention may run on ``device``: a CUDA device, cuDNN present and
+    """Whether we send attention to cuDNN's fused kernel on ``device``: a Hopper or Blackwell
+    GPU (sm90 / sm10x, where torch itself prefers cuDNN; elsewhere flash stays first) with cuDNN
     at least ``MIN_CUDNN_VERSION``."""
-    return (device.type == "cuda" and torch.backends.cudnn.is_available()
-            and (torch.backends.cudnn.version() or 0) >= MIN_CUDNN_VERSION)
+    if device.type != "cuda":
+        return False
+    return _cudnn_ok(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=8)
+def _cudnn_ok(index: int) -> bool:
+    return (torch.backends.cudnn.is_available()
+            and (torch.backends.cudnn.version() or 0) >= MIN_CUDNN_VERSION
+            and torch.cuda.get_device_capability(index)[0] in (9, 10))
 
 
 def _math_lse(q, k, v, causal: bool, scale: float):

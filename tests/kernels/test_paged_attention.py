@@ -179,6 +179,23 @@ def test_sparse_prefill_pieces_rejects_degenerate_masks():
             sparse_prefill_pieces(q, q[:, :2], q[:, :2], sink, window, 0.25, q.clone())
 
 
+def test_fused_kernel_choice_on_the_cpu():
+    """No cuDNN off the GPU: asked for it, the log-sum-exp call runs torch's CPU kernel, and its
+    result matches the float32 math kernel (batched, GQA, causal)."""
+    from attention_backends.kernels import sdpa_prefill as sp
+
+    assert not sp.cudnn_attention_ok(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 8, 40, 32, generator=gen)
+    k, v = (torch.randn(3, 2, 40, 32, generator=gen) for _ in range(2))
+    before = sp.IMPL_COUNTS["cpu"]
+    o, lse = sp._sdpa_lse(q, k, v, True, 0.2, "cudnn")
+    assert sp.IMPL_COUNTS["cpu"] == before + 1
+    o_ref, lse_ref = sp._sdpa_lse(q, k, v, True, 0.2, "math")
+    assert o.shape == o_ref.shape and lse.shape == lse_ref.shape == (3, 8, 40)
+    assert torch.allclose(o, o_ref, atol=1e-4) and torch.allclose(lse, lse_ref, atol=1e-4)
+
+
 def test_pow2_runs():
     from attention_backends.kernels.sdpa_prefill import _pow2_runs
 
