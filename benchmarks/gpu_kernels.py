@@ -387,22 +387,8 @@ def run_snapkv(length, bs):
 # ----------------------------------------------------------------------------- sweeps
 
 
-DECODE_CONFIGS = [
-    {"block_n": 128, "num_warps": 4, "num_stages": 3, "waves": 3},
-    {"block_n": 128, "num_warps": 4, "num_stages": 3, "waves": 2},
-    {"block_n": 128, "num_warps": 4, "num_stages": 3, "waves": 4},
-    {"block_n": 64, "num_warps": 2, "num_stages": 4, "waves": 4},
-    {"block_n": 64, "num_warps": 4, "num_stages": 3, "waves": 2},
-]
-# mask_mode 2 is a timing experiment (skips every mask: wrong on boundary tiles), never chosen
-PREFILL_CONFIGS = [
-    {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 2, "mask_mode": 0},
-    {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3, "mask_mode": 3},
-    {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "mask_mode": 0},
-    {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 2, "mask_mode": 3},
-    {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "mask_mode": 2},
-    {"block_m": 128, "block_n": 32, "num_warps": 4, "num_stages": 3, "mask_mode": 3},
-]
+# one definition of the swept configs: benchmarks/gpu_sweep.py
+from gpu_sweep import DECODE_CONFIGS, PREFILL_CONFIGS  # noqa: E402
 
 
 def guarded(name, fn, *a, **kw):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attention_backends.flux.request_state import BatchRow, FluxRegistry
+from attention_backends.kernels.host import to_device
 
 
 @dataclass
@@ -52,13 +53,19 @@ class RoutingStep:
             # once per step rather than once per layer (a host-to-device copy each).
             if self._device_windows is None or self._device_windows[0].device != device:
                 self._device_windows = tuple(
-                    torch.where(self.sparse, t[None], torch.zeros_like(t)[None]).to(device)
-                    for t in (self.sink, self.window))
+                    to_device(torch.where(self.sparse, t[None], torch.zeros_like(t)[None]),
+                              device) for t in (self.sink, self.window))
             return self._device_windows[0][layer], self._device_windows[1][layer]
         # Rows routed in this step get their decision layer by layer during the forward.
         w = torch.where(self.sparse[layer], self.window, torch.zeros_like(self.window))
         s = torch.where(self.sparse[layer], self.sink, torch.zeros_like(self.sink))
-        return s.to(device), w.to(device)
+        return to_device(s, device), to_device(w, device)
+
+    def layer_window_host(self, layer: int) -> tuple[list[int], list[int]]:
+        """``layer_window`` as host lists (sink, window per row; window 0 on FA rows)."""
+        sp = self.sparse[layer]
+        return (torch.where(sp, self.sink, torch.zeros_like(self.sink)).tolist(),
+                torch.where(sp, self.window, torch.zeros_like(self.window)).tolist())
 
     def set_decisions(self, layer: int, sparse: Sequence[bool]) -> None:
         """Record the router's decisions for ``route_rows`` (in order) at ``layer``, so that this
@@ -107,9 +114,27 @@ def build_routing_step(num_rows: int, query_start_loc: Sequence[int],
             known.append((i, st.sparse))
     if none_when_full and not known and not route_rows:
         return None
-    sparse = torch.zeros(num_layers, num_rows, dtype=torch.bool)
-    if known:
-        sparse[:, [i for i, _ in known]] = torch.stack([col for _, col in known], 1)
-    sink = torch.tensor(sink_l, dtype=torch.int32)
-    window = torch.tensor(window_l, dtype=torch.int32)
+    global _LAST
+    # A run of decode steps over the same requests has the same decisions, sinks and windows:
+    # reuse the last step's tensors (nothing writes them unless rows are routed in the step).
+    key = (num_layers, num_rows, tuple(known_ids(known)), tuple(sink_l), tuple(window_l))
+    if not route_rows and _LAST is not None and _LAST[0] == key:
+        sparse, sink, window = _LAST[1]
+    else:
+        sparse = torch.zeros(num_layers, num_rows, dtype=torch.bool)
+        if known:
+            sparse[:, [i for i, _ in known]] = torch.stack([col for _, col in known], 1)
+        sink = torch.tensor(sink_l, dtype=torch.int32)
+        window = torch.tensor(window_l, dtype=torch.int32)
+        # the decision tensors are held with the key, so their ids stay unique while cached
+        _LAST = (key, (sparse, sink, window), [col for _, col in known]) if not route_rows \
+            else None
     return RoutingStep(req_ids, sparse, sink, window, route_rows, num_layers, prompt_done)
+
+
+def known_ids(known: list[tuple[int, torch.Tensor]]):
+    return [(i, id(col)) for i, col in known]
+
+
+# (key, (sparse, sink, window), decision tensors) of the last step built without routed rows
+_LAST: tuple | None = None

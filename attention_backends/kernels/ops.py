@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ __all__ = [
     "select_kept",
     "evicted_partial",
     "compact_kv",
+    "write_kv",
 ]
 
 FORCE_TRITON_ENV = "FLUXSERVE_FORCE_TRITON"
@@ -156,7 +158,13 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
                     max_seq_len: int | None = None, max_kv_tokens: int | None = None,
                     decode_config: dict | None = None,
                     prefill_config: dict | None = None,
-                    kv_layout: KVLayout | None = None) -> tuple[Tensor, Tensor | None]:
+                    kv_layout: KVLayout | None = None,
+                    host_query_start_loc: Sequence[int] | None = None,
+                    host_seq_lens: Sequence[int] | None = None,
+                    new_kv: tuple[Tensor, Tensor] | None = None,
+                    host_sink: Sequence[int] | None = None,
+                    host_window: Sequence[int] | None = None
+                    ) -> tuple[Tensor, Tensor | None]:
     """Varlen paged attention with sink/window/gap masks and optional calibration.
 
     Key slot ``j`` is visible to the query at slot ``p`` of sequence ``s`` iff ``j <= p`` and
@@ -176,7 +184,13 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
     the split-KV grid: ``max_query_len``, ``max_seq_len``, ``max_kv_tokens`` (an upper bound on
     the keys any sequence sees, e.g. ``sink + window + q_len`` for SA or ``budget + decoded`` for
     compressed KV; defaults to ``max_seq_len``); ``decode_config`` / ``prefill_config`` (block
-    sizes, warps, stages, ``num_splits``).
+    sizes, warps, stages, ``num_splits``); ``host_query_start_loc`` / ``host_seq_lens`` (host
+    copies of the two tensors, ``host_seq_lens`` exact at least on rows with ``q_len > 1``: the
+    dense-prefill dispatch then needs no device sync); ``new_kv`` (this step's K and V
+    ``[T, Hkv, D]``, already written to the cache: whole prompts read them instead of gathering
+    their K/V from the cache); ``host_sink`` / ``host_window`` (host copies of ``sink`` and
+    ``window``: with the other host copies they let sink + window whole prompts run on the fused
+    attention kernels where the tuned table's ``sparse_backend`` says so).
 
     ``kv_layout``: where K/V lie in the cache (None: slot-major); raises ``ValueError`` for any
     other layout on the Triton path.
@@ -205,7 +219,9 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
         scale, _as_i32(sink, dev), _as_i32(window, dev), _as_i32(kept_end, dev),
         _as_i32(gap_end, dev), calibration, out, max_query_len=max_query_len,
         max_seq_len=max_seq_len, max_kv_tokens=max_kv_tokens, decode_config=decode_config,
-        prefill_config=prefill_config)
+        prefill_config=prefill_config, host_query_start_loc=host_query_start_loc,
+        host_seq_lens=host_seq_lens, new_kv=new_kv, host_sink=host_sink,
+        host_window=host_window)
 
 
 def snapkv_scores(q_obs: Tensor, kv_cache: Tensor, block_row: Tensor, prompt_len: int,
@@ -268,3 +284,26 @@ def compact_kv(kv_cache: Tensor, block_row: Tensor, kept_idx: Tensor,
     from attention_backends.kernels.snapkv import compact_kv_triton
 
     compact_kv_triton(kv_cache, block_row.to(torch.int32).contiguous(), kept_idx)
+
+
+def write_kv(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:
+    """Write this step's ``key``/``value [>= n, Hkv, D]`` into the paged cache at
+    ``slot_mapping [n]`` (slot = block * block_size + offset; a negative slot is padding and is
+    skipped). On the GPU one Triton launch with no host sync; on the CPU an indexed copy."""
+    n = slot_mapping.shape[0]
+    if n == 0:
+        return
+    if _use_triton(kv_cache):
+        from attention_backends.kernels.paged_attention import write_kv_triton
+
+        write_kv_triton(key[:n], value[:n], kv_cache, slot_mapping)
+        return
+    block_size, d = kv_cache.shape[2], kv_cache.shape[3] // 2
+    slots = slot_mapping.to(torch.int64)
+    k, v = key[:n], value[:n]
+    valid = slots >= 0
+    if not bool(valid.all()):
+        slots, k, v = slots[valid], k[valid], v[valid]
+    blk, off = slots // block_size, slots % block_size
+    kv_cache[blk, :, off, :d] = k.to(kv_cache.dtype)
+    kv_cache[blk, :, off, d:] = v.to(kv_cache.dtype)

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from attention_backends.kernels.sdpa_prefill import dense_prefill_sdpa
+from attention_backends.kernels.host import to_device
+from attention_backends.kernels.sdpa_prefill import dense_prefill_sdpa, sparse_prefill_sdpa
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -218,14 +219,24 @@ def _finish_row(o, lse2, q, s, t_abs, h, out_ptr, hits_ptr, stride_ot, stride_oh
 @triton.jit
 def _decode_kernel(
     q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, sink_ptr, window_ptr, kept_ptr, gap_ptr,
-    out_ptr, hits_ptr, part_o_ptr, part_lse_ptr,
+    out_ptr, hits_ptr, part_o_ptr, part_lse_ptr, lock_ptr,
     qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau_ptr, scale_log2,
     stride_qt, stride_qh, stride_kb, stride_kh, stride_ks, stride_bt, stride_ot, stride_oh,
     num_splits, q_thr,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_CALIB: tl.constexpr, FINAL: tl.constexpr,
     MAXQ: tl.constexpr, HAS_SW: tl.constexpr, HAS_GAP: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
 ):
+    """Split-KV (flash-decoding) attention for sequences with ``q_len <= q_thr``: one program
+    per (sequence, KV head, split); its rows are the sequence's query tokens x the G q heads of
+    the KV head (GQA-packed: each KV tile is read once per KV head).
+
+    ``FINAL`` (one split): the program writes the output. Else it writes a partial (o, lse2);
+    with ``FUSED_REDUCE`` the last split of a (sequence, KV head) to finish, found by an atomic
+    counter in ``lock_ptr`` (reset to 0 by that program), merges the partials and writes the
+    output, so no reduce launch follows; without it ``_decode_reduce_kernel`` does.
+    """
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -275,9 +286,39 @@ def _decode_kernel(
         _finish(o, lse2, q, s, t_abs, h_r, row_ok, out_ptr, hits_ptr, stride_ot, stride_oh,
                 qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau_ptr, HQ, D, HAS_CALIB)
     else:
-        part = ((s.to(tl.int64) * MAXQ + t_rel) * HQ + h_r) * num_splits + split
+        part0 = ((s.to(tl.int64) * MAXQ + t_rel) * HQ + h_r) * num_splits
+        part = part0 + split
         tl.store(part_lse_ptr + part, lse2, mask=row_ok)
         tl.store(part_o_ptr + part[:, None] * D + offs_d[None, :], o, mask=row_ok[:, None])
+        if FUSED_REDUCE:
+            # every thread's partial stores are issued before the counter moves (the barrier);
+            # the release/acquire atomic orders them for the program that reads them
+            tl.debug_barrier()
+            lock = lock_ptr + s * (HQ // G) + kvh
+            arrived = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                m_r = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                l_r = tl.zeros([BLOCK_M], tl.float32)
+                acc_r = tl.zeros([BLOCK_M, D], tl.float32)
+                for sp in range(0, num_splits):
+                    # .cg: from L2, never a stale L1 line
+                    lse_s = tl.load(part_lse_ptr + part0 + sp, mask=row_ok,
+                                    other=float("-inf"), cache_modifier=".cg")
+                    o_s = tl.load(part_o_ptr + (part0 + sp)[:, None] * D + offs_d[None, :],
+                                  mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+                    m_new = tl.maximum(m_r, lse_s)
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp2(m_r - m_safe)
+                    w = tl.exp2(lse_s - m_safe)
+                    l_r = l_r * alpha + w
+                    acc_r = acc_r * alpha[:, None] + o_s * w[:, None]
+                    m_r = m_new
+                has_r = l_r > 0
+                o = acc_r / tl.where(has_r, l_r, 1.0)[:, None]
+                lse2 = tl.where(has_r, m_r + tl.log2(tl.where(has_r, l_r, 1.0)), float("-inf"))
+                _finish(o, lse2, q, s, t_abs, h_r, row_ok, out_ptr, hits_ptr, stride_ot,
+                        stride_oh, qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau_ptr, HQ, D, HAS_CALIB)
+                tl.atomic_xchg(lock, 0)
 
 
 @triton.jit
@@ -326,6 +367,44 @@ def _decode_reduce_kernel(
 
 
 @triton.jit
+def _tile_runs(lo, hi, c_lo, p_lo, sink, BLOCK_N: tl.constexpr):
+    """KV tiles of the visible interval ``[lo, hi)`` as ``(it_lo, ft_lo, ft_hi, it_hi)``: tiles
+    ``[ft_lo, ft_hi)`` are full (every key visible to every row of the program: no mask), tiles
+    ``[it_lo, ft_lo)`` and ``[ft_hi, it_hi)`` are partial (masked).
+
+    A key is visible to every row when it lies in the interval and in ``[c_lo, p_lo]`` (past the
+    window edge of the last row, ``c_lo = 0`` without a window, and not past the first row's
+    diagonal) or in ``[0, min(sink, p_lo + 1))``. Of these two runs the interval gets one (the
+    window run if it has a whole tile, else the sink run); a full tile missed only costs a mask.
+    """
+    it_lo = lo // BLOCK_N
+    it_hi = tl.where(hi > lo, (hi + BLOCK_N - 1) // BLOCK_N, it_lo)
+    w_lo = (tl.maximum(lo, c_lo) + BLOCK_N - 1) // BLOCK_N
+    w_hi = tl.minimum(hi, p_lo + 1) // BLOCK_N
+    s_lo = (lo + BLOCK_N - 1) // BLOCK_N
+    s_hi = tl.minimum(tl.minimum(hi, sink), p_lo + 1) // BLOCK_N
+    use_w = w_hi > w_lo
+    ft_lo = tl.where(use_w, w_lo, s_lo)
+    ft_hi = tl.where(use_w, w_hi, s_hi)
+    ft_lo = tl.minimum(tl.maximum(ft_lo, it_lo), it_hi)
+    ft_hi = tl.minimum(tl.maximum(ft_hi, ft_lo), it_hi)
+    return it_lo, ft_lo, ft_hi, it_hi
+
+
+@triton.jit
+def _attend_full_tile(q, k, v, m_i, l_i, acc, scale_log2):
+    """``_attend_tile`` for a tile every row sees whole: no mask, and every row's running max is
+    finite after it (no -inf guard)."""
+    qk = _mma(q, tl.trans(k))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+    alpha = tl.exp2(m_i - m_new)
+    pr = tl.exp2(qk * scale_log2 - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(pr, 1)
+    acc = acc * alpha[:, None] + _mma(pr.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, cu_tiles_ptr, sink_ptr, window_ptr, kept_ptr,
     gap_ptr, out_ptr, hits_ptr, qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau_ptr, scale_log2,
@@ -334,18 +413,25 @@ def _prefill_kernel(
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     HAS_CALIB: tl.constexpr, MASK_MODE: tl.constexpr, HAS_SW: tl.constexpr,
-    HAS_GAP: tl.constexpr,
+    HAS_GAP: tl.constexpr, PACK_GQA: tl.constexpr,
 ):
-    """One program per (KV head, tile of BLOCK_M // G query tokens): its BLOCK_M rows are those
-    tokens x the G q heads sharing the KV head, so each KV tile is loaded once per group.
+    """Prefill (and chunked prefill) over the paged cache.
 
-    MASK_MODE 0: tiles every row sees whole run in their own loop without mask arithmetic;
-    3 (default): one loop, a per-tile branch skips the mask where it can (the branch stops the
-    software pipeliner, yet with 4 warps it is the fastest on H200); 1: every tile is masked;
-    2: no tile is masked (timing experiments only: wrong on boundary tiles).
+    ``PACK_GQA``: one program per (KV head, tile of ``BLOCK_M // G`` query tokens), whose
+    ``BLOCK_M`` rows are those tokens x the G q heads sharing the KV head (each KV tile is loaded
+    once per group, and the window band of a tile is only ``BLOCK_M // G`` tokens wide); else one
+    program per (q head, tile of ``BLOCK_M`` tokens), as FlexAttention does.
+
+    The KV tiles a program visits are split, like FlexAttention's block masks, into full tiles
+    (every key visible to every row: no mask arithmetic, no load masks) and partial tiles (sink
+    end, window edge, diagonal, gap edges), each kind in its own straight-line loop so the
+    software pipeliner covers both. ``MASK_MODE`` 1 masks every tile (tests, ablation).
     """
-    TOK: tl.constexpr = BLOCK_M // G
-    kvh = tl.program_id(0)
+    if PACK_GQA:
+        TOK: tl.constexpr = BLOCK_M // G
+    else:
+        TOK: tl.constexpr = BLOCK_M
+    hp = tl.program_id(0)  # KV head (packed) or q head
     # heaviest (latest) tiles first: launch order is grid order
     tile = grid_tiles - 1 - tl.program_id(1)
     if tile >= tl.load(cu_tiles_ptr + num_seqs):
@@ -368,9 +454,16 @@ def _prefill_kernel(
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    t_rel = m0 + offs_m // G
-    h_r = kvh * G + offs_m % G
-    row_ok = (offs_m < TOK * G) & (t_rel < q_len)
+    if PACK_GQA:
+        kvh = hp
+        t_rel = m0 + offs_m // G
+        h_r = kvh * G + offs_m % G
+        row_ok = (offs_m < TOK * G) & (t_rel < q_len)
+    else:
+        kvh = hp // G
+        t_rel = m0 + offs_m
+        h_r = hp + offs_m * 0
+        row_ok = t_rel < q_len
     t_abs = q_start + t_rel
     pos = ctx + t_rel
     q = tl.load(q_ptr + t_abs.to(tl.int64)[:, None] * stride_qt + h_r[:, None] * stride_qh
@@ -380,61 +473,149 @@ def _prefill_kernel(
     p_max = p_hi - 1
 
     a1, b1, a2, b2, end = _visible_intervals(p_lo, p_hi, sink, window, kept_end, gap_end)
-    n1 = _n_tiles(0, a1, BLOCK_N)
-    n2 = _n_tiles(b1, a2, BLOCK_N)
-    n3 = _n_tiles(b2, end, BLOCK_N)
-    n_tot = n1 + n2 + n3
+    c_lo = tl.where(window > 0, p_max - window + 1, 0)
+    # intervals [0, a1), [b1, a2), [b2, end); each: partial, full, partial tile runs
+    i1a, f1a, f1b, i1b = _tile_runs(0, a1, c_lo, p_lo, sink, BLOCK_N)
+    i2a, f2a, f2b, i2b = _tile_runs(b1, a2, c_lo, p_lo, sink, BLOCK_N)
+    i3a, f3a, f3b, i3b = _tile_runs(b2, end, c_lo, p_lo, sink, BLOCK_N)
+    if MASK_MODE == 1:
+        f1b = f1a
+        f2b = f2a
+        f3b = f3a
+    nf1 = f1b - f1a
+    nf12 = nf1 + f2b - f2a
+    n_full = nf12 + f3b - f3a
+    # partial runs, cumulative counts
+    e0 = f1a - i1a
+    e1 = e0 + i1b - f1b
+    e2 = e1 + f2a - i2a
+    e3 = e2 + i2b - f2b
+    e4 = e3 + f3a - i3a
+    n_part = e4 + i3b - f3b
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     bt_row = bt_ptr + s.to(tl.int64) * stride_bt
-    # The clean run: tiles of the last visible interval that every row sees whole (past the
-    # window edge of the last row, before the diagonal of the first). They need no mask and run
-    # in their own loop; the other tiles (sink, window edge, diagonal, gap edges) are masked.
-    # Two straight-line loops keep the software pipeliner working (a branch in the loop body
-    # disables it).
-    # last interval [last_lo, end): after the later non-empty hole (empty holes sit at end)
-    in3 = a2 < b2
-    in2 = a1 < b1
-    last_lo = tl.where(in3, b2, tl.where(in2, b1, 0))
-    v_last = tl.where(in3, n1 + n2, tl.where(in2, n1, 0))  # its first virtual tile
-    c_lo = tl.where(window > 0, tl.maximum(last_lo, p_max - window + 1), last_lo)
-    r_lo = (c_lo + BLOCK_N - 1) // BLOCK_N
-    r_hi = tl.maximum(tl.minimum(end, p_lo + 1) // BLOCK_N, r_lo)
-    if MASK_MODE >= 1:
-        r_hi = r_lo  # modes 1 and 3: no separate clean loop
-    n_clean = r_hi - r_lo
-    v_clean = v_last + r_lo - last_lo // BLOCK_N  # virtual index of the first clean tile
-    for r in range(r_lo, r_hi):
-        k, v, offs_n = _load_kv_tile_full(kv_ptr, bt_row, kvh, r * BLOCK_N, stride_kb,
-                                          stride_kh, stride_ks, BLOCK_N, D, PAGE)
-        m_i, l_i, acc = _attend_tile(q, k, v, offs_n, offs_n >= 0, pos, m_i, l_i, acc, sink,
-                                     window, scale_log2, False)
-    for u in range(0, n_tot - n_clean):
-        vt = tl.where(u < v_clean, u, u + n_clean)
-        n0, lo, hi = _tile_at(vt, n1, n2, a1, b1, a2, b2, end, BLOCK_N)
-        k, v, offs_n, jvalid = _load_kv_tile(kv_ptr, bt_row, kvh, n0, lo, hi, stride_kb,
-                                             stride_kh, stride_ks, BLOCK_N, D, PAGE)
-        if MASK_MODE == 3:
-            n_last = n0 + BLOCK_N - 1
-            inside = (n0 >= lo) & (n_last < hi) & (n_last <= p_lo)
-            in_win = (window <= 0) | (n_last < sink) | (n0 > p_max - window)
-            if inside & in_win:
-                m_i, l_i, acc = _attend_tile(q, k, v, offs_n, jvalid, pos, m_i, l_i, acc, sink,
-                                             window, scale_log2, False)
-            else:
-                m_i, l_i, acc = _attend_tile(q, k, v, offs_n, jvalid, pos, m_i, l_i, acc, sink,
-                                             window, scale_log2, True)
-        else:
-            m_i, l_i, acc = _attend_tile(q, k, v, offs_n, jvalid, pos, m_i, l_i, acc, sink,
-                                         window, scale_log2, MASK_MODE != 2)
+    # full tiles: no masks (straight-line body, pipelined)
+    for v in range(0, n_full):
+        r = tl.where(v < nf1, f1a + v, tl.where(v < nf12, f2a + v - nf1, f3a + v - nf12))
+        k, vv, offs_n = _load_kv_tile_full(kv_ptr, bt_row, kvh, r * BLOCK_N, stride_kb,
+                                           stride_kh, stride_ks, BLOCK_N, D, PAGE)
+        m_i, l_i, acc = _attend_full_tile(q, k, vv, m_i, l_i, acc, scale_log2)
+    # partial tiles: sink end, window edge, diagonal, gap edges
+    for u in range(0, n_part):
+        r = tl.where(u < e0, i1a + u, tl.where(u < e1, f1b + u - e0, tl.where(
+            u < e2, i2a + u - e1, tl.where(u < e3, f2b + u - e2, tl.where(
+                u < e4, i3a + u - e3, f3b + u - e4)))))
+        lo = tl.where(u < e1, 0, tl.where(u < e3, b1, b2))
+        hi = tl.where(u < e1, a1, tl.where(u < e3, a2, end))
+        k, vv, offs_n, jvalid = _load_kv_tile(kv_ptr, bt_row, kvh, r * BLOCK_N, lo, hi,
+                                              stride_kb, stride_kh, stride_ks, BLOCK_N, D, PAGE)
+        m_i, l_i, acc = _attend_tile(q, k, vv, offs_n, jvalid, pos, m_i, l_i, acc, sink,
+                                     window, scale_log2, True)
 
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     _finish(o, lse2, q, s, t_abs, h_r, row_ok, out_ptr, hits_ptr, stride_ot, stride_oh,
             qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau_ptr, HQ, D, HAS_CALIB)
+
+
+@triton.jit
+def _merge_kernel(out_ptr, o1_ptr, o2_ptr, l1_ptr, l2_ptr, n, s_ot, s_oh, s_1t, s_1h, s_2t,
+                  s_2h, s_l1h, s_l1t, s_l2h, s_l2t, D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """out[t, h] = LSE-merge of (o1, l1) and (o2, l2) at (t, h); l* natural-log [H, T]."""
+    h = tl.program_id(1)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = t < n
+    d = tl.arange(0, D)
+    t64 = t.to(tl.int64)
+    l1 = tl.load(l1_ptr + h * s_l1h + t64 * s_l1t, mask=ok, other=0.0)
+    l2 = tl.load(l2_ptr + h * s_l2h + t64 * s_l2t, mask=ok, other=0.0)
+    m = tl.maximum(l1, l2)
+    w1 = tl.exp(l1 - m)
+    w2 = tl.exp(l2 - m)
+    den = w1 + w2
+    a = tl.load(o1_ptr + t64[:, None] * s_1t + h * s_1h + d[None, :], mask=ok[:, None],
+                other=0.0).to(tl.float32)
+    b = tl.load(o2_ptr + t64[:, None] * s_2t + h * s_2h + d[None, :], mask=ok[:, None],
+                other=0.0).to(tl.float32)
+    o = (a * (w1 / den)[:, None] + b * (w2 / den)[:, None])
+    tl.store(out_ptr + t64[:, None] * s_ot + h * s_oh + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
+def _merge_band_kernel(out_ptr, o1_ptr, o2_ptr, l1_ptr, l2_ptr, n, W, R, s_ot, s_oh, s_1c,
+                       s_1t, s_1h, s_2c, s_2t, s_2h, s_l1c, s_l1h, s_l1t, s_l2c, s_l2h, s_l2t,
+                       D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Sink + window prefill from fused-attention pieces (``sdpa_prefill.sparse_prefill_pieces``):
+    ``out[t, h]`` for query ``t`` of a run of chunks of ``W`` queries is the LSE-merge of the
+    diagonal piece (``o1``/``l1`` at chunk ``t // W``, row ``t % W``) and the sink + band piece,
+    whose queries run backwards (``o2``/``l2`` at chunk ``t // W``, row ``R - 1 - t % W``; a
+    negative row has no such keys). ``l*`` natural log, indexed (chunk, head, row)."""
+    h = tl.program_id(1)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = t < n
+    c = (t // W).to(tl.int64)
+    a = t % W
+    i2 = R - 1 - a
+    ok2 = ok & (i2 >= 0)
+    i2 = tl.maximum(i2, 0).to(tl.int64)
+    a = a.to(tl.int64)
+    d = tl.arange(0, D)
+    # the diagonal piece always holds the query's own key: l1 is finite
+    l1 = tl.load(l1_ptr + c * s_l1c + h * s_l1h + a * s_l1t, mask=ok, other=0.0)
+    l2 = tl.load(l2_ptr + c * s_l2c + h * s_l2h + i2 * s_l2t, mask=ok2, other=float("-inf"))
+    m = tl.maximum(l1, l2)
+    w1 = tl.exp(l1 - m)
+    w2 = tl.exp(l2 - m)
+    den = w1 + w2
+    x = tl.load(o1_ptr + (c * s_1c + a * s_1t)[:, None] + h * s_1h + d[None, :],
+                mask=ok[:, None], other=0.0).to(tl.float32)
+    y = tl.load(o2_ptr + (c * s_2c + i2 * s_2t)[:, None] + h * s_2h + d[None, :],
+                mask=ok2[:, None], other=0.0).to(tl.float32)
+    o = x * (w1 / den)[:, None] + y * (w2 / den)[:, None]
+    tl.store(out_ptr + t.to(tl.int64)[:, None] * s_ot + h * s_oh + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, kv_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_cb, stride_ch, stride_cs, HKV: tl.constexpr, D: tl.constexpr,
+                     PAGE: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One program per token: its K and V rows of every KV head to slot ``slot[t]`` of the paged
+    cache (block ``slot // PAGE``, offset ``slot % PAGE``); a negative slot (padding) is
+    skipped."""
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        h = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, D)
+        ok = (h < HKV)[:, None]
+        t64 = t.to(tl.int64)
+        k = tl.load(k_ptr + t64 * stride_kt + h[:, None] * stride_kh + d[None, :], mask=ok)
+        v = tl.load(v_ptr + t64 * stride_vt + h[:, None] * stride_vh + d[None, :], mask=ok)
+        dst = kv_ptr + (slot // PAGE) * stride_cb + h[:, None] * stride_ch \
+            + (slot % PAGE) * stride_cs + d[None, :]
+        tl.store(dst, k.to(kv_ptr.dtype.element_ty), mask=ok)
+        tl.store(dst + D, v.to(kv_ptr.dtype.element_ty), mask=ok)
+
+
+def write_kv_triton(key, value, kv_cache, slot_mapping) -> None:
+    """Scatter ``key``/``value [n, Hkv, D]`` (any token and head strides) to ``slot_mapping[n]``
+    (negative: skipped) without a host sync."""
+    n = slot_mapping.shape[0]
+    if n == 0:
+        return
+    _, hkv, page, d2 = kv_cache.shape
+    d = d2 // 2
+    assert key.stride(2) == 1 and value.stride(2) == 1 and kv_cache.stride(3) == 1
+    _write_kv_kernel[(n,)](
+        key, value, kv_cache, slot_mapping, key.stride(0), key.stride(1), value.stride(0),
+        value.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        HKV=hkv, D=d, PAGE=page, BLOCK_H=triton.next_power_of_2(hkv), num_warps=4)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -451,17 +632,67 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: a few splits, so the split/reduce path is exercised
 
 
-# Defaults = the winners of benchmarks/gpu_kernels.py's sweep on an H200 (docs/benchmarks.md).
+# Defaults, used where tuned_h200.json (below) has no entry. Chosen from the sm_90 compile of
+# Triton 3.6 (benchmarks/sm90_compile_report.py) before the v8 sweep: see docs/benchmarks.md.
 # waves: decode programs per SM. The split count makes (sequences x KV heads x splits) about
 # waves x SMs, all co-resident (one wave: no tail), so one long sequence fills the GPU too.
-# block_n 128: the pipeliner prefetches only one KV tile ahead behind the block-table load, so
-# a large tile keeps enough bytes in flight.
-DEFAULT_DECODE = {"block_n": 128, "num_warps": 4, "num_stages": 3, "waves": 3}
-# mask_mode 3 (one loop, per-tile branch) with 4 warps: two CTAs per SM overlap each other's
-# softmax and MMA, which beat the pipelined two-loop form (mode 0) with 8 warps.
-DEFAULT_PREFILL = {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3,
-                   "mask_mode": 3, "dense_backend": "sdpa"}
+# num_stages 5: the least that leaves a K/V tile in flight behind the block-table load (one
+# stage goes to that indirect load); 64-key tiles keep two such programs per SM.
+# fused_max_splits: up to this many splits the last split merges them (no reduce launch).
+DEFAULT_DECODE = {"block_n": 64, "num_warps": 4, "num_stages": 5, "waves": 2,
+                  "fused_max_splits": 16}
+# Prefill: full and partial KV tiles in two straight-line loops (mask_mode 0), FlexAttention's
+# Hopper shape (128 x 64 tiles, 8 warps), 5 stages (three K/V buffers), GQA-packed rows.
+# Dense whole prompts through the fused kernels, cuDNN's first (whole_impl); chunks over a
+# cached prefix and sink + window prompts on Triton unless the sweep's table says otherwise
+# (chunk_backend / sparse_backend).
+DEFAULT_PREFILL = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 5,
+                   "mask_mode": 0, "pack_gqa": True, "dense_backend": "sdpa",
+                   "chunk_backend": "triton", "whole_impl": "cudnn",
+                   "sparse_backend": "triton"}
 MAX_SPLITS = 256
+
+# Per-shape winners of the H200 sweep (benchmarks/gpu_sweep.py writes tuned_h200.json; copied
+# here it overrides the defaults above): {"prefill": {mode: {min_query_len: cfg}},
+# "decode": {mode: {min_num_seqs: cfg}}}, mode "dense" / "sparse" (/ "compressed" for decode).
+TUNED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_h200.json")
+
+
+@functools.lru_cache(maxsize=1)
+def _tuned_table() -> dict:
+    if not os.path.exists(TUNED_FILE):
+        return {}
+    import json
+
+    with open(TUNED_FILE) as f:
+        return json.load(f)
+
+
+@functools.lru_cache(maxsize=4096)
+def tuned_config(kind: str, mode: str, size: int) -> dict:
+    """The tuned config of the largest size class ``<= size`` (query length for prefill, batch
+    size for decode), or {} (defaults) when none is recorded."""
+    classes = _tuned_table().get(kind, {}).get(mode, {})
+    fits = [int(k) for k in classes if int(k) <= size]
+    return dict(classes[str(max(fits))]) if fits else {}
+
+# Split-K arrival counters of the fused decode reduce, one int32 per (sequence, KV head), zero
+# between launches (the last split of each resets its own). Allocated once per device, outside
+# any CUDA-graph capture; a batch that needs more than one allocated during capture falls back
+# to the separate reduce launch.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_MIN_COUNTERS = 1 << 14
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor | None:
+    buf = _COUNTERS.get(device)
+    if buf is not None and buf.numel() >= n:
+        return buf
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    buf = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
+    _COUNTERS[device] = buf
+    return buf
 SPLIT_CHUNK = 32
 
 
@@ -473,12 +704,63 @@ def decode_splits(kv_tokens: int, block_n: int, waves: int, pairs: int, sms: int
     return max(1, min(MAX_SPLITS, n))
 
 
+def _launch_decode(q, kv_cache, block_table, seq_lens, query_start_loc, sink, window, kept_end,
+                   gap_end, out, hits_u8, qref, o_e, lse_e, en, tau, scale_log2, strides, q_thr,
+                   max_q_dec, kv_tokens, has_calib, has_sw, has_gap, dcfg):
+    """The split-KV decode launch (and its reduce, when the splits are not merged in-kernel)."""
+    num_seqs, hq, d = seq_lens.shape[0], q.shape[1], q.shape[2]
+    _, hkv, page, _ = kv_cache.shape
+    g = hq // hkv
+    dev = q.device
+    block_m = max(16, triton.next_power_of_2(max_q_dec * g))
+    bn = dcfg["block_n"]
+    num_splits = dcfg.get("num_splits")
+    if num_splits is None:
+        num_splits = decode_splits(kv_tokens, bn, dcfg["waves"], num_seqs * hkv, _num_sms(dev))
+    num_splits = max(1, int(num_splits))
+    final = num_splits == 1
+    locks = None
+    if final:
+        part_o = part_lse = out
+    else:
+        rows = num_seqs * max_q_dec * hq * num_splits
+        part_o = torch.empty(rows * d, dtype=torch.float32, device=dev)
+        part_lse = torch.empty(rows, dtype=torch.float32, device=dev)
+        if num_splits <= dcfg["fused_max_splits"]:
+            locks = _split_counters(dev, num_seqs * hkv)
+    fused = locks is not None
+    _decode_kernel[(num_seqs, hkv, num_splits)](
+        q, kv_cache, block_table, seq_lens, query_start_loc, sink, window, kept_end, gap_end,
+        out, hits_u8, part_o, part_lse, locks if fused else seq_lens, qref, o_e, lse_e, en, tau,
+        scale_log2, *strides, num_splits, q_thr,
+        HQ=hq, G=g, D=d, PAGE=page, BLOCK_M=block_m, BLOCK_N=bn, HAS_CALIB=has_calib,
+        FINAL=final, MAXQ=max_q_dec, HAS_SW=has_sw, HAS_GAP=has_gap, FUSED_REDUCE=fused,
+        num_warps=dcfg["num_warps"], num_stages=dcfg["num_stages"],
+    )
+    if not final and not fused:
+        _decode_reduce_kernel[(num_seqs, hq, max_q_dec)](
+            q, query_start_loc, out, hits_u8, part_o, part_lse, qref, o_e, lse_e, en, tau,
+            strides[0], strides[1], strides[6], strides[7], num_splits, q_thr,
+            HQ=hq, D=d, SPLIT_CHUNK=SPLIT_CHUNK, HAS_CALIB=has_calib, MAXQ=max_q_dec,
+            num_warps=4,
+        )
+
+
 def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, scale, sink,
                            window, kept_end, gap_end, calibration, out, *, max_query_len=None,
                            max_seq_len=None, max_kv_tokens=None, decode_config=None,
-                           prefill_config=None):
+                           prefill_config=None, host_query_start_loc=None, host_seq_lens=None,
+                           new_kv=None, host_sink=None, host_window=None):
     """Launch the decode and/or prefill kernels. Mask tensors: int32 [num_seqs] or None (0).
-    sink and window come together (both or neither), so do kept_end and gap_end."""
+    sink and window come together (both or neither), so do kept_end and gap_end.
+
+    A prefill batch without masks or calibration goes to torch SDPA's fused kernels
+    (``sdpa_prefill``): whole prompts always, chunks over a cached prefix with
+    ``chunk_backend = "sdpa"``; the host copies ``host_query_start_loc`` / ``host_seq_lens``
+    spare that dispatch a device sync, ``new_kv`` spares whole prompts their K/V gather. With
+    ``sparse_backend = "sdpa"`` (and no gap or calibration in the batch), sink + window whole
+    prompts go to the fused kernels too (``sparse_prefill_sdpa``; needs every host copy,
+    ``host_sink`` / ``host_window`` included); the Triton kernel takes the other prefills."""
     t_total, hq, d = q.shape
     _, hkv, page, d2 = kv_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -508,7 +790,11 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
         hits_u8 = out  # unused
         qref = o_e = lse_e = en = tau = q
     if max_query_len is None:
-        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item())
+        if host_query_start_loc is not None:
+            hq_l = list(host_query_start_loc)
+            max_query_len = max(b - a for a, b in zip(hq_l[:-1], hq_l[1:], strict=True))
+        else:
+            max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item())
     if max_seq_len is None:
         max_seq_len = block_table.shape[1] * page
     if max_kv_tokens is None:
@@ -529,64 +815,84 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
     assert block_table.stride(1) == 1
 
     q_thr = max(1, DECODE_MAX_ROWS // g)
-    dcfg = dict(DEFAULT_DECODE, **(decode_config or {}))
-    pcfg = dict(DEFAULT_PREFILL, **(prefill_config or {}))
+    mode = "compressed" if has_gap else ("sparse" if has_sw else "dense")
+    # defaults < the sweep's winners < the caller's settings (later keys override earlier ones)
+    dcfg = {**DEFAULT_DECODE, **tuned_config("decode", mode, num_seqs),
+            **(decode_config or {})}
+    pcfg = {**DEFAULT_PREFILL, **tuned_config("prefill", "sparse" if has_sw else "dense",
+                                              max_query_len), **(prefill_config or {})}
 
-    # decode kernel: sequences with 1 <= q_len <= q_thr
-    max_q_dec = min(max_query_len, q_thr)
-    block_m = max(16, triton.next_power_of_2(max_q_dec * g))
-    bn = dcfg["block_n"]
-    num_splits = dcfg.get("num_splits")
-    if num_splits is None:
-        num_splits = decode_splits(min(max_kv_tokens, max_seq_len), bn, dcfg["waves"],
-                                   num_seqs * hkv, _num_sms(dev))
-    num_splits = max(1, int(num_splits))
-    final = num_splits == 1
-    if final:
-        part_o = part_lse = out
-    else:
-        rows = num_seqs * max_q_dec * hq * num_splits
-        part_o = torch.empty(rows * d, dtype=torch.float32, device=dev)
-        part_lse = torch.empty(rows, dtype=torch.float32, device=dev)
-    _decode_kernel[(num_seqs, hkv, num_splits)](
-        q, kv_cache, block_table, seq_lens, query_start_loc, sink, window, kept_end, gap_end,
-        out, hits_u8, part_o, part_lse, qref, o_e, lse_e, en, tau, scale_log2, *strides,
-        num_splits, q_thr,
-        HQ=hq, G=g, D=d, PAGE=page, BLOCK_M=block_m, BLOCK_N=bn, HAS_CALIB=has_calib,
-        FINAL=final, MAXQ=max_q_dec, HAS_SW=has_sw, HAS_GAP=has_gap, num_warps=dcfg["num_warps"],
-        num_stages=dcfg["num_stages"],
-    )
-    if not final:
-        _decode_reduce_kernel[(num_seqs, hq, max_q_dec)](
-            q, query_start_loc, out, hits_u8, part_o, part_lse, qref, o_e, lse_e, en, tau,
-            strides[0], strides[1], strides[6], strides[7], num_splits, q_thr,
-            HQ=hq, D=d, SPLIT_CHUNK=SPLIT_CHUNK, HAS_CALIB=has_calib, MAXQ=max_q_dec,
-            num_warps=4,
-        )
+    # decode kernel: sequences with 1 <= q_len <= q_thr (with the host lengths, a batch of
+    # prefills alone launches no empty decode grid)
+    has_decode = True
+    if host_query_start_loc is not None:
+        hq_l = list(host_query_start_loc)
+        has_decode = any(0 < b - a <= q_thr for a, b in zip(hq_l[:-1], hq_l[1:], strict=True))
+    if has_decode:
+        _launch_decode(q, kv_cache, block_table, seq_lens, query_start_loc, sink, window,
+                       kept_end, gap_end, out, hits_u8, qref, o_e, lse_e, en, tau, scale_log2,
+                       strides, q_thr, min(max_query_len, q_thr), min(max_kv_tokens, max_seq_len),
+                       has_calib, has_sw, has_gap, dcfg)
 
     # prefill: sequences with q_len > q_thr. Without any mask or calibration in the batch, the
-    # work is plain causal attention, where torch's flash kernel beats ours (docs/benchmarks.md).
-    # (The interpreter, UPCAST_DOT, keeps the Triton kernel so the CPU tests exercise it.)
-    dense_done = (max_query_len > q_thr and not (has_sw or has_gap or has_calib)
-                  and pcfg["dense_backend"] == "sdpa" and not UPCAST_DOT
+    # work is plain causal attention, where torch's fused kernels beat ours (docs/benchmarks.md).
+    # (The interpreter, UPCAST_DOT, keeps the Triton kernel unless a test asks for SDPA, so the
+    # CPU tests exercise it.)
+    use_sdpa = pcfg["dense_backend"] == "sdpa" and (
+        not UPCAST_DOT or "dense_backend" in (prefill_config or {}))
+    dense_done = (max_query_len > q_thr and not (has_sw or has_gap or has_calib) and use_sdpa
                   and dense_prefill_sdpa(q, kv_cache, block_table, seq_lens, query_start_loc,
-                                         scale, out, q_thr, whole_batch=True) is not None)
+                                         scale, out, q_thr, whole_batch=True,
+                                         chunks=pcfg["chunk_backend"] == "sdpa",
+                                         host_query_start_loc=host_query_start_loc,
+                                         host_seq_lens=host_seq_lens, new_kv=new_kv,
+                                         triton_merge=True, lse_impl=pcfg.get("lse_impl"),
+                                         whole_impl=pcfg["whole_impl"])
+                  is not None)
+    # sink + window whole prompts through fused-attention pieces, where the sweep found them
+    # faster than the Triton kernel (tuned "sparse_backend"); the others stay on Triton
+    sparse_done: set[int] = set()
+    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if (max_query_len > q_thr and has_sw and not (has_gap or has_calib or capturing)
+            and pcfg.get("sparse_backend", "triton") == "sdpa"
+            and None not in (host_sink, host_window, host_query_start_loc, host_seq_lens)
+            and (not UPCAST_DOT or "sparse_backend" in (prefill_config or {}))):
+        sparse_done = set(sparse_prefill_sdpa(
+            q, kv_cache, block_table, seq_lens, query_start_loc, scale, out, q_thr, host_sink,
+            host_window, host_query_start_loc=host_query_start_loc,
+            host_seq_lens=host_seq_lens, new_kv=new_kv, triton_merge=True,
+            impl=pcfg.get("lse_impl")))
+    if sparse_done:
+        hq_l = list(host_query_start_loc)
+        dense_done = all(s in sparse_done for s in range(num_seqs)
+                         if hq_l[s + 1] - hq_l[s] > q_thr)
     if max_query_len > q_thr and not dense_done:
-        bm = max(pcfg["block_m"], triton.next_power_of_2(g))
-        tok = bm // g
-        q_lens = query_start_loc[1:] - query_start_loc[:-1]
-        tiles = torch.where(q_lens > q_thr, (q_lens + tok - 1) // tok, torch.zeros_like(q_lens))
-        cu_tiles = torch.zeros(num_seqs + 1, dtype=torch.int32, device=dev)
-        cu_tiles[1:] = torch.cumsum(tiles, 0)
+        pack = bool(pcfg["pack_gqa"])
+        bm = max(pcfg["block_m"], triton.next_power_of_2(g)) if pack else pcfg["block_m"]
+        tok = bm // g if pack else bm
+        if host_query_start_loc is not None and not capturing:
+            # from the host lengths: one asynchronous copy instead of five small kernels
+            hq_l = list(host_query_start_loc)
+            cu = [0]
+            for s_i, (a, b) in enumerate(zip(hq_l[:-1], hq_l[1:], strict=True)):
+                take = b - a > q_thr and s_i not in sparse_done
+                cu.append(cu[-1] + ((b - a + tok - 1) // tok if take else 0))
+            cu_tiles = to_device(torch.tensor(cu, dtype=torch.int32), dev)
+        else:
+            q_lens = query_start_loc[1:] - query_start_loc[:-1]
+            tiles = torch.where(q_lens > q_thr, (q_lens + tok - 1) // tok,
+                                torch.zeros_like(q_lens))
+            cu_tiles = torch.zeros(num_seqs + 1, dtype=torch.int32, device=dev)
+            cu_tiles[1:] = torch.cumsum(tiles, 0)
         grid_tiles = triton.cdiv(t_total, tok) + num_seqs
         steps = max(1, math.ceil(math.log2(num_seqs + 1)) + 1)
-        _prefill_kernel[(hkv, grid_tiles)](
+        _prefill_kernel[(hkv if pack else hq, grid_tiles)](
             q, kv_cache, block_table, seq_lens, query_start_loc, cu_tiles, sink, window,
             kept_end, gap_end, out, hits_u8, qref, o_e, lse_e, en, tau, scale_log2, *strides,
             num_seqs, grid_tiles,
             HQ=hq, G=g, D=d, PAGE=page, BLOCK_M=bm, BLOCK_N=pcfg["block_n"],
             SEARCH_STEPS=steps, HAS_CALIB=has_calib, MASK_MODE=pcfg["mask_mode"], HAS_SW=has_sw,
-            HAS_GAP=has_gap,
+            HAS_GAP=has_gap, PACK_GQA=pack,
             num_warps=pcfg["num_warps"], num_stages=pcfg["num_stages"],
         )
     hits = hits_u8.view(torch.bool) if has_calib else None

@@ -42,6 +42,9 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     n = slot_mapping.shape[0]
     if n == 0:
         return
+    if kv_cache.is_cuda:  # one kernel that skips padding slots itself: no host sync per layer
+        ops.write_kv(key, value, kv_cache, slot_mapping)
+        return
     block_size, d = kv_cache.shape[2], kv_cache.shape[3] // 2
     slots = slot_mapping.to(torch.int64)
     k, v = key[:n], value[:n]
@@ -61,7 +64,8 @@ def token_index(query_start_loc: Sequence[int], rows: Sequence[int]) -> torch.Te
 
 def attend(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale: float,
            output: torch.Tensor, rows: Sequence[int] | None = None,
-           kv_layout: KVLayout | None = None) -> None:
+           kv_layout: KVLayout | None = None, key: torch.Tensor | None = None,
+           value: torch.Tensor | None = None) -> None:
     """One layer's decoder attention for ``rows`` of the batch (None: all), written into
     ``output``; other rows' outputs are left as they are.
 
@@ -70,6 +74,10 @@ def attend(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale: float,
     (int32, on the query's device) and ``step`` (``StepMetadata``, None: full attention without
     eviction). ``query [T, Hq, D]``, ``output`` likewise; ``kv_cache`` as in the module docstring,
     ``kv_layout`` where K/V lie in it (None: slot-major).
+    Optional (GPU metadata): ``md.query_start_loc_cpu`` / ``md.seq_lens_cpu`` host lists, and
+    this step's ``key``/``value [T, Hkv, D]`` (already written to the cache), which spare the
+    dense-prefill path a device sync and a K/V gather; in a prefill step the layer's sink and
+    window go along as host lists too (the sparse prefill dispatch reads them).
     """
     step: StepMetadata | None = md.step
     seq_lens, block_table = md.seq_lens, md.block_table
@@ -79,7 +87,7 @@ def attend(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale: float,
     out = output[:md.num_actual_tokens]
     qsl = md.query_start_loc[:n + 1]
     qsl_host = step.query_start_loc[:n + 1] if step is not None else None
-    sink = window = kept_end = gap_end = calib = None
+    sink = window = kept_end = gap_end = calib = host_sink = host_window = None
     li = layer_index(layer)
     rt = None
     live_ids: list[str] = []
@@ -88,6 +96,8 @@ def attend(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale: float,
         if routing.any_sparse(li):
             sink, window = routing.layer_window(li, dev)
             sink, window = sink[:n], window[:n]
+            if q.is_cuda and md.max_query_len > 1:  # a prefill: host copies for its dispatch
+                host_sink, host_window = (x[:n] for x in routing.layer_window_host(li))
         if eviction.kept_end is not None:
             kept_end, gap_end = (t[:n] for t in eviction.bounds(dev))
     tokens = None
@@ -115,7 +125,14 @@ def attend(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale: float,
         q, kv_cache, block_table[:n], seq_lens, qsl, scale,
         sink=sink, window=window, kept_end=kept_end, gap_end=gap_end, calibration=calib,
         out=out if tokens is None else None, max_query_len=md.max_query_len,
-        max_seq_len=md.max_seq_len, max_kv_tokens=max_kv, kv_layout=kv_layout)
+        max_seq_len=md.max_seq_len, max_kv_tokens=max_kv, kv_layout=kv_layout,
+        # host copies and this step's K/V describe the whole batch (GPU), not a sub-batch
+        **({} if tokens is not None else dict(
+            host_query_start_loc=getattr(md, "query_start_loc_cpu", None),
+            host_seq_lens=getattr(md, "seq_lens_cpu", None),
+            new_kv=(key, value) if key is not None and value is not None and q.is_cuda
+            else None,
+            host_sink=host_sink, host_window=host_window)))
     if tokens is not None:
         out.index_copy_(0, tokens, res)
     if rt is not None and hits is not None:
@@ -139,10 +156,11 @@ def compress_completed(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, s
 
 
 def run_attention(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale: float,
-                  output: torch.Tensor) -> torch.Tensor:
+                  output: torch.Tensor, key: torch.Tensor | None = None,
+                  value: torch.Tensor | None = None) -> torch.Tensor:
     """One layer's decoder attention for the whole batch (slot-major KV), written into
     ``output``, then the compression of the rows whose prompt completes (``attend``,
     ``compress_completed``)."""
-    attend(layer, query, kv_cache, md, scale, output)
+    attend(layer, query, kv_cache, md, scale, output, key=key, value=value)
     compress_completed(layer, query, kv_cache, md, scale)
     return output

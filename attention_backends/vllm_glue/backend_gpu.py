@@ -40,6 +40,10 @@ class FluxGPUMetadata:
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
     step: StepMetadata | None
+    # host copies for the dense-prefill dispatch (no device sync); seq lengths exact on prefill
+    # rows, None under speculative decoding (decode rows with long queries are only bounds)
+    query_start_loc_cpu: list[int] | None = None
+    seq_lens_cpu: list[int] | None = None
 
 
 class FluxGPUMetadataBuilder(AttentionMetadataBuilder[FluxGPUMetadata]):
@@ -50,11 +54,18 @@ class FluxGPUMetadataBuilder(AttentionMetadataBuilder[FluxGPUMetadata]):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> FluxGPUMetadata:
         cm = common_attn_metadata
+        seq_cpu = getattr(cm, "seq_lens_cpu_upper_bound", None)
+        if seq_cpu is not None and self.vllm_config.speculative_config is None:
+            seq_cpu = seq_cpu[:cm.num_reqs].tolist()
+        else:
+            seq_cpu = None
         return FluxGPUMetadata(
             num_actual_tokens=cm.num_actual_tokens, max_query_len=cm.max_query_len,
             max_seq_len=cm.max_seq_len, query_start_loc=cm.query_start_loc,
             seq_lens=cm.seq_lens, block_table=cm.block_table_tensor,
             slot_mapping=cm.slot_mapping, step=step_metadata_for(cm, self.vllm_config),
+            query_start_loc_cpu=cm.query_start_loc_cpu[:cm.num_reqs + 1].tolist(),
+            seq_lens_cpu=seq_cpu,
         )
 
 
@@ -85,7 +96,8 @@ class FluxGPUAttentionImpl(AttentionImpl):
             raise NotImplementedError("fused output quantization")
         if attn_metadata is None:  # profiling run
             return output
-        return run_attention(layer, query, kv_cache, attn_metadata, self.scale, output)
+        return run_attention(layer, query, kv_cache, attn_metadata, self.scale, output,
+                             key=key, value=value)
 
 
 class FluxGPUAttentionBackend(AttentionBackend):

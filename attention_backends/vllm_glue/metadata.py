@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from attention_backends.flux.request_state import BatchRow, FluxRegistry, get_registry
@@ -63,18 +64,19 @@ def _max_kv_tokens(rows: Sequence[BatchRow | None], qsl: list[int], num_rows: in
     """Per layer, the most keys any row can see: seq_len, or sink + window + q_len on sparse
     rows, or kept + tail on compressed rows. Rows still to be routed count as full, so the bound
     holds whatever the routers decide."""
-    q_lens = [qsl[i + 1] - qsl[i] for i in range(num_rows)]
-    seq = torch.tensor([rows[i].num_computed + q_lens[i]
-                        if i < len(rows) and rows[i] is not None else 0
-                        for i in range(num_rows)], dtype=torch.int64)
-    q_len = torch.tensor(q_lens, dtype=torch.int64)
+    # numpy on these few-element arrays: a microsecond an operation, torch's are ten
+    q_len = np.diff(np.asarray(qsl[:num_rows + 1], dtype=np.int64))
+    seq = np.fromiter((rows[i].num_computed if i < len(rows) and rows[i] is not None else -1
+                       for i in range(num_rows)), dtype=np.int64, count=num_rows)
+    seq = np.where(seq >= 0, seq + q_len, 0)
     full = seq
     if eviction.kept_end is not None:
-        kept_end, gap_end = eviction.kept_end, eviction.gap_end
-        full = torch.where(kept_end > 0, torch.minimum(seq, kept_end + seq - gap_end), seq)
-    sa = torch.minimum(full, routing.sink.long() + routing.window.long() + q_len)
-    bounds = torch.where(routing.sparse, sa[None], full[None])  # [layers, rows]
-    return bounds.amax(1).tolist() if num_rows else [0] * routing.sparse.shape[0]
+        kept_end, gap_end = eviction.kept_end.numpy(), eviction.gap_end.numpy()
+        full = np.where(kept_end > 0, np.minimum(seq, kept_end + seq - gap_end), seq)
+    sa = np.minimum(full, routing.sink.numpy() + routing.window.numpy().astype(np.int64) + q_len)
+    if not num_rows:
+        return [0] * routing.sparse.shape[0]
+    return np.where(routing.sparse.numpy(), sa[None], full[None]).max(1).tolist()
 
 
 _BATCH: list[BatchRow | None] | None = None

@@ -64,6 +64,8 @@ class KVPolicyRuntime:
         # what the request fixed, and the step metadata asks for it every step.
         self._plans: dict[str, tuple[int, int, dict, PolicyOptions | None,
                                      EvictionPlan | None]] = {}
+        # layer -> (batch key, its ops.Calibration, the summaries it was built from)
+        self._calib_cache: dict[int, tuple] = {}
 
     # ------------------------------------------------------------------ eviction
 
@@ -139,8 +141,20 @@ class KVPolicyRuntime:
 
     def calibration_for(self, layer_idx: int, req_ids: Sequence[str], device):
         """Batched ``ops.Calibration`` for the requests of a batch, in batch order, or None
-        (``calidrop.batched_calibration``)."""
-        return batched_calibration([self._layer_state(r, layer_idx) for r in req_ids], device)
+        (``calidrop.batched_calibration``).
+
+        Kept per layer while the batch's rows carry the same summaries (a run of decode steps
+        of the same requests): the layer's tensors are built once for the run, not once per
+        layer and step."""
+        rows = [self._layer_state(r, layer_idx) for r in req_ids]
+        key = (str(device), tuple(id(c) for c in rows))
+        cached = self._calib_cache.get(layer_idx)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        calib = batched_calibration(rows, device)
+        # the cached batch holds the summaries it was built from, so their ids stay unique
+        self._calib_cache[layer_idx] = (key, calib, rows)
+        return calib
 
     def record_hits(self, layer_idx: int, req_ids: Sequence[str], hits: Tensor | None,
                     query_start_loc: Sequence[int] | Tensor | None = None) -> None:
@@ -184,6 +198,8 @@ class KVPolicyRuntime:
     def release(self, req_id: str) -> None:
         """Drop a finished, aborted or preempted request's state (a no-op if it has none)."""
         self._plans.pop(req_id, None)
+        if req_id in self._states:
+            self._calib_cache.clear()
         if self._states.pop(req_id, None) is not None:
             self.flush_metrics()
 

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from attention_backends.kernels.host import to_device
 from kv_policies.eviction.base import PolicyOptions
 from kv_policies.eviction.options import EXTRA_ARGS_KEY
 from kv_policies.eviction.plan import EvictionPlan
@@ -48,7 +49,8 @@ class EvictionStep:
     def bounds(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(kept_end, gap_end)`` on ``device``, copied once per step."""
         if self._device_gaps is None or self._device_gaps[0].device != device:
-            self._device_gaps = (self.kept_end.to(device), self.gap_end.to(device))
+            self._device_gaps = (to_device(self.kept_end, device),
+                                 to_device(self.gap_end, device))
         return self._device_gaps
 
 

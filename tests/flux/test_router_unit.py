@@ -142,6 +142,7 @@ def test_metadata_modes_and_routing_rows():
     assert fb.prompt_done == [True, True, True, False, False]
     sink, window = fb.layer_window(1, torch.device("cpu"))
     assert window.tolist() == [0, 16, 32, 0, 0]  # layer 1: b (sparse), c (listed); d pending
+    assert fb.layer_window_host(1) == (sink.tolist(), window.tolist())
     # Routing this step fixes the decision; the next chunk and decode reuse it.
     for layer in range(NUM_LAYERS):
         reg.record_decision("d", layer, layer % 2 == 0, NUM_LAYERS)
@@ -167,6 +168,31 @@ def test_max_kv_tokens_bounds_every_rows_visible_keys():
     assert fb.max_kv_tokens == [200, 65]
     fb_ab = build_step_metadata(2, qsl[:3], rows, reg, 2, block_size=16)
     assert fb_ab.max_kv_tokens == [200, 21]
+
+
+def test_decode_steps_of_one_batch_reuse_the_routing_tensors():
+    """Consecutive steps over the same requests share the decision tensors (no rebuild per
+    step); a step with another batch, or with a row being routed, builds its own."""
+    reg = _registry(with_router=True)
+    extra = {"a": {"flux": {"mode": "sparse", "sink": 4, "window": 16}}, "b": None,
+             "d": {"flux": {"mode": "auto"}}}
+    rows = _rows(extra, [("a", 50, 50), ("b", 40, 40)])
+    s1 = build_routing_step(2, [0, 1, 2], rows, reg, NUM_LAYERS)
+    s2 = build_routing_step(2, [0, 1, 2], _rows(extra, [("a", 50, 51), ("b", 40, 41)]), reg,
+                            NUM_LAYERS)
+    assert s2.sparse is s1.sparse and s2.window is s1.window
+    assert s2.sparse[:, 0].all() and not s2.sparse[:, 1].any()
+    swapped = build_routing_step(2, [0, 1, 2], _rows(extra, [("b", 40, 42), ("a", 50, 52)]),
+                                 reg, NUM_LAYERS)
+    assert swapped.sparse is not s1.sparse and swapped.sparse[:, 1].all()
+    assert swapped.window[1] == 16 and swapped.window[0] == s1.window[1]
+    routed = build_routing_step(3, [0, 1, 2, 130],
+                                _rows(extra, [("b", 40, 43), ("a", 50, 53), ("d", 300, 0)]),
+                                reg, NUM_LAYERS)
+    routed.set_decisions(0, [True])
+    again = build_routing_step(2, [0, 1, 2], _rows(extra, [("b", 40, 44), ("a", 50, 54)]), reg,
+                               NUM_LAYERS)
+    assert again.sparse is not routed.sparse and not again.sparse[:, 0].any()
 
 
 def test_auto_without_router_runs_full():

@@ -98,33 +98,249 @@ def test_dense_prefill_through_sdpa(dtype):
     _check(out[prefill_rows], want[prefill_rows], dtype)
 
 
+def _new_kv(paged, seqs, hkv, d):
+    """This step's K and V [T, Hkv, D]: the last q_len slots of every sequence."""
+    rows = [paged.logical[s][length - q_len:] for s, (length, q_len) in enumerate(seqs)]
+    x = torch.cat(rows)
+    return x[..., :d].contiguous(), x[..., d:].contiguous()
+
+
 @needs_triton
+@pytest.mark.parametrize("chunks", [False, True])
+@pytest.mark.parametrize("hints", [False, True])
+def test_dense_prefill_dispatch(monkeypatch, chunks, hints):
+    """Dense prefill batches through SDPA from ``ops.paged_attention``: whole prompts (their
+    K/V from ``new_kv`` or gathered), and chunks over a cached prefix split into a prefix part
+    and a causal square merged by log-sum-exp (Triton merge kernel); decode rows stay on the
+    decode kernel; host copies of the lengths replace the device reads."""
+    from attention_backends.kernels import paged_attention as pa
+
+    taken = []
+    real = pa.dense_prefill_sdpa
+
+    def spy(*a, **kw):
+        r = real(*a, **kw)
+        taken.append(r)
+        return r
+
+    monkeypatch.setattr(pa, "dense_prefill_sdpa", spy)
+    dtype, hq, hkv, d = torch.bfloat16, 8, 2, 64
+    seqs = [(70, 70), (100, 37), (33, 1), (129, 129), (90, 20)] if chunks else \
+        [(70, 70), (33, 1), (129, 129), (64, 64)]
+    paged, q, qsl = _make_inputs(950 + chunks + 2 * hints, dtype, hq, hkv, d, 16, seqs)
+    kw = {}
+    if hints:
+        kw = {"host_query_start_loc": qsl.tolist(), "host_seq_lens": paged.seq_lens.tolist(),
+              "new_kv": _new_kv(paged, seqs, hkv, d), "max_query_len": None}
+    cfg = {"dense_backend": "sdpa", "chunk_backend": "sdpa" if chunks else "triton",
+           "block_m": 16, "block_n": 16}
+    got, _, want, _ = _run_both(paged, q, qsl, 0.125, {}, prefill_config=cfg,
+                                decode_config={"block_n": 16}, **kw)
+    _check(got, want, dtype)
+    prefill = [s for s, (_, q_len) in enumerate(seqs) if q_len > 16]
+    assert taken == [prefill]
+
+
+# (prompt length, sink, window): prompt shorter than sink + window (one causal call), whole
+# chunks only, a partial last chunk, no sink, a sink of 1, an odd window, GQA 4 and 3
+PIECES_CASES = [(30, 4, 16, 8, 2), (20 + 16 * 3, 4, 16, 8, 2), (117, 4, 16, 8, 2),
+                (96, 0, 16, 8, 2), (97, 1, 8, 8, 2), (150, 5, 7, 6, 2), (260, 16, 32, 8, 1)]
+
+
+@needs_triton
+@pytest.mark.parametrize("impl", ["math", None])
+@pytest.mark.parametrize("triton_merge", [True, False])
+@pytest.mark.parametrize("case", range(len(PIECES_CASES)))
+def test_sparse_prefill_pieces(case, triton_merge, impl):
+    """Sink + window prefill of one whole prompt from causal squares merged by log-sum-exp (the
+    band of each chunk reversed into a causal square), against the float32 reference: with the
+    float32 math kernel and torch's CPU flash kernel (cuDNN's stand-ins), both merges."""
+    from attention_backends.kernels.sdpa_prefill import sparse_prefill_pieces
+
+    length, sink, window, hq, hkv = PIECES_CASES[case]
+    dtype, d = torch.bfloat16, 64
+    paged, q, qsl = _make_inputs(980 + case, dtype, hq, hkv, d, 16, [(length, length)])
+    x = paged.logical[0]
+    out = torch.full_like(q, float("nan"))
+    sparse_prefill_pieces(q, x[..., :d], x[..., d:], sink, window, 0.125, out, impl=impl,
+                          triton_merge=triton_merge)
+    want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl,
+                                      0.125, sink=_i32([sink]), window=_i32([window]))
+    assert not torch.isnan(out).any(), "a query row was not written"
+    _check(out, want, dtype)
+
+
+def test_sparse_prefill_pieces_rejects_degenerate_masks():
+    from attention_backends.kernels.sdpa_prefill import sparse_prefill_pieces
+
+    q = torch.zeros(8, 4, 16)
+    for sink, window in ((0, 1), (-1, 4), (4, 0)):
+        with pytest.raises(ValueError):
+            sparse_prefill_pieces(q, q[:, :2], q[:, :2], sink, window, 0.25, q.clone())
+
+
+def test_fused_kernel_choice_on_the_cpu():
+    """No cuDNN off the GPU: asked for it, the log-sum-exp call runs torch's CPU kernel, and its
+    result matches the float32 math kernel (batched, GQA, causal)."""
+    from attention_backends.kernels import sdpa_prefill as sp
+
+    assert not sp.cudnn_attention_ok(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 8, 40, 32, generator=gen)
+    k, v = (torch.randn(3, 2, 40, 32, generator=gen) for _ in range(2))
+    before = sp.IMPL_COUNTS["cpu"]
+    o, lse = sp._sdpa_lse(q, k, v, True, 0.2, "cudnn")
+    assert sp.IMPL_COUNTS["cpu"] == before + 1
+    o_ref, lse_ref = sp._sdpa_lse(q, k, v, True, 0.2, "math")
+    assert o.shape == o_ref.shape and lse.shape == lse_ref.shape == (3, 8, 40)
+    assert torch.allclose(o, o_ref, atol=1e-4) and torch.allclose(lse, lse_ref, atol=1e-4)
+
+
+def test_pow2_runs():
+    from attention_backends.kernels.sdpa_prefill import _pow2_runs
+
+    assert _pow2_runs(0) == []
+    assert _pow2_runs(1) == [(0, 1)]
+    assert _pow2_runs(62) == [(0, 32), (32, 16), (48, 8), (56, 4), (60, 2)]
+
+
+@needs_triton
+@pytest.mark.parametrize("hints", [False, True])
+def test_sparse_prefill_dispatch(monkeypatch, hints):
+    """``sparse_backend = "sdpa"``: the sink + window whole prompts of a batch go to the fused
+    pieces; a sparse chunk over a cached prefix, a full-attention prompt (window 0) and the
+    decode rows stay on the Triton kernels; without the host copies everything stays there."""
+    from attention_backends.kernels import paged_attention as pa
+
+    dtype, hq, hkv, d = torch.bfloat16, 8, 2, 64
+    seqs = [(70, 70), (100, 37), (33, 1), (129, 129), (90, 90), (60, 2)]
+    sink, window = [4, 4, 2, 8, 0, 3], [16, 16, 8, 32, 0, 20]
+    paged, q, qsl = _make_inputs(990 + hints, dtype, hq, hkv, d, 16, seqs)
+    rows = [slice(int(qsl[s]), int(qsl[s + 1])) for s in range(len(seqs))]
+    taken, pieces = [], {}
+    real = pa.sparse_prefill_sdpa
+
+    def spy(q_, kv, bt, lens, qsl_, scale, out, *a, **kw):
+        r = real(q_, kv, bt, lens, qsl_, scale, out, *a, **kw)
+        taken.append(r)
+        for s in r:  # keep the pieces' rows; a sentinel shows whether Triton writes them again
+            pieces[s] = out[rows[s]].clone()
+            out[rows[s]] = 7.0
+        return r
+
+    monkeypatch.setattr(pa, "sparse_prefill_sdpa", spy)
+    kw = {}
+    if hints:
+        kw = {"host_query_start_loc": qsl.tolist(), "host_seq_lens": paged.seq_lens.tolist(),
+              "new_kv": _new_kv(paged, seqs, hkv, d), "host_sink": sink, "host_window": window}
+    cfg = {"sparse_backend": "sdpa", "block_m": 16, "block_n": 16}
+    got, _, want, _ = _run_both(paged, q, qsl, 0.125, {"sink": _i32(sink),
+                                                       "window": _i32(window)},
+                                prefill_config=cfg, decode_config={"block_n": 16}, **kw)
+    assert taken == ([[0, 3]] if hints else [])
+    for s, o in pieces.items():
+        assert torch.equal(got[rows[s]], torch.full_like(o, 7.0)), "Triton redid a prompt"
+        got[rows[s]] = o
+    _check(got, want, dtype)
+
+
+@needs_triton
+def test_shipped_tuned_table():
+    """The sweep's winners shipped with the package parse, name only known settings with sane
+    values, and are what the kernels read from their size class up."""
+    from attention_backends.kernels import paged_attention as pa
+    from attention_backends.kernels.sdpa_prefill import LSE_IMPLS, WHOLE_IMPLS
+
+    table = pa._tuned_table()
+    if not table:
+        pytest.skip("no tuned_h200.json shipped")
+    prefill_keys = set(pa.DEFAULT_PREFILL) | {"lse_impl"}
+    for mode, classes in table.get("prefill", {}).items():
+        assert mode in ("sparse", "dense")
+        for size, cfg in classes.items():
+            assert int(size) > 0 and set(cfg) <= prefill_keys, (mode, size, cfg)
+            for k in ("block_m", "block_n"):
+                if k in cfg:
+                    assert cfg[k] in (16, 32, 64, 128, 256)
+            assert cfg.get("chunk_backend", "triton") in ("triton", "sdpa")
+            assert cfg.get("sparse_backend", "triton") in ("triton", "sdpa")
+            assert cfg.get("whole_impl", "cudnn") in WHOLE_IMPLS
+            assert cfg.get("lse_impl", "cudnn") in LSE_IMPLS
+            pa.tuned_config.cache_clear()
+            assert pa.tuned_config("prefill", mode, int(size)) == cfg
+    for mode, classes in table.get("decode", {}).items():
+        assert mode in ("compressed", "sparse", "dense")
+        for size, cfg in classes.items():
+            assert set(cfg) <= set(pa.DEFAULT_DECODE) | {"num_splits"}, (mode, size, cfg)
+            assert cfg["block_n"] in (16, 32, 64, 128) and cfg["waves"] >= 1
+            assert pa.tuned_config("decode", mode, int(size)) == cfg
+    pa.tuned_config.cache_clear()
+
+
+@needs_triton
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("num_splits", [1, 3, 40])
-def test_decode_split_counts(num_splits):
-    """Split-KV decode: one split (no reduce), several, and more splits than KV tiles."""
+def test_decode_split_counts(num_splits, fused):
+    """Split-KV decode: one split (no reduce), several, and more splits than KV tiles; the
+    partials merged by the last split to arrive (fused) or by the reduce launch. Run twice: the
+    fused path's arrival counters must be back at zero after each launch."""
     dtype = torch.bfloat16
     seqs = [(150, 1), (16, 1), (77, 2), (5, 1), (600, 1)]  # 600: 38 tiles of 16
     paged, q, qsl = _make_inputs(200 + num_splits, dtype, 8, 2, 64, 16, seqs)
-    got, _, want, _ = _run_both(paged, q, qsl, 0.1, {}, max_query_len=2,
-                                decode_config={"block_n": 16, "num_splits": num_splits})
+    cfg = {"block_n": 16, "num_splits": num_splits, "fused_max_splits": 64 if fused else 0}
+    for _ in range(2):
+        got, _, want, _ = _run_both(paged, q, qsl, 0.1, {}, max_query_len=2, decode_config=cfg)
+        _check(got, want, dtype)
+    if fused and num_splits > 1:
+        from attention_backends.kernels.paged_attention import _COUNTERS
+
+        assert all(int(c.abs().sum()) == 0 for c in _COUNTERS.values())
+
+
+PREFILL_LAYOUTS = [
+    {"mask_mode": 0, "pack_gqa": True, "block_m": 16, "block_n": 16},
+    {"mask_mode": 1, "pack_gqa": True, "block_m": 16, "block_n": 16},
+    {"mask_mode": 0, "pack_gqa": False, "block_m": 16, "block_n": 16},
+    {"mask_mode": 0, "pack_gqa": True, "block_m": 32, "block_n": 32},
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", range(len(PREFILL_LAYOUTS)))
+def test_sink_window(layout):
+    """Full and partial KV tiles (sink end, window edge, diagonal), with and without GQA packing
+    and with every tile masked."""
+    dtype = torch.bfloat16
+    seqs = [(120, 1), (100, 60), (40, 40), (90, 3), (70, 1), (66, 20), (150, 100), (200, 120)]
+    masks = {
+        "sink": _i32([4, 8, 0, 16, 3, 0, 5, 32]),
+        # window >= length, window of 1 (self only), sink larger than the window hole,
+        # sink and window on tile boundaries (the last row)
+        "window": _i32([16, 41, 64, 1, 200, 0, 37, 32]),
+    }
+    paged, q, qsl = _make_inputs(300 + layout, dtype, 8, 2, 64, 16, seqs)
+    tuning = {"prefill_config": PREFILL_LAYOUTS[layout], "decode_config": {"block_n": 16}}
+    got, _, want, _ = _run_both(paged, q, qsl, 0.125, masks, **tuning)
     _check(got, want, dtype)
 
 
 @needs_triton
-@pytest.mark.parametrize("mask_mode", [0, 1, 3])
-def test_sink_window(mask_mode):
-    dtype = torch.bfloat16
-    seqs = [(120, 1), (100, 60), (40, 40), (90, 3), (70, 1), (66, 20), (150, 100)]
-    masks = {
-        "sink": _i32([4, 8, 0, 16, 3, 0, 5]),
-        # window >= length, window of 1 (self only), sink larger than the window hole...
-        "window": _i32([16, 41, 64, 1, 200, 0, 37]),
-    }
-    paged, q, qsl = _make_inputs(300 + mask_mode, dtype, 8, 2, 64, 16, seqs)
-    tuning = {"prefill_config": {"block_m": 16, "block_n": 16, "mask_mode": mask_mode},
-              "decode_config": {"block_n": 16}}
-    got, _, want, _ = _run_both(paged, q, qsl, 0.125, masks, **tuning)
-    _check(got, want, dtype)
+@pytest.mark.parametrize("pack_gqa", [True, False])
+def test_chunked_prefill_full_and_partial_tiles(pack_gqa):
+    """Chunks over a cached prefix, dense and sparse, with a gap: the full-tile runs of every
+    interval are cut at the right tiles (GQA 4 and 3)."""
+    for hq, hkv, seed in ((8, 2, 0), (6, 2, 1)):
+        dtype = torch.bfloat16
+        seqs = [(160, 70), (130, 130), (140, 40), (96, 33)]
+        kept_end, gap_end = [0, 0, 24, 0], [0, 0, 60, 0]
+        masks = {"sink": _i32([0, 16, 8, 0]), "window": _i32([0, 48, 40, 0]),
+                 "kept_end": _i32(kept_end), "gap_end": _i32(gap_end)}
+        paged, q, qsl = _make_inputs(350 + seed + 2 * pack_gqa, dtype, hq, hkv, 64, 16, seqs,
+                                     kept_end, gap_end)
+        tuning = {"prefill_config": {"block_m": 16, "block_n": 16, "pack_gqa": pack_gqa},
+                  "decode_config": {"block_n": 16}}
+        got, _, want, _ = _run_both(paged, q, qsl, 0.125, masks, **tuning)
+        _check(got, want, dtype)
 
 
 @needs_triton
@@ -175,20 +391,23 @@ def _calibration(gen, q, qsl, num_seqs, hq, d, hit_heads, enabled, dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("num_splits", [1, 4, -4])
 def test_calibration(num_splits):
+    """Calibration merge in the epilogue of the decode kernel (one split), of the fused split-K
+    reduce (4) and of the reduce launch (-4: 4 splits, unfused), and of the prefill kernel."""
     dtype, hq, hkv, d = torch.bfloat16, 8, 2, 64
     seqs = [(80, 1), (60, 1), (100, 2), (90, 20), (50, 1)]
     kept_end, gap_end = [16, 20, 10, 30, 0], [60, 50, 90, 70, 0]
     masks = {"kept_end": _i32(kept_end), "gap_end": _i32(gap_end)}
-    paged, q, qsl = _make_inputs(600 + num_splits, dtype, hq, hkv, d, 16, seqs, kept_end,
+    paged, q, qsl = _make_inputs(610 + num_splits, dtype, hq, hkv, d, 16, seqs, kept_end,
                                  gap_end)
     gen = torch.Generator().manual_seed(601)
     hit_heads = [0, 3, 5]
     calib = _calibration(gen, q, qsl, len(seqs), hq, d, hit_heads,
                          [True, False, True, True, True], dtype)
     tuning = {"prefill_config": {"block_m": 16, "block_n": 16},
-              "decode_config": {"block_n": 16, "num_splits": num_splits}}
+              "decode_config": {"block_n": 16, "num_splits": abs(num_splits),
+                                "fused_max_splits": 64 if num_splits > 0 else 0}}
     got, hits, want, want_hits = _run_both(paged, q, qsl, 0.125, masks, calib, **tuning)
     _check(got, want, dtype)
     assert hits.dtype == torch.bool and hits.shape == (q.shape[0], hq)
@@ -320,3 +539,48 @@ def test_cpu_tensors_use_reference_without_force(monkeypatch):
     want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl,
                                       0.2)
     assert torch.equal(got, want)
+
+
+@needs_triton
+def test_write_kv_skips_padding_slots():
+    """The GPU KV write (Triton): strided K/V views land at their slots, padding (-1) slots
+    write nothing, the rest of the cache is untouched; same result as the CPU path."""
+    gen = torch.Generator().manual_seed(990)
+    hkv, d, bs = 3, 32, 8
+    qkv = torch.randn(9, 4 + 2 * hkv, d, generator=gen).to(torch.bfloat16)
+    key, value = qkv[:, 4:4 + hkv], qkv[:, 4 + hkv:]
+    slots = torch.tensor([5, -1, 17, 0, 31, -1, 8, 9, 22])
+    cache = torch.randn(4, hkv, bs, 2 * d, generator=gen).to(torch.bfloat16)
+    want = cache.clone()
+    for t, s in enumerate(slots.tolist()):
+        if s >= 0:
+            want[s // bs, :, s % bs, :d] = key[t]
+            want[s // bs, :, s % bs, d:] = value[t]
+    got = cache.clone()
+    ops.write_kv(key, value, got, slots[:8])  # slot_mapping shorter than key: first 8 tokens
+    want[22 // bs, :, 22 % bs] = cache[22 // bs, :, 22 % bs]
+    assert torch.equal(got, want)
+
+
+@needs_triton
+def test_tuned_configs_by_size_class(monkeypatch):
+    """The sweep's winners apply from their size class up; below the smallest, the defaults."""
+    from attention_backends.kernels import paged_attention as pa
+
+    table = {"prefill": {"sparse": {"8192": {"block_n": 32}, "32768": {"block_n": 128}}},
+             "decode": {"compressed": {"8": {"waves": 1}}}}
+    monkeypatch.setattr(pa, "_tuned_table", lambda: table)
+    pa.tuned_config.cache_clear()
+    try:
+        assert pa.tuned_config("prefill", "sparse", 4096) == {}
+        assert pa.tuned_config("prefill", "sparse", 16384) == {"block_n": 32}
+        assert pa.tuned_config("prefill", "sparse", 131072) == {"block_n": 128}
+        assert pa.tuned_config("prefill", "dense", 131072) == {}
+        assert pa.tuned_config("decode", "compressed", 32) == {"waves": 1}
+        assert pa.tuned_config("decode", "sparse", 32) == {}
+        # the caller's settings override the table's, also on the same keys
+        paged, q, qsl = _make_inputs(440, torch.bfloat16, 8, 2, 64, 16, [(40, 1)] * 8)
+        got, _, want, _ = _run_both(paged, q, qsl, 0.125, {}, decode_config={"waves": 2})
+        _check(got, want, torch.bfloat16)
+    finally:
+        pa.tuned_config.cache_clear()

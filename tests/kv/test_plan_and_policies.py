@@ -284,3 +284,26 @@ def test_mixed_tau_batch_keeps_each_requests_tau():
     assert c.enabled.tolist() == [True, True, True]
     rt.record_hits(0, ["a", "b", "c"], torch.zeros(3, HQ, dtype=torch.bool))
     assert rt._checks == 3 * HQ
+
+
+def test_calibration_kept_while_the_batch_is_unchanged():
+    """A run of decode steps over the same requests reuses each layer's calibration tensors;
+    a different batch, or a released request, builds them again with the right rows."""
+    rt = KVPolicyRuntime()
+    for r in ("a", "b"):
+        pol = {"name": "calidrop", "budget": 8, "window": 2, "tau": 0.7}
+        kv, row = _paged(20)
+        rt.compress_layer(r, 0, eviction_plan(pol, 20, BS), pol, torch.randn(4, HQ, D), kv, row,
+                          0.25)
+    first = rt.calibration_for(0, ["a", "plain", "b"], "cpu")
+    assert rt.calibration_for(0, ["a", "plain", "b"], "cpu") is first
+    assert first.enabled.tolist() == [True, False, True]
+    assert torch.equal(first.q_ref[1], torch.zeros_like(first.q_ref[1]))
+    assert first.lse_e[1].eq(float("-inf")).all()
+    assert torch.equal(first.q_ref[2], rt.state_of("b").layers[0].q_ref)
+    swapped = rt.calibration_for(0, ["b", "plain", "a"], "cpu")
+    assert swapped is not first
+    assert torch.equal(swapped.o_e[0], rt.state_of("b").layers[0].o_e)
+    rt.release("b")
+    after = rt.calibration_for(0, ["b", "plain", "a"], "cpu")
+    assert after is not swapped and after.enabled.tolist() == [False, False, True]

@@ -20,6 +20,7 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from attention_backends.kernels import ops
+from attention_backends.kernels.host import to_device
 from kv_policies.eviction.base import SelectionInputs
 from kv_policies.eviction.policies.snapkv import SnapKVOptions, SnapKVPolicy
 
@@ -75,19 +76,16 @@ def batched_calibration(rows: Sequence[LayerCalibration | None],
     present = [c for c in rows if c is not None]
     if not present:
         return None
-    s, (hq, d) = len(rows), present[0].q_ref.shape
-    q_ref = torch.zeros(s, hq, d, dtype=present[0].q_ref.dtype, device=device)
-    o_e = torch.zeros(s, hq, d, dtype=torch.float32, device=device)
-    lse_e = torch.full((s, hq), float("-inf"), dtype=torch.float32, device=device)
-    enabled = torch.zeros(s, dtype=torch.bool)
-    taus = [1.0] * s
-    for i, cal in enumerate(rows):
-        if cal is None:
-            continue
-        q_ref[i] = cal.q_ref
-        o_e[i] = cal.o_e
-        lse_e[i] = cal.lse_e
-        enabled[i] = True
-        taus[i] = cal.tau
-    return ops.Calibration(q_ref=q_ref, o_e=o_e, lse_e=lse_e, enabled=enabled.to(device),
-                           tau=torch.tensor(taus, dtype=torch.float32, device=device))
+    (hq, d), dev = present[0].q_ref.shape, present[0].q_ref.device
+    # one stack per tensor (rows without calibration read a shared blank row), and the host
+    # values copied without a host sync
+    blank_q = torch.zeros(hq, d, dtype=present[0].q_ref.dtype, device=dev)
+    blank_o = torch.zeros(hq, d, dtype=torch.float32, device=dev)
+    blank_l = torch.full((hq,), float("-inf"), dtype=torch.float32, device=dev)
+    q_ref = torch.stack([blank_q if c is None else c.q_ref for c in rows]).to(device)
+    o_e = torch.stack([blank_o if c is None else c.o_e for c in rows]).to(device)
+    lse_e = torch.stack([blank_l if c is None else c.lse_e for c in rows]).to(device)
+    enabled = torch.tensor([c is not None for c in rows], dtype=torch.bool)
+    taus = torch.tensor([1.0 if c is None else c.tau for c in rows], dtype=torch.float32)
+    return ops.Calibration(q_ref=q_ref, o_e=o_e, lse_e=lse_e,
+                           enabled=to_device(enabled, device), tau=to_device(taus, device))
