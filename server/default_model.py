@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "fluxserve-tiny-smoke-test"
 # Part of the cache directory name: bump it whenever the recipe or the tokenizer asset changes.
-MODEL_VERSION = "v1"
+MODEL_VERSION = "v2"
 
 SEED = 20240601
 INIT_STD = 0.02
@@ -38,7 +38,7 @@ NUM_HEADS = 4
 NUM_KV_HEADS = 2
 HEAD_DIM = HIDDEN_SIZE // NUM_HEADS
 INTERMEDIATE_SIZE = 512
-MAX_POSITION_EMBEDDINGS = 8192
+MAX_POSITION_EMBEDDINGS = 65536
 
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"

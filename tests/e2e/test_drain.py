@@ -27,7 +27,9 @@ NAME = "fluxserve-drain-test"
 DRAIN_TIMEOUT_S = 20
 READY_503_WITHIN_S = 15
 SHORT_TOKENS = 48
-LONG_TOKENS = 8100  # far more than the tiny model decodes in DRAIN_TIMEOUT_S on the CPU
+# Far more than the tiny model decodes in DRAIN_TIMEOUT_S at vLLM's own CPU speed
+LONG_TOKENS = 65000
+MAX_MODEL_LEN = 65536
 
 
 def _stream(base_url: str, auth: dict, max_tokens: int, started: threading.Barrier,
@@ -50,7 +52,7 @@ def _stream(base_url: str, auth: dict, max_tokens: int, started: threading.Barri
 
 def test_sigterm_drains_streams_refuses_new_requests_and_cuts_at_the_deadline(tmp_path):
     args = ["--served-model-name", NAME, "--drain-timeout", str(DRAIN_TIMEOUT_S),
-            "--max-model-len", "8192", "--reward-model", "none"]
+            "--max-model-len", str(MAX_MODEL_LEN), "--reward-model", "none"]
     with launch_server(args, tmp_path) as server:
         models = httpx.get(f"{server.base_url}/v1/models", headers=server.auth, timeout=10)
         assert [m["id"] for m in models.json()["data"]] == [NAME]

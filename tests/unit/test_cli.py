@@ -120,7 +120,7 @@ def test_served_model_name_is_kept_for_the_embedded_model(monkeypatch, tmp_path)
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--max-model-len", "100000"], "supports at most 8192"),
+    (["--max-model-len", "100000"], "supports at most 65536"),
     (["--flux-mode", "layers", "--flux-sparse-layers", "1,7"], "layers 0-3"),
 ])
 def test_options_the_embedded_model_cannot_serve_are_refused(argv, message):
