@@ -237,7 +237,7 @@ def test_client_disconnect_aborts_judge_requests(server):
     item = _item(mode="judge", max_tokens=1500, candidates=CANDIDATES[:3], swap=True)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.base_url}/v1/reward", json={"items": [item]}, headers=server.auth,
-                   timeout=httpx.Timeout(60, read=1.0))
+                   timeout=httpx.Timeout(60, read=0.3))
     assert _wait_idle(server)["unfinished_requests"] == 0
 
 
