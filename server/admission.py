@@ -76,14 +76,12 @@ class AdmissionControl:
         except asyncio.CancelledError:
             if task not in self.lifecycle.cut:
                 raise
-            # The drain timeout cut this request (the cancellation has aborted its engine
-            # request); end its response with an error the client can see.
+            # The drain cut this request (the cancellation has aborted its engine request);
+            # end its response with an error the client can see.
             task.uncancel()
             if complete:
                 return
-            message = (f"The server is shutting down and its drain timeout "
-                       f"({self.lifecycle.drain_timeout_s:g} s) ended before this request "
-                       "finished. Retry on another replica.")
+            message = self.lifecycle.cut_message()
             if not started:
                 await send_error(send, HTTPStatus.SERVICE_UNAVAILABLE, message,
                                  err_type="ServiceUnavailableError",

@@ -45,6 +45,8 @@ class Lifecycle:
     server: uvicorn.Server | None = None
     in_flight: set[asyncio.Task] = field(default_factory=set)
     cut: set[asyncio.Task] = field(default_factory=set)
+    # Why the requests in ``cut`` were cut: the drain timeout, or a second signal
+    cut_immediately: bool = False
     _drain_task: asyncio.Task | None = field(default=None, repr=False)
 
     def begin_drain(self, *, immediate: bool = False) -> None:
@@ -55,6 +57,7 @@ class Lifecycle:
             logger.info("draining: %d generation requests in flight, up to %gs (--drain-timeout)",
                         len(self.in_flight), self.drain_timeout_s)
         self.draining = True
+        self.cut_immediately = immediate
         if self._drain_task is not None:
             self._drain_task.cancel()
         timeout = 0.0 if immediate else self.drain_timeout_s
@@ -62,7 +65,8 @@ class Lifecycle:
 
     async def _drain(self, timeout_s: float) -> None:
         if not await self._wait_idle(timeout_s):
-            logger.warning("drain timeout: cutting %d generation requests short",
+            logger.warning("%s: cutting %d generation requests short",
+                           "second signal" if self.cut_immediately else "drain timeout",
                            len(self.in_flight))
             for task in list(self.in_flight):
                 self.cut.add(task)
@@ -77,6 +81,13 @@ class Lifecycle:
         while self.in_flight and loop.time() < deadline:
             await asyncio.sleep(0.05)
         return not self.in_flight
+
+    def cut_message(self) -> str:
+        """What a request cut short by the drain is told."""
+        why = ("a second shutdown signal ended its drain" if self.cut_immediately
+               else f"its drain timeout ({self.drain_timeout_s:g} s) ended")
+        return (f"The server is shutting down and {why} before this request finished. "
+                "Retry on another replica.")
 
     def stop(self, exit_code: int) -> None:
         """Make uvicorn shut down; the process exits with the highest code asked for."""

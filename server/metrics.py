@@ -21,8 +21,9 @@ REJECTED = Counter(
 )
 DISCONNECTED = Counter(
     "fluxserve:requests_disconnected_total",
-    "Generation requests whose client went away before the response was complete (their engine "
-    "requests are aborted), by endpoint and whether they streamed.",
+    "Generation and reward requests whose client went away before the response was complete "
+    "(their engine requests are aborted), by endpoint (chat, completions, reward) and whether "
+    "they streamed.",
     ["endpoint", "stream"],
 )
 

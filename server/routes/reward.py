@@ -8,6 +8,7 @@ from vllm.entrypoints.serve.engine.protocol import UsageInfo
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
 
 from server.auth import require_api_key
+from server.metrics import DISCONNECTED
 from server.reward import scoring
 from server.reward.schemas import RewardRequest, RewardResponse
 from server.routes.openai import ERROR_RESPONSES, require_ready
@@ -27,6 +28,7 @@ async def create_reward(body: RewardRequest, raw_request: Request) -> Response:
     if response is None:
         # with_cancellation: the client went away and its engine requests were cancelled;
         # nobody reads this answer (499: client closed the request)
+        DISCONNECTED.labels("reward", "false").inc()
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     return response
 

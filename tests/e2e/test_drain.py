@@ -2,8 +2,14 @@
 `--served-model-name`, so it also checks that CLI combination against a real engine).
 
 The streams in flight at SIGTERM finish with every token, a request after SIGTERM gets 503 with
-Retry-After, a stream still running at `--drain-timeout` ends with an error event and [DONE], and
-the process exits 0 with its engine processes gone."""
+Retry-After, a second SIGTERM cuts the drain short (a stream still running ends with an error
+event and [DONE]), and the process exits 0 with its engine processes gone. The drain timeout's
+own cut is the same code path with a deadline; tests/unit/test_admission.py times it.
+
+Timing: while vLLM decodes a long request on a 2-core machine, every other process (this test
+included) can be starved for tens of seconds. So nothing here waits on a race with the
+generation: the drain timeout is far longer than any such stall, and the test ends the drain
+itself with the second signal."""
 
 from __future__ import annotations
 
@@ -22,12 +28,12 @@ from tests.e2e.conftest import launch_server
 pytestmark = pytest.mark.e2e
 
 NAME = "fluxserve-drain-test"
-# Long enough for the checks below to run inside the drain even when the 2-core machine serves a
-# new connection seconds late (seen once: the API process was busy with the 9 streams)
-DRAIN_TIMEOUT_S = 20
-READY_503_WITHIN_S = 15
-SHORT_TOKENS = 48
-# Far more than the tiny model decodes in DRAIN_TIMEOUT_S at vLLM's own CPU speed
+# Far longer than the checks below take, stalls included; the second signal ends the drain
+DRAIN_TIMEOUT_S = 300
+READY_503_WITHIN_S = 120
+# Still decoding when SIGTERM arrives right after every stream's first token
+SHORT_TOKENS = 1000
+# Far more than the tiny model decodes while the checks run, at vLLM's own CPU speed
 LONG_TOKENS = 65000
 MAX_MODEL_LEN = 65536
 
@@ -74,17 +80,22 @@ def test_sigterm_drains_streams_refuses_new_requests_and_cuts_at_the_deadline(tm
                         timeout=READY_503_WITHIN_S).status_code != 503:
             assert time.monotonic() < deadline, "/ready did not turn 503 after SIGTERM"
             time.sleep(0.05)
-        assert httpx.get(f"{server.base_url}/ready", timeout=5).json() == {"status": "draining"}
+        assert httpx.get(f"{server.base_url}/ready", timeout=60).json() == {"status": "draining"}
         refused = httpx.post(f"{server.base_url}/v1/chat/completions", headers=server.auth,
-                             timeout=10, json={"model": NAME, "max_tokens": 2,
+                             timeout=60, json={"model": NAME, "max_tokens": 2,
                                                "messages": [{"role": "user", "content": "hi"}]})
         assert refused.status_code == 503 and refused.headers["retry-after"]
         assert refused.json()["error"]["code"] == 503
-        assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200
+        assert httpx.get(f"{server.base_url}/health", timeout=60).status_code == 200
 
-        for t in threads:
-            t.join(timeout=DRAIN_TIMEOUT_S + 30)
-        assert not any(t.is_alive() for t in threads)
+        for t in threads[:8]:
+            t.join(timeout=DRAIN_TIMEOUT_S)
+        assert not any(t.is_alive() for t in threads[:8])
+        assert threads[8].is_alive() and server.process.poll() is None  # still draining
+        os.kill(server.pid, signal.SIGTERM)  # the second signal cuts the drain short
+        cut_at = time.monotonic()
+        threads[8].join(timeout=60)
+        assert not threads[8].is_alive()
 
         for out in outs[:8]:  # every short stream was in flight and finished with every token
             assert out["status"] == 200 and out["done_at"] > term_at
@@ -96,14 +107,14 @@ def test_sigterm_drains_streams_refuses_new_requests_and_cuts_at_the_deadline(tm
                     if c["choices"] and c["choices"][0]["finish_reason"]] == ["length"]
             assert chunks[-1]["usage"]["completion_tokens"] == SHORT_TOKENS
 
-        long_events = outs[8]["events"]  # cut at the deadline, visibly
+        long_events = outs[8]["events"]  # cut by the second signal, visibly
         assert long_events[-1] == "[DONE]"
         error = json.loads(long_events[-2])["error"]
-        assert error["code"] == 503 and "drain timeout" in error["message"]
+        assert error["code"] == 503 and "second shutdown signal" in error["message"]
         assert not any(json.loads(e)["choices"][0]["finish_reason"] for e in long_events[:-2]
                        if json.loads(e).get("choices"))
 
-        assert server.process.wait(timeout=30) == 0
-        assert time.monotonic() - term_at < DRAIN_TIMEOUT_S + 15
+        assert server.process.wait(timeout=60) == 0
+        assert time.monotonic() - cut_at < 60
         _, alive = psutil.wait_procs(engine_procs, timeout=15)
         assert not alive, f"engine processes left running: {alive}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
@@ -132,10 +133,15 @@ def test_drain_lets_requests_in_flight_finish_and_refuses_new_ones():
     asyncio.run(scenario())
 
 
-def test_drain_timeout_ends_streams_with_an_error_event_and_replies_with_503():
+@pytest.mark.parametrize("second_signal", [False, True], ids=["drain timeout", "second signal"])
+def test_a_cut_ends_streams_with_an_error_event_and_replies_with_503(second_signal):
+    """The drain timeout, or a second signal during a long drain, cuts what is in flight: a
+    stream ends with an error event naming why, a reply not started gets 503."""
+    why = "second shutdown signal" if second_signal else "drain timeout (0.3 s)"
+
     async def scenario():
         gate, started = asyncio.Event(), asyncio.Queue()  # the gate never opens
-        lifecycle = Lifecycle(drain_timeout_s=0.3)
+        lifecycle = Lifecycle(drain_timeout_s=300 if second_signal else 0.3)
         app = _app(0, gate, started, lifecycle)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                      base_url="http://t") as client:
@@ -144,14 +150,18 @@ def test_drain_timeout_ends_streams_with_an_error_event_and_replies_with_503():
             for _ in range(2):
                 await asyncio.wait_for(started.get(), timeout=30)
             lifecycle.begin_drain()
+            if second_signal:
+                await asyncio.sleep(0.2)
+                assert not stream.done()  # a 300 s drain: still waiting
+                lifecycle.begin_drain(immediate=True)
             stream_resp, reply_resp = await asyncio.wait_for(asyncio.gather(stream, reply), 10)
         assert stream_resp.status_code == 200
         events = [e for e in stream_resp.text.split("\n\n") if e]
         assert events[0] == "data: first"
-        assert events[1].startswith('data: {"error": ') and "drain timeout" in events[1]
+        assert events[1].startswith('data: {"error": ') and why in events[1]
         assert events[2:] == ["data: [DONE]"]
         assert reply_resp.status_code == 503 and reply_resp.headers["retry-after"] == "1"
-        assert "drain timeout" in reply_resp.json()["error"]["message"]
+        assert why in reply_resp.json()["error"]["message"]
         assert not lifecycle.in_flight
 
     asyncio.run(scenario())
