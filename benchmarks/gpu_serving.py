@@ -92,8 +92,8 @@ TINY = Scale(layers=4, hidden=256, heads=4, kv_heads=2, head_dim=64, mlp=512, vo
 def mode_options(scale: Scale, check: bool) -> dict[str, dict]:
     """Request options by mode name: ``{"flux": ..., "kv_policy": ...}`` as the server sends
     them (``SamplingParams.extra_args``), validated by fluxserve's own option models."""
-    from attention_backends.options import FluxOptions
-    from kv_policies.options import KVPolicyOptions
+    from attention_backends.flux.options import FluxOptions
+    from kv_policies.eviction.options import parse_kv_policy
 
     sink, window, budget = ((scale.check_sink, scale.check_window, scale.check_budget) if check
                             else (scale.sink, scale.window, scale.budget))
@@ -104,8 +104,8 @@ def mode_options(scale: Scale, check: bool) -> dict[str, dict]:
         "layers90": FluxOptions(mode="layers", sparse_layers=list(range(n_full, scale.layers)),
                                 sink=sink, window=window),
     }
-    kv = {"calidrop": KVPolicyOptions(name="calidrop", budget=budget),
-          "snapkv": KVPolicyOptions(name="snapkv", budget=budget)}
+    kv = {"calidrop": parse_kv_policy({"name": "calidrop", "budget": budget}),
+          "snapkv": parse_kv_policy({"name": "snapkv", "budget": budget})}
     out = {"none": {}}
     for name, f in flux.items():
         out[name] = {"flux": f.to_extra_args()}

@@ -20,6 +20,8 @@ from kv_policies.eviction.options import (
 )
 from server.transport import TransportLimits
 
+WARMUP_CHOICES = ("auto", "on", "off")
+
 API_KEY_ENV = "FLUXSERVE_API_KEY"
 
 
@@ -60,6 +62,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--drain-timeout", type=float, default=30.0,
                        help="On SIGTERM, seconds the requests in flight get to finish before "
                             "they are cut with an error and the process exits.")
+    group.add_argument("--warmup", choices=WARMUP_CHOICES, default="auto",
+                       help="Before /ready, run short requests of every flux mode and KV policy "
+                            "so that no user request pays a kernel compile (auto: on GPUs only; "
+                            "server/warmup.py).")
     group.add_argument("--kv-policy", choices=list(POLICY_NAMES), default=DEFAULT_POLICY,
                        help="Default KV-eviction policy for requests that send no `kv_policy`.")
     # One flag per option field of the policies' models (`--kv-pool-kernel` sets `pool_kernel`),
@@ -80,6 +86,7 @@ class ServerSettings:
     max_in_flight_requests: int = 1024
     transport: TransportLimits = field(default_factory=TransportLimits)
     drain_timeout_s: float = 30.0
+    warmup: str = "auto"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, *, smoke_test_model: bool) -> ServerSettings:
@@ -120,7 +127,8 @@ class ServerSettings:
                    default_kv_policy=kv, router_available=router,
                    smoke_test_model=smoke_test_model,
                    max_in_flight_requests=args.max_in_flight_requests,
-                   transport=transport_limits(args), drain_timeout_s=args.drain_timeout)
+                   transport=transport_limits(args), drain_timeout_s=args.drain_timeout,
+                   warmup=args.warmup)
 
 
 def _errors(exc: ValidationError) -> str:

@@ -16,6 +16,7 @@ from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from kv_policies.vllm_glue import engine as kv_engine
+from server import warmup
 from server.accounting import RequestAccountant, attention_shape
 
 logger = logging.getLogger("fluxserve.engine")
@@ -110,6 +111,9 @@ async def start_engine(app: FastAPI, args: argparse.Namespace) -> None:
         )
         supported_tasks = await state.client.get_supported_tasks()
         await init_app_state(state.client, app.state, args, supported_tasks)
+        settings = app.state.settings
+        if warmup.enabled(settings.warmup):
+            await warmup.warm_up(state.client, settings.router_available)
         state.ready = True
         logger.info("engine ready: serving %s", ", ".join(args.served_model_name or [args.model]))
     except asyncio.CancelledError:

@@ -22,9 +22,29 @@ def flux_server(tmp_path_factory):
     for f in base.glob("tokenizer*"):  # the released checkpoints ship their tokenizer
         shutil.copy(f, ckpt / f.name)
     shutil.copy(base / "special_tokens_map.json", ckpt)
-    with launch_server(["--model", str(ckpt), "--served-model-name", NAME],
+    # --warmup on: the CPU path compiles nothing, so `auto` would skip it here
+    with launch_server(["--model", str(ckpt), "--served-model-name", NAME, "--warmup", "on"],
                        tmp_path_factory.mktemp("flux-server")) as srv:
         yield srv
+
+
+WARMUP_CASES = ["none", "full", "sparse", "layers", "streaming", "snapkv", "calidrop",
+                "sparse+calidrop", "auto"]
+
+
+def test_warmup_ran_every_path_before_ready_and_outside_fluxserve_counters(flux_server):
+    """Runs first in this module: nothing but the warm-up has been served yet."""
+    log = flux_server.log_path.read_text()
+    line = next(ln for ln in log.splitlines() if "warm-up:" in ln)
+    assert f"{len(WARMUP_CASES)} cases ({', '.join(WARMUP_CASES)})" in line
+    # the prompts fit the model: 2048 positions less the 4 decoded tokens, and 96
+    assert "prompts of 2044 and 96 tokens" in line
+    assert log.index("warm-up:") < log.index("engine ready")
+    # two requests per case, each to its last token, in vLLM's counters only
+    assert flux_server.metric("vllm:request_success_total") == 2 * len(WARMUP_CASES)
+    assert flux_server.metric("fluxserve:request_prefill_seconds_count") == 0
+    assert flux_server.metric("fluxserve:requests_total") == 0
+    assert flux_server.metric('fluxserve:kv_compressed_requests_total{policy="calidrop"}') == 4
 
 
 def test_auto_mode_routes_with_the_checkpoint_routers(flux_server):
