@@ -29,7 +29,11 @@ TASK_TYPES: dict[str, str] = {
 }
 TYPE_NAMES = ("retrieval", "aggregation", "local")
 # The auxiliary copying task (training only, never evaluated): a random text repeated twice.
+# Its samples' task names, and their ``task_index`` in a batch (task samples index
+# ``tasks.TASKS``): copies of word texts, and copies of uniform random token ids.
 INDUCTION = "induction"
+INDUCTION_RANDOM = "induction_random"
+AUX_TASK_INDEX = {INDUCTION: -1, INDUCTION_RANDOM: -2}
 # The share of induction samples whose text is uniform random tokens rather than words.
 RANDOM_TOKEN_SHARE = 0.5
 
@@ -147,7 +151,7 @@ def induction_sample(rng: random.Random, tokenizer, target: int, bos: int, eos: 
         # uniform token ids (specials excluded): no n-gram statistic predicts the copy, so
         # looking back is the only route, and the copying heads form within a few hundred steps
         first = [rng.randrange(2, tokenizer.get_vocab_size()) for _ in range(half)]
-        return Encoded([bos, *first, *first, eos], half + 1, INDUCTION, [])
+        return Encoded([bos, *first, *first, eos], half + 1, INDUCTION_RANDOM, [])
     vocab = words.vocabulary()
     pieces: list[str] = []
     ids: list[int] = []
@@ -168,7 +172,8 @@ def collate(samples: list[Encoded], pad_to: int, pad_id: int) -> dict[str, torch
     """Right-pad to `pad_to`. Returns ``input_ids`` [B, T] int64, ``labels`` [B, T] int64 (the
     next token, -100 where nothing is predicted), ``answer_mask`` [B, T] bool (positions that
     predict an answer or EOS token), ``prompt_len`` [B] int64, ``task_index`` [B] int64 (into
-    ``tasks.TASKS``; -1 for the auxiliary induction task)."""
+    ``tasks.TASKS``; `AUX_TASK_INDEX` for the auxiliary copying samples: -1 word texts, -2
+    random tokens)."""
     b = len(samples)
     ids = torch.full((b, pad_to), pad_id, dtype=torch.long)
     labels = torch.full((b, pad_to), -100, dtype=torch.long)
@@ -182,8 +187,8 @@ def collate(samples: list[Encoded], pad_to: int, pad_id: int) -> dict[str, torch
         answer[i, s.prompt_len - 1:n - 1] = True
     return {"input_ids": ids, "labels": labels, "answer_mask": answer,
             "prompt_len": torch.tensor([s.prompt_len for s in samples]),
-            "task_index": torch.tensor([names.index(s.task) if s.task in names else -1
-                                        for s in samples])}
+            "task_index": torch.tensor([names.index(s.task) if s.task in names
+                                        else AUX_TASK_INDEX[s.task] for s in samples])}
 
 
 class TaskBatches(torch.utils.data.IterableDataset):

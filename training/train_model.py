@@ -34,6 +34,7 @@ import math
 import multiprocessing as mp
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,14 @@ import torch.nn.functional as F
 from evaluation import tasks
 from training import heldout
 from training.curriculum import Curriculum, Stage, lr_at
-from training.data import LengthMix, TaskBatches, heldout_samples
+from training.data import (
+    AUX_TASK_INDEX,
+    INDUCTION,
+    INDUCTION_RANDOM,
+    LengthMix,
+    TaskBatches,
+    heldout_samples,
+)
 from training.model import PRESETS, build_model, config_dict, num_parameters, save_checkpoint
 from training.tokenizer import tokenizer_json_path
 
@@ -78,6 +86,7 @@ RECIPES: dict[str, dict] = {
         ],
         "tasks": {name: 1.0 for name in tasks.TASKS},
         "lr": 2e-3, "warmup": 100, "eval_lengths": [4096, 8192, 16384], "eval_samples": 8,
+        "probe_lengths": [64, 256, 4096, 16384],
         "workers": 12, "eval_batch_tokens": 131072, "context_sample": 1.0,
     },
     "tiny": {
@@ -94,17 +103,21 @@ RECIPES: dict[str, dict] = {
         "tasks": {"niah_single_1": 1.0, "niah_single_2": 1.0, "local_copy": 1.0,
                   "local_pattern": 1.0},
         "lr": 3e-3, "warmup": 30, "eval_lengths": [512, 1024], "eval_samples": 8,
+        "probe_lengths": [64, 256, 1024],
         "workers": 1, "eval_batch_tokens": 8192, "context_sample": 0.125,
     },
 }
 
+# The sample groups logged apart, by ``task_index``: copies of uniform random tokens (the gate's
+# "copy loss"), copies of word texts, and the evaluation's tasks.
+GROUPS = ("copy", "copy_words", "task")
 # The sums and counts `loss_fn` returns per step; `window_means` turns a list of them into means.
-STAT_SUMS = ("copy_loss_sum", "copy_samples", "copy_correct", "copy_tokens",
-             "task_loss_sum", "task_samples", "task_correct", "task_tokens")
+STAT_SUMS = tuple(f"{g}_{k}" for g in GROUPS for k in ("loss_sum", "samples", "correct",
+                                                         "tokens"))
 # The columns of the CSV curves (the `train` records' keys).
 CSV_FIELDS = ("step", "stage", "elapsed_s", "lr", "grad_norm", "seq_len", "batch",
               "steps_per_s", "tokens_per_s", "loss_answer", "loss_context", "answer_token_acc",
-              "loss_copy", "acc_copy", "loss_task", "acc_task", "copy_share")
+              *(f"{m}_{g}" for g in GROUPS for m in ("loss", "acc")), "copy_share")
 
 
 def log(record: dict, fh) -> None:
@@ -125,10 +138,11 @@ def loss_fn(model, batch: dict, context_weight: float, context_sample: float = 1
     at a fraction of the vocabulary projection's cost, which dominates for tiny models).
 
     The statistics (Python floats, one device sync) are ``loss_answer`` and ``loss_context``
-    (nats), ``answer_token_acc`` (all answer tokens), and per group, ``copy`` (the auxiliary
-    copying samples, ``task_index`` -1) and ``task`` (the task samples): the sum of the
-    samples' answer CE, the number of samples, and the correct and total answer tokens
-    (greedy argmax equals the label), named as in `STAT_SUMS`."""
+    (nats), ``answer_token_acc`` (all answer tokens), and for each of `GROUPS` (``copy``: the
+    copying samples of random tokens, ``task_index`` -2; ``copy_words``: those of word texts,
+    -1; ``task``: the task samples) the sum of its samples' answer CE, its number of samples,
+    and its correct and total answer tokens (greedy argmax equals the label), named as in
+    `STAT_SUMS`."""
     hidden = model.model(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
     labels = batch["labels"]
     answer = batch["answer_mask"]
@@ -153,10 +167,11 @@ def loss_fn(model, batch: dict, context_weight: float, context_sample: float = 1
     loss_context = ce[~is_answer].mean() if (~is_answer).any() else ce.new_zeros(())
     with torch.no_grad():
         correct = (logits[is_answer].argmax(-1) == labels[sel][is_answer]).float()
-        is_copy = batch["task_index"] == -1
-        token_copy = is_copy[row[is_answer]]
+        index = batch["task_index"]
         groups = []
-        for member, token_member in ((is_copy, token_copy), (~is_copy, ~token_copy)):
+        for member in (index == AUX_TASK_INDEX[INDUCTION_RANDOM],
+                       index == AUX_TASK_INDEX[INDUCTION], index >= 0):
+            token_member = member[row[is_answer]]
             member = member & has_answer
             groups += [per_sample[member].sum(), member.sum(), correct[token_member].sum(),
                        token_member.sum()]
@@ -164,34 +179,34 @@ def loss_fn(model, batch: dict, context_weight: float, context_sample: float = 1
                               *[g.float() for g in groups]]).tolist()
     stats = {"loss_answer": values[0], "loss_context": values[1],
              **dict(zip(STAT_SUMS, values[2:], strict=True))}
-    tokens = stats["copy_tokens"] + stats["task_tokens"]
-    stats["answer_token_acc"] = (stats["copy_correct"] + stats["task_correct"]) / max(1, tokens)
+    stats["answer_token_acc"] = (sum(stats[f"{g}_correct"] for g in GROUPS)
+                                 / max(1, sum(stats[f"{g}_tokens"] for g in GROUPS)))
     return loss_answer + context_weight * loss_context, stats
 
 
 def copy_loss(stats: dict) -> float | None:
-    """The step's copy loss (mean over its copying samples, nats), None if it had none."""
+    """The step's copy loss: the mean answer CE over its copying samples of random tokens
+    (nats), None if it had none."""
     return stats["copy_loss_sum"] / stats["copy_samples"] if stats["copy_samples"] else None
 
 
 def window_means(window: list[dict]) -> dict:
     """Means over a window of `loss_fn` statistics: ``loss_answer``, ``loss_context`` (means
-    of the steps'), ``answer_token_acc`` (over all answer tokens), ``loss_copy`` / ``loss_task``
-    (over all samples of the group), ``acc_copy`` / ``acc_task`` (over the group's answer
-    tokens; None where the window had none) and ``copy_share`` (of the samples)."""
+    of the steps'), ``answer_token_acc`` (over all answer tokens), and per group of `GROUPS`
+    ``loss_<group>`` (over its samples) and ``acc_<group>`` (over its answer tokens), None
+    where the window had none; ``copy_share``: the share of copying samples (both kinds)."""
     total = {k: sum(w[k] for w in window) for k in STAT_SUMS}
-    ratio = lambda a, b: round(total[a] / total[b], 4) if total[b] else None  # noqa: E731
-    tokens = total["copy_tokens"] + total["task_tokens"]
-    samples = total["copy_samples"] + total["task_samples"]
-    return {"loss_answer": round(sum(w["loss_answer"] for w in window) / len(window), 4),
-            "loss_context": round(sum(w["loss_context"] for w in window) / len(window), 4),
-            "answer_token_acc": round((total["copy_correct"] + total["task_correct"])
-                                      / tokens, 4) if tokens else None,
-            "loss_copy": ratio("copy_loss_sum", "copy_samples"),
-            "acc_copy": ratio("copy_correct", "copy_tokens"),
-            "loss_task": ratio("task_loss_sum", "task_samples"),
-            "acc_task": ratio("task_correct", "task_tokens"),
-            "copy_share": round(total["copy_samples"] / samples, 4) if samples else None}
+    ratio = lambda a, b: round(a / b, 4) if b else None  # noqa: E731
+    out = {"loss_answer": round(sum(w["loss_answer"] for w in window) / len(window), 4),
+           "loss_context": round(sum(w["loss_context"] for w in window) / len(window), 4),
+           "answer_token_acc": ratio(sum(total[f"{g}_correct"] for g in GROUPS),
+                                     sum(total[f"{g}_tokens"] for g in GROUPS))}
+    for g in GROUPS:
+        out[f"loss_{g}"] = ratio(total[f"{g}_loss_sum"], total[f"{g}_samples"])
+        out[f"acc_{g}"] = ratio(total[f"{g}_correct"], total[f"{g}_tokens"])
+    out["copy_share"] = ratio(total["copy_samples"] + total["copy_words_samples"],
+                              sum(total[f"{g}_samples"] for g in GROUPS))
+    return out
 
 
 def _gen_heldout(args: tuple) -> list:
@@ -220,6 +235,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-samples", type=int, default=None,
                         help="held-out samples per task and length (0: no held-out evaluation)")
     parser.add_argument("--eval-seed", type=int, default=42)
+    parser.add_argument("--probe-samples", type=int, default=8,
+                        help="held-out random-token copies per probe length (0: no probe)")
+    parser.add_argument("--log-every", type=int, default=50, help="steps per train record")
     parser.add_argument("--eval-every-minutes", type=float, default=1.5)
     parser.add_argument("--metrics", default=None,
                         help="JSON lines log (default OUT.log.jsonl); the train records also go "
@@ -353,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
         tokens_seen += batch["input_ids"].numel()
         window.append(stats)
         switches = curriculum.observe(batch_stage, copy_loss(stats), frac, step)
-        if switches or step in (1, 10, 25, 50) or step % 50 == 0:
+        if switches or step in (1, 10, 25, 50) or step % args.log_every == 0:
             last = log_train(window, lr, gnorm, batch, batch_stage)
             window = []
         for sw in switches:
@@ -382,7 +400,13 @@ def main(argv: list[str] | None = None) -> dict:
             "last_train": {k: last.get(k) for k in CSV_FIELDS if k in last},
             "argv": sys.argv[1:] if argv is None else argv}
     save_checkpoint(model, cfg, out, info)
+    shutil.copyfile(metrics_path.with_suffix(".csv"), out / "training_curves.csv")
     log({"event": "saved", "path": str(out), **info}, fh)
+    if args.probe_samples:
+        info["copy_probe"] = heldout.copy_probe(
+            model, tok, recipe["probe_lengths"], args.probe_samples, args.device,
+            recipe["eval_batch_tokens"], args.eval_seed)
+        log({"event": "copy_probe", **info["copy_probe"]}, fh)
     res = evaluate(eval_lengths, final=True)
     if pool is not None:
         pool.shutdown()

@@ -5,6 +5,7 @@ target), the files `--flux-router` loads, teacher-forced scoring, and checkpoint
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -165,23 +166,28 @@ def test_pack_round_trip_and_a_corrupt_piece(tmp_path):
 def test_induction_sample_repeats_its_text_as_the_answer(tok):
     import random
 
-    from training.data import INDUCTION, induction_sample
+    from training.data import INDUCTION, INDUCTION_RANDOM, induction_sample
 
     texts = set()
     for seed in range(8):  # both kinds: uniform random tokens and word texts
         enc = induction_sample(random.Random(seed), tok, 300, 0, 1)
         half = enc.prompt_len - 1
-        assert enc.task == INDUCTION and len(enc.ids) <= 300
+        assert enc.task in (INDUCTION, INDUCTION_RANDOM) and len(enc.ids) <= 300
         assert enc.ids[0] == 0 and enc.ids[-1] == 1
         assert 0 not in enc.ids[1:-1] and 1 not in enc.ids[1:-1]
         assert enc.ids[1:enc.prompt_len] == enc.ids[enc.prompt_len:enc.prompt_len + half]
         batch = collate([enc], 320, 1)
-        assert batch["task_index"].tolist() == [-1]
+        assert batch["task_index"].tolist() == [-2 if enc.task == INDUCTION_RANDOM else -1]
         assert int(batch["answer_mask"].sum()) == half + 1  # the copy and EOS
         # a word text re-encodes to itself; a random token sequence almost never does
         text = tok.decode(enc.ids[1:enc.prompt_len])
-        texts.add(tok.encode(text, add_special_tokens=False).ids == enc.ids[1:enc.prompt_len])
+        same = tok.encode(text, add_special_tokens=False).ids == enc.ids[1:enc.prompt_len]
+        assert same == (enc.task == INDUCTION)
+        texts.add(same)
     assert texts == {True, False}
+    # a stage of random copies only
+    assert {induction_sample(random.Random(seed), tok, 64, 0, 1, random_token_share=1.0).task
+            for seed in range(8)} == {INDUCTION_RANDOM}
 
 
 def test_answer_loss_weighs_every_sample_equally():
@@ -300,8 +306,8 @@ def test_lr_warms_up_holds_its_peak_then_decays_to_a_tenth():
 
 
 def test_copy_and_task_answer_losses_and_accuracies_are_logged_apart():
-    from training.data import INDUCTION
-    from training.train_model import copy_loss, loss_fn, window_means
+    from training.data import INDUCTION, INDUCTION_RANDOM
+    from training.train_model import GROUPS, copy_loss, loss_fn, window_means
 
     torch.manual_seed(0)
 
@@ -314,38 +320,42 @@ def test_copy_and_task_answer_losses_and_accuracies_are_logged_apart():
             self.lm_head = torch.nn.Linear(4, 16, bias=False)
 
     model = Embed()
-    copy = Encoded([0, 5, 6, 7, 5, 6, 7, 1], 4, INDUCTION, [])  # copy of 3 tokens + EOS
+    copy = Encoded([0, 5, 6, 7, 5, 6, 7, 1], 4, INDUCTION_RANDOM, [])  # 3 tokens again + EOS
+    words = Encoded([0, 8, 9, 8, 9, 1], 3, INDUCTION, [])  # 2 tokens again + EOS
     task_a = Encoded([0, 5, 6, 1], 3, "vt", ["x"])  # EOS only
     task_b = Encoded([0, 5, 6, 7, 8, 9, 1], 3, "cwe", ["x"])  # 3 answer tokens + EOS
-    batch = collate([copy, task_a, task_b], 10, 1)
+    batch = collate([copy, words, task_a, task_b], 10, 1)
+    assert batch["task_index"].tolist()[:2] == [-2, -1]
     loss, stats = loss_fn(model, batch, context_weight=0.0)
     with torch.no_grad():
         logits = model.lm_head(model.emb(batch["input_ids"]))
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"].clamp(min=0),
                                            reduction="none")
     mask = batch["answer_mask"]
-    per = [float(ce[b][mask[b]].mean()) for b in range(3)]
-    hit = (logits.argmax(-1) == batch["labels"]) & mask
-    assert stats["copy_samples"] == 1 and stats["task_samples"] == 2
+    per = [float(ce[b][mask[b]].mean()) for b in range(4)]
+    hit = ((logits.argmax(-1) == batch["labels"]) & mask).sum(1).tolist()
+    assert [stats[f"{g}_samples"] for g in GROUPS] == [1, 1, 2]
+    assert [stats[f"{g}_tokens"] for g in GROUPS] == [4, 3, 1 + 4]
+    assert [stats[f"{g}_correct"] for g in GROUPS] == [hit[0], hit[1], hit[2] + hit[3]]
     assert copy_loss(stats) == pytest.approx(per[0], rel=1e-5)
-    assert stats["task_loss_sum"] / 2 == pytest.approx((per[1] + per[2]) / 2, rel=1e-5)
-    assert stats["loss_answer"] == pytest.approx(sum(per) / 3, rel=1e-5)
-    assert float(loss.detach()) == pytest.approx(sum(per) / 3, rel=1e-5)
-    assert (stats["copy_tokens"], stats["task_tokens"]) == (4, 1 + 4)
-    assert stats["copy_correct"] == int(hit[0].sum())
-    assert stats["task_correct"] == int(hit[1:].sum())
+    assert stats["copy_words_loss_sum"] == pytest.approx(per[1], rel=1e-5)
+    assert stats["task_loss_sum"] == pytest.approx(per[2] + per[3], rel=1e-5)
+    assert stats["loss_answer"] == pytest.approx(sum(per) / 4, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(sum(per) / 4, rel=1e-5)
+    assert stats["answer_token_acc"] == pytest.approx(sum(hit) / 12)
 
     # a window: losses are means over samples, accuracies over tokens, across steps
     _, only_tasks = loss_fn(model, collate([task_a], 10, 1), context_weight=0.0)
     assert copy_loss(only_tasks) is None
     means = window_means([stats, only_tasks])
     assert means["loss_copy"] == pytest.approx(per[0], abs=1e-4)
-    assert means["loss_task"] == pytest.approx((2 * per[1] + per[2]) / 3, abs=1e-4)
-    assert means["acc_task"] == pytest.approx(
-        (int(hit[1:].sum()) + int(hit[1].sum())) / 6, abs=1e-4)
-    assert means["copy_share"] == pytest.approx(0.25)
-    assert window_means([only_tasks])["loss_copy"] is None
-    assert window_means([only_tasks])["acc_copy"] is None
+    assert means["loss_copy_words"] == pytest.approx(per[1], abs=1e-4)
+    assert means["loss_task"] == pytest.approx((2 * per[2] + per[3]) / 3, abs=1e-4)
+    assert means["acc_task"] == pytest.approx((2 * hit[2] + hit[3]) / 6, abs=1e-4)
+    assert means["copy_share"] == pytest.approx(2 / 5)
+    alone = window_means([only_tasks])
+    assert alone["loss_copy"] is alone["acc_copy"] is alone["acc_copy_words"] is None
+    assert alone["copy_share"] == 0.0
 
 
 def test_batches_follow_the_shared_stage_and_carry_it():
@@ -360,7 +370,7 @@ def test_batches_follow_the_shared_stage_and_carry_it():
                               stage))
     first = next(stream)
     assert int(first["stage"]) == 0 and first["input_ids"].shape == (8, 64)
-    assert first["task_index"].tolist() == [-1] * 8
+    assert first["task_index"].tolist() == [-2] * 8  # random-token copies only
     stage.value = 1
     second = next(stream)
     assert int(second["stage"]) == 1 and second["input_ids"].shape[1] == 256
@@ -396,3 +406,27 @@ def test_training_run_writes_split_copy_and_task_curves(tmp_path):
     saved = json.loads((tmp_path / "m" / "training_info.json").read_text())
     assert saved["last_train"]["loss_task"] == pytest.approx(float(rows[-1]["loss_task"]))
     assert saved["heldout"] is None
+    assert (tmp_path / "m" / "training_curves.csv").read_text() == (
+        tmp_path / "m.log.csv").read_text()
+    # the held-out copy probe: 6 steps have not learned to copy (ln 4096 = 8.3 nats)
+    assert sorted(saved["copy_probe"], key=int) == ["64", "256", "1024"]
+    assert all(v["loss"] > 6 and v["acc"] < 0.1 for v in saved["copy_probe"].values())
+
+
+def test_copy_probe_scores_an_oracle_full_and_a_blind_model_at_chance(tok):
+    class Oracle(torch.nn.Module):  # reads the next token: every prediction right
+        def forward(self, input_ids, use_cache):
+            nxt = torch.roll(input_ids, -1, dims=1)
+            return type("O", (), {"logits": 30.0 * torch.nn.functional.one_hot(
+                nxt, tok.get_vocab_size()).float()})
+
+    class Blind(torch.nn.Module):  # uniform logits: ln(vocab) nats, argmax token 0 (BOS)
+        def forward(self, input_ids, use_cache):
+            return type("O", (), {"logits": torch.zeros(*input_ids.shape, tok.get_vocab_size())})
+
+    res = heldout.copy_probe(Oracle(), tok, [64, 200], 3, "cpu", 256)
+    assert res == {64: {"loss": 0.0, "acc": 1.0, "samples": 3},
+                   200: {"loss": 0.0, "acc": 1.0, "samples": 3}}
+    blind = heldout.copy_probe(Blind(), tok, [64], 2, "cpu", 64)[64]
+    assert blind["loss"] == pytest.approx(math.log(tok.get_vocab_size()), rel=1e-4)
+    assert blind["acc"] == 0.0
