@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader worker processes (default: the recipe's)")
     parser.add_argument("--metrics", default=None, help="JSON lines log (default OUT.log.jsonl)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
     recipe = RECIPES[args.recipe or ("gpu" if args.device.startswith("cuda") else "tiny")]
