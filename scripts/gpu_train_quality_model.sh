@@ -7,8 +7,8 @@
 #   tiny:    the CI model (preset tiny) and its routers, trained beside the router phase
 #            (TINY_MINUTES, default 1.0; TINY=0 skips it), packed as one tar
 # It uses the first GPU it is shown (DEVICE, default cuda:0): on a machine shared with another
-# job, choose the GPU with CUDA_VISIBLE_DEVICES. DataLoader workers default to about half the CPUs it may use
-# (WORKERS, at most 12), so a job on the other GPU keeps the rest.
+# job, choose the GPU with CUDA_VISIBLE_DEVICES. DataLoader workers default to about half the
+# CPUs it may use (WORKERS, at most 12), so a job on the other GPU keeps the rest.
 # The last thing printed is a short table (training.report --brief).
 # Reassemble here with `make quality-model` (training.pack unpack). See docs/quality.md.
 set -uo pipefail
@@ -35,14 +35,13 @@ CKPT="$WORK/fluxserve-quality-model"
 mkdir -p "$OUT"
 echo "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-<unset>} cpus=$NCPU workers=$WORKERS" \
      "budget=${TOTAL_SECONDS:-420}s"
-$PY -c "
-import torch
+NGPU=$($PY -c "
+import sys, torch
+n = torch.cuda.device_count()
 print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
-      torch.cuda.get_device_name(0) if torch.cuda.is_available() else '',
-      'visible GPUs', torch.cuda.device_count())
-" || exit 1
-if [ -z "${CUDA_VISIBLE_DEVICES+x}" ] && \
-   [ "$($PY -c 'import torch; print(torch.cuda.device_count())')" -gt 1 ]; then
+      torch.cuda.get_device_name(0) if n else '', 'visible GPUs', n, file=sys.stderr)
+print(n)") || exit 1
+if [ -z "${CUDA_VISIBLE_DEVICES+x}" ] && [ "$NGPU" -gt 1 ]; then
   echo "note: CUDA_VISIBLE_DEVICES is unset and several GPUs are visible; using GPU 0"
 fi
 
