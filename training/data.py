@@ -29,7 +29,11 @@ TASK_TYPES: dict[str, str] = {
 }
 TYPE_NAMES = ("retrieval", "aggregation", "local")
 # The auxiliary copying task (training only, never evaluated): a random text repeated twice.
+# Its samples' task names, and their ``task_index`` in a batch (task samples index
+# ``tasks.TASKS``): copies of word texts, and copies of uniform random token ids.
 INDUCTION = "induction"
+INDUCTION_RANDOM = "induction_random"
+AUX_TASK_INDEX = {INDUCTION: -1, INDUCTION_RANDOM: -2}
 # The share of induction samples whose text is uniform random tokens rather than words.
 RANDOM_TOKEN_SHARE = 0.5
 
@@ -119,32 +123,35 @@ class LengthMix:
     """Which padded lengths (buckets) to draw and how often (by batches), and the token budget of
     one batch: ``batch = tokens_per_batch // bucket`` samples, each of a target length drawn
     uniformly in ``[min_fill * bucket, bucket]``. ``induction_fraction``, when set, overrides the
-    stream's share of auxiliary copying samples while this mix is in force (a copy-heavy warm-up
-    on short sequences)."""
+    stream's share of auxiliary copying samples while this mix is in force (1.0: copies only);
+    ``random_token_share`` is the share of those copies whose text is uniform random token ids
+    (the rest are word texts)."""
 
     buckets: tuple[int, ...]
     weights: tuple[float, ...]
     tokens_per_batch: int
     min_fill: float = 0.55
     induction_fraction: float | None = None
+    random_token_share: float = RANDOM_TOKEN_SHARE
 
 
-def induction_sample(rng: random.Random, tokenizer, target: int, bos: int, eos: int) -> Encoded:
+def induction_sample(rng: random.Random, tokenizer, target: int, bos: int, eos: int,
+                     random_token_share: float = RANDOM_TOKEN_SHARE) -> Encoded:
     """The auxiliary copying task: BOS, a random text of words, 7-digit numbers and UUIDs, then
     the same text again, whose tokens are the "answer". Every answer token is predictable only
     by looking back, so the copying (induction) heads that retrieval needs form early, instead
-    of from the few answer tokens of the task samples alone. A `RANDOM_TOKEN_SHARE` of them are
+    of from the few answer tokens of the task samples alone. A `random_token_share` of them are
     uniform random token ids instead of words: on word text a model first fits the words' own
     statistics and the copy forms much later (no copying after 400 tiny-model steps at 256
     tokens, against about 125 steps on random tokens)."""
     from evaluation import words
 
     half = max(8, (target - 2) // 2)
-    if rng.random() < RANDOM_TOKEN_SHARE:
+    if rng.random() < random_token_share:
         # uniform token ids (specials excluded): no n-gram statistic predicts the copy, so
         # looking back is the only route, and the copying heads form within a few hundred steps
         first = [rng.randrange(2, tokenizer.get_vocab_size()) for _ in range(half)]
-        return Encoded([bos, *first, *first, eos], half + 1, INDUCTION, [])
+        return Encoded([bos, *first, *first, eos], half + 1, INDUCTION_RANDOM, [])
     vocab = words.vocabulary()
     pieces: list[str] = []
     ids: list[int] = []
@@ -165,7 +172,8 @@ def collate(samples: list[Encoded], pad_to: int, pad_id: int) -> dict[str, torch
     """Right-pad to `pad_to`. Returns ``input_ids`` [B, T] int64, ``labels`` [B, T] int64 (the
     next token, -100 where nothing is predicted), ``answer_mask`` [B, T] bool (positions that
     predict an answer or EOS token), ``prompt_len`` [B] int64, ``task_index`` [B] int64 (into
-    ``tasks.TASKS``; -1 for the auxiliary induction task)."""
+    ``tasks.TASKS``; `AUX_TASK_INDEX` for the auxiliary copying samples: -1 word texts, -2
+    random tokens)."""
     b = len(samples)
     ids = torch.full((b, pad_to), pad_id, dtype=torch.long)
     labels = torch.full((b, pad_to), -100, dtype=torch.long)
@@ -179,31 +187,31 @@ def collate(samples: list[Encoded], pad_to: int, pad_id: int) -> dict[str, torch
         answer[i, s.prompt_len - 1:n - 1] = True
     return {"input_ids": ids, "labels": labels, "answer_mask": answer,
             "prompt_len": torch.tensor([s.prompt_len for s in samples]),
-            "task_index": torch.tensor([names.index(s.task) if s.task in names else -1
-                                        for s in samples])}
+            "task_index": torch.tensor([names.index(s.task) if s.task in names
+                                        else AUX_TASK_INDEX[s.task] for s in samples])}
 
 
 class TaskBatches(torch.utils.data.IterableDataset):
     """An endless stream of padded batches; each DataLoader worker draws its own.
 
-    `mixes` is a list of ``(progress_from, LengthMix)``: the mix in force is the last one whose
-    ``progress_from`` is at most the run's progress, a value in [0, 1] that the training loop
-    writes into the shared `progress` (a ``multiprocessing.Value``), so a length curriculum
-    follows wall-clock time across worker processes."""
+    `mixes` holds one `LengthMix` per curriculum stage; the mix in force is ``mixes[i]`` with
+    ``i`` the value of the shared `stage` (a ``multiprocessing.Value`` the training loop writes
+    when it switches stages; None: always the first mix). Each batch carries ``stage``, a 0-d
+    int64 tensor: the stage it was drawn for, so that batches prefetched before a switch are not
+    counted as the new stage's."""
 
-    def __init__(self, tokenizer_path: str, seed: int, mixes: list[tuple[float, LengthMix]],
-                 task_weights: dict[str, float], progress=None, namespace: str = "train",
+    def __init__(self, tokenizer_path: str, seed: int, mixes: list[LengthMix],
+                 task_weights: dict[str, float], stage=None, namespace: str = "train",
                  induction_fraction: float = 0.0):
         super().__init__()
         self.induction_fraction = induction_fraction
         self.tokenizer_path = tokenizer_path
-        self.seed, self.mixes, self.progress = seed, mixes, progress
+        self.seed, self.mixes, self.stage = seed, mixes, stage
         self.task_weights = task_weights
         self.namespace = namespace
 
-    def _mix(self) -> LengthMix:
-        p = self.progress.value if self.progress is not None else 0.0
-        return [m for start, m in self.mixes if start <= p][-1]
+    def _stage(self) -> int:
+        return min(self.stage.value, len(self.mixes) - 1) if self.stage is not None else 0
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         from tokenizers import Tokenizer
@@ -217,7 +225,8 @@ class TaskBatches(torch.utils.data.IterableDataset):
         rng = random.Random(f"{self.namespace}:{self.seed}:{worker}")
         count = 0
         while True:
-            mix = self._mix()
+            stage = self._stage()
+            mix = self.mixes[stage]
             bucket = rng.choices(mix.buckets, mix.weights)[0]
             size = max(1, mix.tokens_per_batch // bucket)
             induction = (self.induction_fraction if mix.induction_fraction is None
@@ -229,7 +238,8 @@ class TaskBatches(torch.utils.data.IterableDataset):
                 seed = f"{self.namespace}:{self.seed}:{worker}:{count}"
                 count += 1
                 if rng.random() < induction:
-                    batch.append(induction_sample(rng, tok, target, sampler.bos, sampler.eos))
+                    batch.append(induction_sample(rng, tok, target, sampler.bos, sampler.eos,
+                                                  mix.random_token_share))
                     continue
                 try:
                     batch.append(sampler.sample(name, seed, target))
@@ -237,7 +247,8 @@ class TaskBatches(torch.utils.data.IterableDataset):
                     continue
             if not batch:
                 continue
-            yield collate(batch, bucket, sampler.eos)
+            yield {**collate(batch, bucket, sampler.eos),
+                   "stage": torch.tensor(stage, dtype=torch.long)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ PRESETS: dict[str, dict] = {
     "gpu": {"hidden_size": 512, "intermediate_size": 1280, "num_hidden_layers": 8,
             "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64,
             "rope_theta": 1_000_000.0, "max_position_embeddings": 32768,
-            "tie_word_embeddings": False},
+            "tie_word_embeddings": True},
     "tiny": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
              "rope_theta": 100_000.0, "max_position_embeddings": 4096,

@@ -3,6 +3,7 @@ its routers' sparsity and scores per task type (``training_info.json``,
 ``router/router_eval.json``).
 
     python -m training.report CKPT_DIR
+    python -m training.report --brief CKPT_DIR [CKPT_DIR ...]   # one short column per model
 """
 
 from __future__ import annotations
@@ -41,5 +42,68 @@ def report(ckpt: Path) -> str:
     return "\n".join(lines)
 
 
+def _len(n: int | str) -> str:
+    n = int(n)
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def brief_rows(ckpt: Path) -> list[tuple[str, str]]:
+    """(label, value) rows for `brief`: run size, the curriculum's stage switches (the stage
+    entered, at which step, and why the one before ended: ``loss`` its copy-loss gate, ``cap``
+    its step cap, ``time`` its share of the budget), the last
+    logged copy and task answer losses and accuracies, the held-out copy probe, the held-out
+    full-attention score per length and the routers' sparsity."""
+    info = json.loads((ckpt / "training_info.json").read_text())
+    last = info.get("last_train", {})
+    rows = [("model", f"{info['preset']}, {info['parameters'] / 1e6:.1f} M"),
+            ("steps / train s", f"{info['steps']} / {info['train_seconds']:.0f}")]
+    switches = info.get("stage_switches", [])
+    why = {"copy_loss": "loss", "max_steps": "cap", "progress": "time"}
+    rows.append(("stage switches", " ".join(
+        f"{sw['next_stage']}@{sw['step']}:{why.get(sw['reason'], sw['reason'])}"
+        for sw in switches) or "none"))
+    rows.append(("final stage", info.get("final_stage", "-")))
+    for group, label in (("copy", "copy random"), ("copy_words", "copy words"),
+                         ("task", "task answers")):
+        rows.append((f"{label} loss/acc", f"{_fmt(last.get(f'loss_{group}'))} / "
+                                           f"{_fmt(last.get(f'acc_{group}'), 3)}"))
+    probe = info.get("copy_probe") or {}
+    rows.append(("copy probe acc", " ".join(f"{_len(n)}:{v['acc']:.2f}"
+                                            for n, v in probe.items()) or "-"))
+    held = (info.get("heldout") or {}).get("score")
+    rows.append(("held-out % (full)", " ".join(f"{_len(n)}:{v:.1f}"
+                                               for n, v in held["average"].items())
+                 if held else "-"))
+    router_eval = ckpt / "router" / "router_eval.json"
+    if router_eval.exists():
+        r = json.loads(router_eval.read_text())
+        rows.append(("router sparse frac", " ".join(
+            f"{t[:3]}:{v:.2f}" for t, v in r["sparsity_by_type"].items())))
+        mean = lambda d: sum(d.values()) / max(1, len(d))  # noqa: E731
+        rows.append(("router auto/full %", f"{mean(r['auto']['by_type']):.1f} / "
+                                           f"{mean(r['full']['by_type']):.1f}"))
+    else:
+        rows.append(("router sparse frac", "none trained"))
+    return rows
+
+
+def brief(ckpts: list[Path]) -> str:
+    """A short table: one row per `brief_rows` label, one column per checkpoint."""
+    cols = [dict(brief_rows(c)) for c in ckpts]
+    labels = list(dict.fromkeys(k for c in cols for k in c))
+    width = [max(len(c.get(k, "-")) for k in labels) for c in cols]
+    head = max(len(k) for k in labels)
+    return "\n".join(f"{k:{head}s}  " + "  ".join(f"{c.get(k, '-'):{w}s}"
+                                                  for c, w in zip(cols, width, strict=True))
+                     .rstrip() for k in labels)
+
+
 if __name__ == "__main__":
-    print(report(Path(sys.argv[1])))
+    if sys.argv[1] == "--brief":
+        print(brief([Path(a) for a in sys.argv[2:]]))
+    else:
+        print(report(Path(sys.argv[1])))

@@ -308,8 +308,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-samples", type=int, default=None)
     parser.add_argument("--eval-seed", type=int, default=42)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader worker processes (default: the recipe's)")
     parser.add_argument("--metrics", default=None, help="JSON lines log (default OUT.log.jsonl)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
     recipe = RECIPES[args.recipe or ("gpu" if args.device.startswith("cuda") else "tiny")]
@@ -346,9 +348,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tokens_per_batch:
         mix = LengthMix(mix.buckets, mix.weights, args.tokens_per_batch, mix.min_fill)
     ctx = mp.get_context("fork")
-    data = TaskBatches(tok_path, args.seed, [(0.0, mix)], {t: 1.0 for t in task_names},
+    data = TaskBatches(tok_path, args.seed, [mix], {t: 1.0 for t in task_names},
                        namespace="router")
-    workers = recipe["workers"]
+    workers = recipe["workers"] if args.workers is None else args.workers
     loader = torch.utils.data.DataLoader(
         data, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
         multiprocessing_context=ctx if workers else None,
