@@ -75,7 +75,10 @@ RECIPES: dict[str, dict] = {
         "stages": [
             Stage("copy-64", _copy_mix((64,), (1.0,), 32768),
                   copy_loss_below=1.0, min_steps=50, max_steps=1500, until_progress=0.3),
-            Stage("copy-256", _copy_mix((128, 256), (0.3, 0.7), 32768),
+            # 64 kept in the mix: on the H200, copying formed at 64 within ~200 steps but a
+            # switch to 128-256 only lost it (0.9 -> 7.7 nats); mixed lengths from the start
+            # delayed its onset past 360 steps
+            Stage("copy-256", _copy_mix((64, 128, 256), (0.3, 0.3, 0.4), 32768),
                   copy_loss_below=0.5, min_steps=30, max_steps=600, until_progress=0.4),
             Stage("tasks-1k", LengthMix((256, 512, 1024), (0.3, 0.4, 0.3), 65536,
                                         induction_fraction=0.3), until_progress=0.45),
@@ -93,7 +96,7 @@ RECIPES: dict[str, dict] = {
         "stages": [
             Stage("copy-64", _copy_mix((64,), (1.0,), 4096),
                   copy_loss_below=1.0, min_steps=30, max_steps=1500, until_progress=0.4),
-            Stage("copy-256", _copy_mix((128, 256), (0.5, 0.5), 4096),
+            Stage("copy-256", _copy_mix((64, 128, 256), (0.3, 0.3, 0.4), 4096),
                   copy_loss_below=0.5, min_steps=20, max_steps=500, until_progress=0.5),
             Stage("tasks-512", LengthMix((256, 512), (0.5, 0.5), 8192, induction_fraction=0.3),
                   until_progress=0.7),
