@@ -302,3 +302,14 @@ def discover(client: SyncClient, model: str | None = None) -> ServerInfo:
                       continue_final_message="continue_final_message" in chat_props,
                       completion_options={f for f in COMPLETION_OPTIONS if f in completion_props},
                       owned_by=str(card.get("owned_by", "")))
+
+
+def discover_or_raise(client: SyncClient, model: str | None,
+                      error: Callable[[str], Exception]) -> ServerInfo:
+    """`discover`, for a command: a server that does not answer ``/v1/models`` raises
+    ``error("cannot list the models of <server root>: <why>")`` (the command's own error type,
+    from the `ApiError`); ValueError as `discover`."""
+    try:
+        return discover(client, model)
+    except ApiError as exc:
+        raise error(f"cannot list the models of {client.config.root}: {exc}") from exc

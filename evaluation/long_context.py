@@ -29,7 +29,7 @@ from evaluation.client import (
     ClientConfig,
     ServerInfo,
     SyncClient,
-    discover,
+    discover_or_raise,
 )
 from evaluation.policies import Policy, PolicySpecError, parse_policies
 from evaluation.results import (
@@ -321,10 +321,7 @@ def run(cfg: EvalConfig) -> dict:
     client_cfg = ClientConfig(cfg.url, cfg.api_key, cfg.timeout_s, cfg.max_retries)
     sync = SyncClient(client_cfg)
     try:
-        try:
-            info = discover(sync, cfg.model)
-        except ApiError as exc:
-            raise EvalError(f"cannot list the models of {client_cfg.root}: {exc}") from exc
+        info = discover_or_raise(sync, cfg.model, EvalError)
         plan, api_notes = _resolve_api(sync, info, cfg.api, cfg.seed)
         notes += api_notes
         if not info.extension_fields:
