@@ -19,15 +19,13 @@ smoke-test checkpoint.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
+from cpu_server import add_model_argument, child_server_setup
 
 from server.child_process import child_server
 
@@ -53,19 +51,13 @@ def _request_s(client: httpx.Client, base: str, prompt: list[int], tokens: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", help="checkpoint directory (default: the smoke-test model)")
+    add_model_argument(ap)
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8064])
     ap.add_argument("--tokens", type=int, default=128, help="tokens generated per request")
     ap.add_argument("--runs", type=int, default=5, help="timed rounds per length")
     ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     args = ap.parse_args()
-    if args.model is None:
-        from server.default_model import ensure_default_model
-
-        args.model = str(ensure_default_model())
-    logs = Path(tempfile.mkdtemp(prefix="cpu_long_context-"))
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2")
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    args.model, logs, env = child_server_setup(args.model, "cpu_long_context")
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", args.model, "--host",
            "127.0.0.1", "--max-model-len", "8192", "--enforce-eager", "--max-num-seqs", "4",
            "--served-model-name", "bench", "--reward-model", "none"]

@@ -33,15 +33,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from cpu_server import add_model_argument, child_server_setup
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.child_process import child_server
@@ -102,7 +101,7 @@ def measure(base: str, tokens: int, runs: int, levels: list[int]) -> dict[int, d
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", help="checkpoint directory (default: the smoke-test model)")
+    add_model_argument(ap)
     ap.add_argument("--tokens", type=int, default=400, help="tokens generated per request")
     ap.add_argument("--runs", type=int, default=5, help="timed batches per concurrency")
     ap.add_argument("--rounds", type=int, default=1,
@@ -110,13 +109,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--json", type=Path, help="also write every batch time here")
     args = ap.parse_args()
-    if args.model is None:
-        from server.default_model import ensure_default_model
-
-        args.model = str(ensure_default_model())
-    logs = Path(tempfile.mkdtemp(prefix="cpu_serving_decode-"))
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2")
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    args.model, logs, env = child_server_setup(args.model, "cpu_serving_decode")
     servers = {
         "stock": ([sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                    "--model", args.model, *COMMON], {**env, "VLLM_PLUGINS": "none"}),

@@ -21,13 +21,14 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import traceback
 
 import torch
 import torch.nn.functional as F
+from kernel_cases import contiguous_kv, paged_kv_cache, prefill_flops, rel_err
+from timing import cuda_graph_us
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -99,37 +100,11 @@ def bench_graph(fn, reps: int = 50) -> float:
     """Median microseconds of a CUDA-graph replay of fn, L2 flushed before each replay."""
     if S.smoke:
         return float("nan")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-          for _ in range(reps)]
-    g.replay()
-    for st, en in ev:
-        S.flush.zero_()
-        st.record()
-        g.replay()
-        en.record()
-    torch.cuda.synchronize()
-    t = statistics.median(st.elapsed_time(en) for st, en in ev) * 1e3
-    del g
-    return t
+    return cuda_graph_us(fn, S.flush, reps)
 
 
 def floor_us(nbytes: float, flops: float) -> float:
     return max(nbytes / BW, flops / PEAK) * 1e6
-
-
-def rel_err(a, b) -> float:
-    a = a.to(torch.float64)
-    b = b.to(torch.float64)
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def record(**kw):
@@ -142,23 +117,8 @@ def record(**kw):
 
 
 def build_cache(batch: int, length: int, bs: int, seed: int):
-    """Random paged KV for `batch` sequences of `length` slots, blocks in random physical order;
-    one extra physical block (the last) is all-NaN and stands for freed/null blocks."""
-    g = torch.Generator(device=S.dev).manual_seed(seed)
-    nblk = -(-length // bs)
-    kv = torch.randn(batch * nblk + 1, HKV, bs, 2 * D, device=S.dev, dtype=DT, generator=g)
-    null = batch * nblk
-    kv[null] = float("nan")
-    perm = torch.randperm(batch * nblk, device=S.dev, generator=g).to(torch.int32)
-    return kv, perm.view(batch, nblk).contiguous(), null
-
-
-def contiguous_kv(kv, bt, length):
-    """[B, Hkv, L, D] K and V for SDPA, gathered from the paged cache."""
-    x = kv[bt.long()]  # [B, nblk, Hkv, bs, 2D]
-    b, nblk, h, bs, d2 = x.shape
-    x = x.permute(0, 2, 1, 3, 4).reshape(b, h, nblk * bs, d2)[:, :, :length]
-    return x[..., :D].contiguous(), x[..., D:].contiguous()
+    """Random paged KV (kernel_cases.paged_kv_cache) at this script's head shapes."""
+    return paged_kv_cache(batch, length, bs, seed, HKV, D, S.dev, DT)
 
 
 def sdpa(q, k, v, causal):
@@ -279,16 +239,6 @@ def sdpa_decode_time(batch, length, kv, bt):
 # ----------------------------------------------------------------------------- prefill
 
 
-def prefill_flops(length, ctx, sink, window):
-    """4 * Hq * D * (sum over the queries of their visible keys)."""
-    p = torch.arange(ctx, length, dtype=torch.float64)
-    vis = p + 1
-    if window > 0:
-        vis = torch.clamp(p + 1, max=sink) + torch.clamp(torch.clamp(p + 1 - sink, max=window),
-                                                         min=0)
-    return 4.0 * HQ * D * float(vis.sum())
-
-
 def run_prefill(mode, length, bs, kv, bt, pcfg, ctx=0, tag="", check=True, sdpa_us=None,
                 rep_ms=200):
     g = torch.Generator(device=S.dev).manual_seed(length + ctx)
@@ -319,7 +269,7 @@ def run_prefill(mode, length, bs, kv, bt, pcfg, ctx=0, tag="", check=True, sdpa_
         assert err < 1e-2, f"rel err {errs}"
     t = bench_eager(fn, rep_ms=rep_ms)
     sink, window = (0, 0) if mode == "dense" else (S.sink, S.window)
-    flops = prefill_flops(length, ctx, sink, window)
+    flops = prefill_flops(length, ctx, sink, window, HQ, D)
     nbytes = q_len * HQ * D * 2 * 2 + length * KV_TOKEN_BYTES
     fl = floor_us(nbytes, flops)
     rec = dict(kind="prefill", mode=mode, L=length, ctx=ctx, bs=bs, tag=tag, err=err, us=t,

@@ -65,6 +65,8 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+from kernel_cases import contiguous_kv, paged_kv_cache, prefill_flops, rel_err
+from timing import cuda_graph_us
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -208,27 +210,7 @@ def bench_graph(fn, reps: int = 40) -> float:
     """Median microseconds of a CUDA-graph replay of fn, L2 flushed before each replay."""
     if SMOKE:
         return bench(fn)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-          for _ in range(reps)]
-    g.replay()
-    for a, b in ev:
-        FLUSH.zero_()
-        a.record()
-        g.replay()
-        b.record()
-    torch.cuda.synchronize()
-    t = statistics.median(a.elapsed_time(b) for a, b in ev) * 1e3
-    del g
-    return t
+    return cuda_graph_us(fn, FLUSH, reps)
 
 
 def measure_ceilings() -> None:
@@ -257,22 +239,6 @@ def floors(nbytes: float, flops: float) -> dict:
             "floor_meas_us": max(flops / CEIL["peak"], nbytes / CEIL["bw"]) * 1e6}
 
 
-def prefill_flops(length: int, ctx: int, sink: int, window: int) -> float:
-    """4 * Hq * D * sum over the queries at slots [ctx, length) of their visible keys."""
-    p = torch.arange(ctx, length, dtype=torch.float64)
-    vis = p + 1
-    if window > 0:
-        vis = torch.clamp(p + 1, max=sink) + torch.clamp(torch.clamp(p + 1 - sink, max=window),
-                                                         min=0)
-    return 4.0 * HQ * D * float(vis.sum())
-
-
-def rel_err(a, b) -> float:
-    a = a.to(torch.float64)
-    b = b.to(torch.float64)
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def i32(vals):
     return torch.tensor(vals, dtype=torch.int32, device=DEV)
 
@@ -281,22 +247,8 @@ def i32(vals):
 
 
 def build_cache(batch: int, length: int, seed: int):
-    """Random paged KV, blocks in random physical order, plus one all-NaN block (the last)."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    nblk = -(-length // BS)
-    kv = torch.randn(batch * nblk + 1, HKV, BS, 2 * D, device=DEV, dtype=DT, generator=g)
-    null = batch * nblk
-    kv[null] = float("nan")
-    perm = torch.randperm(batch * nblk, device=DEV, generator=g).to(torch.int32)
-    return kv, perm.view(batch, nblk).contiguous(), null
-
-
-def contiguous_kv(kv, bt, length):
-    """[B, Hkv, L, D] K and V gathered from the paged cache (SDPA / Flex inputs)."""
-    x = kv[bt.long()]
-    b, nblk, h, bs, d2 = x.shape
-    x = x.permute(0, 2, 1, 3, 4).reshape(b, h, nblk * bs, d2)[:, :, :length]
-    return x[..., :D].contiguous(), x[..., D:].contiguous()
+    """Random paged KV (kernel_cases.paged_kv_cache) at this run's head shapes and block size."""
+    return paged_kv_cache(batch, length, BS, seed, HKV, D, DEV, DT)
 
 
 def sdpa(q, k, v, causal, **kw):
@@ -347,7 +299,7 @@ class Prefill:
 
     def flops(self) -> float:
         return prefill_flops(self.length, self.ctx, SINK if self.sparse else 0,
-                             WINDOW if self.sparse else 0)
+                             WINDOW if self.sparse else 0, HQ, D)
 
     def nbytes(self) -> float:
         return self.q_len * HQ * D * 2 * 2 + self.length * KV_TOKEN_BYTES

@@ -36,7 +36,7 @@ from evaluation.client import (
     ClientConfig,
     ServerInfo,
     SyncClient,
-    discover,
+    discover_or_raise,
 )
 from evaluation.long_context import attention_work_saved
 from evaluation.policies import Policy, PolicySpecError, parse_policies, parse_policy
@@ -407,10 +407,7 @@ def run(cfg: BenchConfig) -> dict:
     client_cfg = ClientConfig(cfg.url, cfg.api_key, cfg.timeout_s, cfg.max_retries)
     sync = SyncClient(client_cfg)
     try:
-        try:
-            info = discover(sync, cfg.model)
-        except ApiError as exc:
-            raise BenchError(f"cannot list the models of {client_cfg.root}: {exc}") from exc
+        info = discover_or_raise(sync, cfg.model, BenchError)
         tokenizer = choose_tokenizer(cfg.tokenizer, sync, info.model, chat=False,
                                      prefill=False)
         prompts = PromptSource(tokenizer, cfg.seed)

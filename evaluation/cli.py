@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 from evaluation.client import DEFAULT_URL
 
@@ -79,9 +80,46 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no progress bars")
 
 
+def _add_tokenizer_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokenizer", default=None, metavar="PATH",
+                        help="HF tokenizer directory or tokenizer.json for exact lengths; "
+                             "default the server's POST /tokenize, else ~4 chars per token")
+
+
 def _api_key_from_env(args: argparse.Namespace) -> None:
     if args.api_key is None:
         args.api_key = os.environ.get("FLUXSERVE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+
+
+def _exit_status(command: str, call: Callable[[], object],
+                 errors: tuple[type[Exception], ...], interrupted: str) -> int:
+    """Run a command's `call`; returns its exit status: 0 when it returns, 2 (after
+    ``<command>: error: <message>`` on stderr) when it raises one of `errors`, 130 on Ctrl-C
+    (after ``interrupted: <interrupted>``, what became of the work done)."""
+    try:
+        call()
+    except errors as exc:
+        print(f"{command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {interrupted}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _resumable(out: str) -> str:
+    """What an interrupted command that keeps its finished items says about them."""
+    return f"finished items are kept in {out}/results.jsonl; run the same command to resume"
+
+
+def _run_alone(command: str, add_parser: Callable[..., argparse.ArgumentParser],
+               run_parsed: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
+    """``fluxserve <command> ...`` with `argv` the arguments after `command` (default
+    ``sys.argv[1:]``), parsed by the sub-parser `add_parser` adds and run by `run_parsed`."""
+    parser = argparse.ArgumentParser(prog="fluxserve")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args([command, *(sys.argv[1:] if argv is None else argv)])
+    return run_parsed(args)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,9 +144,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="chat (the answer prefix pre-filled as the assistant turn where "
                              "the server allows) or completions (RULER's plain template); "
                              "auto: chat when the server accepts it")
-    parser.add_argument("--tokenizer", default=None, metavar="PATH",
-                        help="HF tokenizer directory or tokenizer.json for exact lengths; "
-                             "default the server's POST /tokenize, else ~4 chars per token")
+    _add_tokenizer_argument(parser)
     parser.add_argument("--out", default="fluxserve-eval",
                         help="output folder (reused to resume); default ./fluxserve-eval")
     _add_client_arguments(parser)
@@ -259,39 +295,20 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "eval_command", None) == "heads-ablate":
         from evaluation.head_ablation import ablate_from_args
 
-        try:
-            ablate_from_args(args)
-        except (ValueError, OSError) as exc:
-            print(f"fluxserve eval heads-ablate: error: {exc}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print(f"\ninterrupted: finished items are kept in {args.out}/results.jsonl; run "
-                  "the same command to resume", file=sys.stderr)
-            return 130
-        return 0
+        return _exit_status("fluxserve eval heads-ablate", lambda: ablate_from_args(args),
+                            (ValueError, OSError), _resumable(args.out))
 
     from evaluation.long_context import EvalError, config_from_args
     from evaluation.long_context import run as run_eval
 
     _api_key_from_env(args)
-    try:
-        run_eval(config_from_args(args))
-    except (EvalError, ValueError) as exc:
-        print(f"fluxserve eval: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished items are kept in {args.out}/results.jsonl; run the "
-              "same command to resume", file=sys.stderr)
-        return 130
-    return 0
+    return _exit_status("fluxserve eval", lambda: run_eval(config_from_args(args)),
+                        (EvalError, ValueError), _resumable(args.out))
 
 
 def main(argv: list[str] | None = None) -> int:
     """``fluxserve eval ...`` with `argv` the arguments after ``eval``."""
-    parser = argparse.ArgumentParser(prog="fluxserve")
-    add_eval_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
-    return run(args)
+    return _run_alone("eval", add_eval_parser, run, argv)
 
 
 BENCH_HELP = "Serving latency (TTFT, TPOT) of each policy across context lengths, with speedups."
@@ -333,9 +350,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=_bounded_int(0, 100), default=1,
                         help="warm-up rounds per (length, policy), not measured; default 1")
     parser.add_argument("--seed", type=int, default=0, help="prompt seed; default 0")
-    parser.add_argument("--tokenizer", default=None, metavar="PATH",
-                        help="HF tokenizer directory or tokenizer.json for exact lengths; "
-                             "default the server's POST /tokenize, else ~4 chars per token")
+    _add_tokenizer_argument(parser)
     parser.add_argument("--out", default="fluxserve-bench",
                         help="output folder (its files are replaced); default ./fluxserve-bench")
     _add_client_arguments(parser)
@@ -356,20 +371,10 @@ def run_bench(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _api_key_from_env(args)
-    try:
-        run_sweep(config_from_args(args))
-    except (BenchError, ValueError) as exc:
-        print(f"fluxserve bench: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: nothing written", file=sys.stderr)
-        return 130
-    return 0
+    return _exit_status("fluxserve bench", lambda: run_sweep(config_from_args(args)),
+                        (BenchError, ValueError), "nothing written")
 
 
 def bench_main(argv: list[str] | None = None) -> int:
     """``fluxserve bench ...`` with `argv` the arguments after ``bench``."""
-    parser = argparse.ArgumentParser(prog="fluxserve")
-    add_bench_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    return run_bench(args)
+    return _run_alone("bench", add_bench_parser, run_bench, argv)

@@ -57,12 +57,31 @@ def _error_message(response: httpx.Response) -> str:
     return str(body)[:500]
 
 
-def _backoff_s(attempt: int, response: httpx.Response | None) -> float:
-    if response is not None:
+def _backoff_s(attempt: int, response: httpx.Response | Exception | None) -> float:
+    if isinstance(response, httpx.Response):
         retry_after = response.headers.get("retry-after")
         if retry_after and retry_after.replace(".", "", 1).isdigit():
             return min(MAX_BACKOFF_S, float(retry_after))
     return min(MAX_BACKOFF_S, 0.5 * 2 ** attempt) * (0.5 + random.random() / 2)
+
+
+_RETRY = object()  # an attempt's outcome: failed, and worth another try
+
+
+def _outcome(sent: httpx.Response | httpx.TransportError, path: str, last: bool) -> Any:
+    """What one attempt at `path` came to, the same for every client (`sent`: its response or
+    its transport error): a success's decoded JSON body, or `_RETRY` for a retryable status or
+    a transport error while tries are left (`last` is False). Raises `ApiError` otherwise
+    (status 0, from the error, for a transport error)."""
+    if isinstance(sent, httpx.TransportError):
+        if last:
+            raise ApiError(0, f"{type(sent).__name__}: {sent}", path) from sent
+        return _RETRY
+    if sent.status_code < 400:
+        return sent.json()
+    if sent.status_code not in RETRY_STATUSES or last:
+        raise ApiError(sent.status_code, _error_message(sent), path)
+    return _RETRY
 
 
 @dataclass
@@ -102,18 +121,14 @@ class SyncClient:
         """Send one request; returns the decoded JSON body. Raises `ApiError`."""
         retries = self.config.max_retries if retries is None else retries
         for attempt in range(retries + 1):
-            response = None
             try:
-                response = self._http.request(method, path, json=json)
+                sent: httpx.Response | httpx.TransportError = self._http.request(
+                    method, path, json=json)
             except httpx.TransportError as exc:
-                if attempt == retries:
-                    raise ApiError(0, f"{type(exc).__name__}: {exc}", path) from exc
-            else:
-                if response.status_code < 400:
-                    return response.json()
-                if response.status_code not in RETRY_STATUSES or attempt == retries:
-                    raise ApiError(response.status_code, _error_message(response), path)
-            time.sleep(_backoff_s(attempt, response))
+                sent = exc
+            if (body := _outcome(sent, path, last=attempt == retries)) is not _RETRY:
+                return body
+            time.sleep(_backoff_s(attempt, sent))
         raise AssertionError("unreachable")
 
 
@@ -136,18 +151,14 @@ class AsyncClient:
         """Send one request; returns the decoded JSON body. Raises `ApiError`."""
         retries = self.config.max_retries
         for attempt in range(retries + 1):
-            response = None
             try:
-                response = await self._http.request(method, path, json=json)
+                sent: httpx.Response | httpx.TransportError = await self._http.request(
+                    method, path, json=json)
             except httpx.TransportError as exc:
-                if attempt == retries:
-                    raise ApiError(0, f"{type(exc).__name__}: {exc}", path) from exc
-            else:
-                if response.status_code < 400:
-                    return response.json()
-                if response.status_code not in RETRY_STATUSES or attempt == retries:
-                    raise ApiError(response.status_code, _error_message(response), path)
-            await asyncio.sleep(_backoff_s(attempt, response))
+                sent = exc
+            if (body := _outcome(sent, path, last=attempt == retries)) is not _RETRY:
+                return body
+            await asyncio.sleep(_backoff_s(attempt, sent))
         raise AssertionError("unreachable")
 
     async def stream_events(self, path: str, json_body: Any) -> AsyncIterator[tuple[float, Any]]:
@@ -172,8 +183,7 @@ class AsyncClient:
                                              headers=JSON_HEADERS) as response:
                     if response.status_code >= 400:
                         await response.aread()
-                        if response.status_code not in RETRY_STATUSES or attempt == retries:
-                            raise ApiError(response.status_code, _error_message(response), path)
+                        _outcome(response, path, last=attempt == retries)  # raises unless retried
                     else:
                         async for line in response.aiter_lines():
                             if not line.startswith("data:"):
@@ -197,8 +207,8 @@ class AsyncClient:
                             yield elapsed, data
                         return
             except httpx.TransportError as exc:
-                if events or attempt == retries:
-                    raise ApiError(0, f"{type(exc).__name__}: {exc}", path) from exc
+                # after the first event a failure is not retried
+                _outcome(exc, path, last=bool(events) or attempt == retries)
             await asyncio.sleep(_backoff_s(attempt, response))
         raise AssertionError("unreachable")
 
@@ -292,3 +302,14 @@ def discover(client: SyncClient, model: str | None = None) -> ServerInfo:
                       continue_final_message="continue_final_message" in chat_props,
                       completion_options={f for f in COMPLETION_OPTIONS if f in completion_props},
                       owned_by=str(card.get("owned_by", "")))
+
+
+def discover_or_raise(client: SyncClient, model: str | None,
+                      error: Callable[[str], Exception]) -> ServerInfo:
+    """`discover`, for a command: a server that does not answer ``/v1/models`` raises
+    ``error("cannot list the models of <server root>: <why>")`` (the command's own error type,
+    from the `ApiError`); ValueError as `discover`."""
+    try:
+        return discover(client, model)
+    except ApiError as exc:
+        raise error(f"cannot list the models of {client.config.root}: {exc}") from exc

@@ -479,34 +479,6 @@ class Experiment:
         return self._record(sample, condition, tokens, n, **base, kv_tokens=kv_tokens)
 
 
-def _generate_samples(cfg: AblateConfig, lengths: list[int], prompt_tokenizer,
-                      notes: list[str]) -> list[tasks.Sample]:
-    from tqdm import tqdm
-
-    task_names = tasks.resolve_tasks(cfg.tasks)
-    out: list[tasks.Sample] = []
-
-    def count(built: tasks.Built) -> int:
-        return prompt_tokenizer.count(built.prompt, built.answer_prefix)
-
-    wanted = [(t, n) for t in task_names for n in lengths]
-    with tqdm(total=len(wanted) * cfg.samples, desc="samples", unit="sample",
-              disable=not cfg.progress, dynamic_ncols=True) as bar:
-        for task_name, length in wanted:
-            units = None
-            for index in range(cfg.samples):
-                try:
-                    sample, units = tasks.generate(task_name, length, index, cfg.seed, count,
-                                                   start_units=units)
-                except tasks.LengthError as exc:
-                    notes.append(f"skipped {task_name} at {length}: {exc}")
-                    bar.update(cfg.samples - index)
-                    break
-                out.append(sample)
-                bar.update(1)
-    return out
-
-
 def run(cfg: AblateConfig) -> dict:
     """Run the experiments; returns the summary written to ``summary.json``.
 
@@ -563,7 +535,10 @@ def run(cfg: AblateConfig) -> dict:
           f"heads); {api}; top {heads.count} of {heads.total} heads "
           f"({cfg.top_percent:g} %) on {len(heads.protected_kv)} of "
           f"{num_layers * num_kv_heads} KV heads", file=sys.stderr)
-    samples = _generate_samples(cfg, lengths, prompt_tokenizer, notes)
+    samples = tasks.generate_samples(
+        task_names, lengths, cfg.samples, cfg.seed,
+        lambda built: prompt_tokenizer.count(built.prompt, built.answer_prefix), notes,
+        progress=cfg.progress)
     experiment = Experiment(cfg, model, tokenizer, prompt_tokenizer, heads)
     conditions = experiment.conditions()
 

@@ -19,8 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from evaluation import plotting, scoring, tasks
 from evaluation.client import (
     DEFAULT_URL,
@@ -29,7 +27,7 @@ from evaluation.client import (
     ClientConfig,
     ServerInfo,
     SyncClient,
-    discover,
+    discover_or_raise,
 )
 from evaluation.policies import Policy, PolicySpecError, parse_policies
 from evaluation.results import (
@@ -40,7 +38,7 @@ from evaluation.results import (
     write_csv,
     write_json,
 )
-from evaluation.tokenization import PromptTokenizer, chat_messages, choose_tokenizer
+from evaluation.tokenization import chat_messages, choose_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -165,48 +163,6 @@ def _resolve_api(client: SyncClient, info: ServerInfo, api: str, seed: int
 
 
 # ---------------------------------------------------------------------------------------------
-# samples
-
-
-def _generate_samples(cfg: EvalConfig, task_names: list[str], lengths: list[int],
-                      tokenizer: PromptTokenizer, cache: JsonlStore, notes: list[str]
-                      ) -> list[tasks.Sample]:
-    cached = cache.load()
-    out: list[tasks.Sample] = []
-    wanted = [(t, n) for t in task_names for n in lengths]
-    bar = tqdm(total=len(wanted) * cfg.samples, desc="samples", unit="sample",
-               disable=not cfg.progress, dynamic_ncols=True)
-
-    def count(built: tasks.Built) -> int:
-        return tokenizer.count(built.prompt, built.answer_prefix)
-
-    try:
-        for task_name, length in wanted:
-            units: int | None = None
-            for index in range(cfg.samples):
-                hit = cached.get((task_name, length, index))
-                if hit is not None:
-                    out.append(tasks.Sample.from_json(hit["sample"]))
-                    units = units or hit.get("units")
-                    bar.update(1)
-                    continue
-                try:
-                    sample, units = tasks.generate(task_name, length, index, cfg.seed, count,
-                                                   start_units=units)
-                except tasks.LengthError as exc:
-                    notes.append(f"skipped {task_name} at {length}: {exc}")
-                    bar.update(cfg.samples - index)
-                    break
-                cache.append({"task": task_name, "length": length, "index": index,
-                              "units": units, "sample": sample.to_json()})
-                out.append(sample)
-                bar.update(1)
-    finally:
-        bar.close()
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # summary
 
 
@@ -321,10 +277,7 @@ def run(cfg: EvalConfig) -> dict:
     client_cfg = ClientConfig(cfg.url, cfg.api_key, cfg.timeout_s, cfg.max_retries)
     sync = SyncClient(client_cfg)
     try:
-        try:
-            info = discover(sync, cfg.model)
-        except ApiError as exc:
-            raise EvalError(f"cannot list the models of {client_cfg.root}: {exc}") from exc
+        info = discover_or_raise(sync, cfg.model, EvalError)
         plan, api_notes = _resolve_api(sync, info, cfg.api, cfg.seed)
         notes += api_notes
         if not info.extension_fields:
@@ -369,9 +322,11 @@ def run(cfg: EvalConfig) -> dict:
                        "prefill": plan.prefill, "tokenizer": tokenizer.description}
         _check_run_folder(out, fingerprint)
         _print_header(cfg, info, plan, tokenizer, runnable, lengths, task_names)
-        samples = _generate_samples(cfg, task_names, lengths, tokenizer,
-                                    JsonlStore(out / "samples.jsonl", lambda r: (
-                                        r["task"], r["length"], r["index"])), notes)
+        samples = tasks.generate_samples(
+            task_names, lengths, cfg.samples, cfg.seed,
+            lambda built: tokenizer.count(built.prompt, built.answer_prefix), notes,
+            progress=cfg.progress, cache=JsonlStore(out / "samples.jsonl", lambda r: (
+                r["task"], r["length"], r["index"])))
     finally:
         sync.close()
 

@@ -25,9 +25,12 @@ import string
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from evaluation import words
+
+if TYPE_CHECKING:
+    from evaluation.results import JsonlStore
 
 Metric = Literal["all", "part"]
 
@@ -578,3 +581,43 @@ def generate(task_name: str, length: int, index: int, seed: int, count: TokenCou
                     max_tokens=task.max_tokens, metric=task.metric,
                     num_tokens=tokens + task.max_tokens, needles=built.needles)
     return sample, n
+
+
+def generate_samples(task_names: list[str], lengths: list[int], samples: int, seed: int,
+                     count: TokenCount, notes: list[str], progress: bool = True,
+                     cache: JsonlStore | None = None) -> list[Sample]:
+    """Samples ``0 .. samples - 1`` of every task at every length (tasks outer, then lengths),
+    as `generate` makes them, each search starting from the haystack size the previous sample
+    of the same task and length found. A task that does not fit a length is skipped there, with
+    a note appended to `notes`. With `cache` (a store keyed by ``(task, length, index)``), a
+    sample found in it is read back instead of generated and every new one is appended to it.
+    A tqdm bar counts the samples unless `progress` is False."""
+    from tqdm import tqdm
+
+    cached = cache.load() if cache is not None else {}
+    out: list[Sample] = []
+    wanted = [(t, n) for t in task_names for n in lengths]
+    with tqdm(total=len(wanted) * samples, desc="samples", unit="sample", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for task_name, length in wanted:
+            units: int | None = None
+            for index in range(samples):
+                hit = cached.get((task_name, length, index))
+                if hit is not None:
+                    out.append(Sample.from_json(hit["sample"]))
+                    units = units or hit.get("units")
+                    bar.update(1)
+                    continue
+                try:
+                    sample, units = generate(task_name, length, index, seed, count,
+                                             start_units=units)
+                except LengthError as exc:
+                    notes.append(f"skipped {task_name} at {length}: {exc}")
+                    bar.update(samples - index)
+                    break
+                if cache is not None:
+                    cache.append({"task": task_name, "length": length, "index": index,
+                                  "units": units, "sample": sample.to_json()})
+                out.append(sample)
+                bar.update(1)
+    return out

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo
 from torch import Tensor
 
 from attention_backends.kernels.kv_layout import KVLayout
@@ -57,6 +57,23 @@ class BudgetOptions(PolicyOptions):
         default=2048, ge=2, le=MAX_TOKENS_OPTION,
         description="KV tokens kept per layer and KV head (at most the model's max length); a "
                     "prompt that fits is never touched.")
+
+
+def smaller_than_budget(value: int, info: ValidationInfo) -> int:
+    """The check of a `BudgetOptions` field that counts tokens kept within the budget (the
+    ``streaming`` sink, the ``snapkv`` window): ValueError ``kv_policy.<field> (<value>) must be
+    smaller than kv_policy.budget (<budget>)`` unless it is. A subclass attaches it with
+    ``_name_in_budget = field_validator("<field>")(smaller_than_budget)`` and declares the field
+    with ``validate_default=True``, so that a default is checked against the budget sent too.
+
+    Cross-field checks are field validators: fields validate in declaration order, so ``budget``
+    is in ``info.data`` (absent when it failed its own bounds, and then not compared), and the
+    error's location, and so the API's ``param``, is the offending field."""
+    budget = info.data.get("budget")
+    if budget is not None and value >= budget:
+        raise ValueError(f"kv_policy.{info.field_name} ({value}) must be smaller than "
+                         f"kv_policy.budget ({budget})")
+    return value
 
 
 @dataclass(frozen=True)

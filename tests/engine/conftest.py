@@ -10,37 +10,22 @@ that repeated prompts cost the same each time (the cost test compares timings).
 from __future__ import annotations
 
 import gc
-import os
 
 import pytest
 
+from tests.in_process_engine import in_process_llm
+
 CHUNK = 512  # tokens per engine step (prefill chunk)
 MAX_MODEL_LEN = 2048
-
-
-@pytest.fixture(scope="session")
-def model_dir() -> str:
-    from server.default_model import ensure_default_model
-
-    return str(ensure_default_model())
 
 
 # package scope: the engine is shut down, and its worker state dropped, before the next test
 # folder starts engines of its own in this process
 @pytest.fixture(scope="package")
 def llm(model_dir):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-            mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-        from vllm import LLM
-
-        from kv_policies.vllm_glue.engine import SCHEDULER_CLS
-
-        engine = LLM(model=model_dir, enforce_eager=True, max_model_len=MAX_MODEL_LEN,
-                     max_num_seqs=16, max_num_batched_tokens=CHUNK, enable_chunked_prefill=True,
-                     enable_prefix_caching=False,
-                     scheduler_cls=SCHEDULER_CLS, seed=0)
+    engine = in_process_llm(model_dir, enforce_eager=True, max_model_len=MAX_MODEL_LEN,
+                            max_num_seqs=16, max_num_batched_tokens=CHUNK,
+                            enable_chunked_prefill=True, enable_prefix_caching=False, seed=0)
     yield engine
     del engine
     gc.collect()

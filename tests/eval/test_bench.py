@@ -10,7 +10,7 @@ import json
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from contextlib import ExitStack
 
 import httpx
 import pytest
@@ -22,6 +22,7 @@ from evaluation.client import ApiError, AsyncClient, ClientConfig
 from evaluation.policies import parse_policies
 from evaluation.tokenization import HFTokenizer
 from tests.eval.conftest import TOKENIZER_JSON
+from tests.eval.stand_in import JsonHandler, serve
 
 # ---------------------------------------------------------------------------------------------
 # statistics, table, files (synthetic records)
@@ -219,24 +220,13 @@ def test_without_usage_the_output_is_counted_in_chunks():
 DELAYS = {"full": (0.08, 0.03), "sparse": (0.01, 0.005)}
 
 
-class StandIn(BaseHTTPRequestHandler):
+class StandIn(JsonHandler):
     """A streaming completions server. `fluxserve` makes it declare flux/kv_policy/ignore_eos
     and answer /tokenize (one token per word, its length as the id)."""
 
     fluxserve = True
     bodies: list[dict] = []
     lock = threading.Lock()
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self):
         if self.path == "/v1/models":
@@ -285,19 +275,13 @@ class StandIn(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def stand_in():
-    def start(fluxserve: bool) -> str:
-        handler = type("Handler", (StandIn,), {"fluxserve": fluxserve, "bodies": []})
-        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        start.handler = handler
-        return f"http://127.0.0.1:{server.server_address[1]}"
+    with ExitStack() as servers:
+        def start(fluxserve: bool) -> str:
+            handler = type("Handler", (StandIn,), {"fluxserve": fluxserve, "bodies": []})
+            start.handler = handler
+            return servers.enter_context(serve(handler))
 
-    servers: list[ThreadingHTTPServer] = []
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+        yield start
 
 
 def test_run_against_a_fluxserve_like_server(stand_in, tmp_path, capsys):

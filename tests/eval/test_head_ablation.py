@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from evaluation import head_ablation as ha
 from evaluation.head_masks import HeadMask, MaskedRunner
-from tests.eval.conftest import TOKENIZER_JSON
+from tests.eval.conftest import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYERS, HEADS, KV_HEADS = 3, 4, 2
@@ -214,20 +214,8 @@ def test_head_choice():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_JSON),
-                                        bos_token="<|begin_of_text|>",
-                                        eos_token="<|end_of_text|>")
-    tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                         num_key_value_heads=KV_HEADS, max_position_embeddings=1024,
-                         bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
+    path = save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), layers=LAYERS, heads=HEADS,
+                           kv_heads=KV_HEADS, max_position_embeddings=1024)
     ranked = [{"layer": la, "head": h, "retrieval_score": 0.5} for la in range(LAYERS)
               for h in range(HEADS)]
     (path / "heads.json").write_text(json.dumps({"num_layers": LAYERS, "num_heads": HEADS,

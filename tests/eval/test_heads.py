@@ -11,27 +11,15 @@ import pytest
 import torch
 
 from evaluation import heads
-from tests.eval.conftest import TOKENIZER_JSON
+from tests.eval.conftest import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_JSON),
-                                        bos_token="<|begin_of_text|>",
-                                        eos_token="<|end_of_text|>")
-    tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), layers=3, heads=4, kv_heads=2,
+                           max_position_embeddings=4096)
 
 
 def test_profile_scores_every_head(checkpoint):

@@ -6,28 +6,16 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from evaluation.long_context import EvalConfig, EvalError, run
 from tests.eval.conftest import TOKENIZER_JSON
+from tests.eval.stand_in import JsonHandler, serve
 
 
-class OracleHandler(BaseHTTPRequestHandler):
+class OracleHandler(JsonHandler):
     bodies: list[dict] = []
-
-    def log_message(self, *args):  # keep the test output quiet
-        pass
-
-    def _send(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self):
         if self.path == "/v1/models":
@@ -58,12 +46,8 @@ class OracleHandler(BaseHTTPRequestHandler):
 @pytest.fixture()
 def oracle_url():
     OracleHandler.bodies = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), OracleHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve(OracleHandler) as url:
+        yield url
 
 
 def test_full_run_on_a_plain_server(oracle_url, tmp_path):

@@ -8,9 +8,10 @@ by block count: ``UNCOMPRESSED_FIT`` uncompressed long requests fill it exactly.
 from __future__ import annotations
 
 import gc
-import os
 
 import pytest
+
+from tests.in_process_engine import in_process_llm
 
 BLOCK_SIZE = 32  # vLLM's CPU attention needs a multiple of 32
 LONG_PROMPT = 1024
@@ -21,27 +22,11 @@ NUM_BLOCKS = UNCOMPRESSED_FIT * BLOCKS_PER_LONG + 1  # +1: vLLM's null block
 
 
 @pytest.fixture(scope="session")
-def model_dir() -> str:
-    from server.default_model import ensure_default_model
-
-    return str(ensure_default_model())
-
-
-@pytest.fixture(scope="session")
 def llm(model_dir):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-            mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-        from vllm import LLM
-
-        from kv_policies.vllm_glue.engine import SCHEDULER_CLS
-
-        engine = LLM(model=model_dir, dtype="float32", enforce_eager=True,
-                     block_size=BLOCK_SIZE, num_gpu_blocks_override=NUM_BLOCKS,
-                     max_model_len=2048, max_num_seqs=64, max_num_batched_tokens=2048,
-                     enable_prefix_caching=True, scheduler_cls=SCHEDULER_CLS,
-                     disable_log_stats=False, seed=0)
+    engine = in_process_llm(model_dir, dtype="float32", enforce_eager=True,
+                            block_size=BLOCK_SIZE, num_gpu_blocks_override=NUM_BLOCKS,
+                            max_model_len=2048, max_num_seqs=64, max_num_batched_tokens=2048,
+                            enable_prefix_caching=True, disable_log_stats=False, seed=0)
     yield engine
     del engine
     gc.collect()

@@ -15,6 +15,7 @@ from kv_policies.eviction.base import (
     BudgetOptions,
     KVPolicy,
     SelectionInputs,
+    smaller_than_budget,
 )
 
 # SnapKV pools scores over a small neighbourhood (the paper's kernel is 7); past a few dozen
@@ -34,18 +35,9 @@ class SnapKVOptions(BudgetOptions):
         default=7, ge=1, le=MAX_POOL_KERNEL, validate_default=True,
         description=f"Max-pool kernel over scores (odd, at most {MAX_POOL_KERNEL} and `budget`).")
 
-    # Cross-field checks are field validators (fields validate in declaration order, so budget
-    # is in info.data; validate_default: defaults are checked against the sent budget too): the
-    # error's location, and so the API's `param`, is the offending field.
-    @field_validator("window")
-    @classmethod
-    def _window_in_budget(cls, v: int, info: ValidationInfo) -> int:
-        budget = info.data.get("budget")
-        if budget is not None and v >= budget:
-            raise ValueError(f"kv_policy.window ({v}) must be smaller than kv_policy.budget "
-                             f"({budget})")
-        return v
+    _window_in_budget = field_validator("window")(smaller_than_budget)
 
+    # Cross-field, like `smaller_than_budget`: budget validates first (declaration order).
     @field_validator("pool_kernel")
     @classmethod
     def _odd_kernel(cls, v: int, info: ValidationInfo) -> int:

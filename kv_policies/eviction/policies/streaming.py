@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, field_validator
 from torch import Tensor
 
 from kv_policies.eviction.base import (
@@ -14,6 +14,7 @@ from kv_policies.eviction.base import (
     BudgetOptions,
     KVPolicy,
     SelectionInputs,
+    smaller_than_budget,
 )
 
 
@@ -25,17 +26,7 @@ class StreamingOptions(BudgetOptions):
         default=4, ge=0, le=MAX_TOKENS_OPTION, validate_default=True,
         description="Sink tokens: the first prompt tokens, always kept (below `budget`).")
 
-    # Cross-field checks are field validators (fields validate in declaration order, so budget
-    # is in info.data; validate_default: the default is checked against the sent budget too):
-    # the error's location, and so the API's `param`, is the offending field.
-    @field_validator("sink")
-    @classmethod
-    def _sink_in_budget(cls, v: int, info: ValidationInfo) -> int:
-        budget = info.data.get("budget")
-        if budget is not None and v >= budget:
-            raise ValueError(f"kv_policy.sink ({v}) must be smaller than kv_policy.budget "
-                             f"({budget})")
-        return v
+    _sink_in_budget = field_validator("sink")(smaller_than_budget)
 
 
 class StreamingPolicy(KVPolicy):
