@@ -27,6 +27,7 @@ from vllm.inputs import TokensPrompt
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from attention_backends.flux.options import FluxOptions
+from attention_backends.flux.router import DEFAULT_SINK, DEFAULT_WINDOW
 from kv_policies.eviction.options import POLICY_NAMES, parse_kv_policy
 from server.schemas import with_extensions
 
@@ -37,9 +38,8 @@ DECODE_TOKENS = 4
 SHORT_PROMPT_TOKENS = 96
 # Past sink + window and one prefill chunk, so every mask and the chunked path run
 LONG_PROMPT_MARGIN = 512
-# Sink and window of sparse layers when neither the request nor the checkpoint sets them
-# (attention_backends.flux.options: 128 / 2048)
-DEFAULT_SINK_WINDOW = 128 + 2048
+# A KV policy's budget as a share of the prompt: every policy compresses
+KV_BUDGET_FRACTION = 0.5
 
 
 def enabled(choice: str) -> bool:
@@ -54,8 +54,7 @@ def enabled(choice: str) -> bool:
 class WarmupCase:
     name: str
     flux: FluxOptions | None
-    kv_budget_fraction: float | None = None  # None: no KV policy
-    kv_policy: str | None = None
+    kv_policy: str | None = None  # None: no KV policy
 
 
 def cases(num_layers: int, router: bool) -> list[WarmupCase]:
@@ -68,9 +67,9 @@ def cases(num_layers: int, router: bool) -> list[WarmupCase]:
            WarmupCase("layers", FluxOptions(mode="layers", sparse_layers=half))]
     for policy in POLICY_NAMES:
         if policy != "none":
-            out.append(WarmupCase(policy, None, 0.5, policy))
+            out.append(WarmupCase(policy, None, policy))
     if "calidrop" in POLICY_NAMES:
-        out.append(WarmupCase("sparse+calidrop", FluxOptions(mode="sparse"), 0.5, "calidrop"))
+        out.append(WarmupCase("sparse+calidrop", FluxOptions(mode="sparse"), "calidrop"))
     if router:
         out.append(WarmupCase("auto", FluxOptions(mode="auto")))
     return out
@@ -79,7 +78,8 @@ def cases(num_layers: int, router: bool) -> list[WarmupCase]:
 def prompt_lengths(max_model_len: int, max_num_batched_tokens: int) -> tuple[int, int]:
     """(long, short) prompt lengths in tokens that fit the model with the decoded tokens."""
     room = max_model_len - DECODE_TOKENS
-    long = min(room, max(DEFAULT_SINK_WINDOW, max_num_batched_tokens) + LONG_PROMPT_MARGIN)
+    past = max(DEFAULT_SINK + DEFAULT_WINDOW, max_num_batched_tokens)
+    long = min(room, past + LONG_PROMPT_MARGIN)
     return long, min(room, SHORT_PROMPT_TOKENS)
 
 
@@ -88,7 +88,7 @@ def _params(case: WarmupCase, prompt_len: int) -> SamplingParams:
     kv = None
     if case.kv_policy is not None:
         kv = parse_kv_policy({"name": case.kv_policy,
-                              "budget": max(64, int(prompt_len * case.kv_budget_fraction))})
+                              "budget": max(64, int(prompt_len * KV_BUDGET_FRACTION))})
     return with_extensions(params, case.flux, kv)
 
 
