@@ -67,14 +67,18 @@ def test_sigterm_drains_streams_refuses_new_requests_and_cuts_at_the_deadline(tm
         assert [m["id"] for m in models.json()["data"]] == [NAME]
         engine_procs = psutil.Process(server.pid).children(recursive=True)
 
-        started = threading.Barrier(10)  # 8 short streams, 1 long one, and this test
+        # The short streams first, then the long one: a request that arrives while one long
+        # stream decodes at full CPU speed on 2 cores can wait for that stream to end
+        short_started, long_started = threading.Barrier(9), threading.Barrier(2)
         outs = [{} for _ in range(9)]
         threads = [threading.Thread(target=_stream, args=(
             server.base_url, server.auth, LONG_TOKENS if i == 8 else SHORT_TOKENS,
-            started, outs[i])) for i in range(9)]
-        for t in threads:
+            long_started if i == 8 else short_started, outs[i])) for i in range(9)]
+        for t in threads[:8]:
             t.start()
-        started.wait(timeout=STALL_S)  # every stream has its first event
+        short_started.wait(timeout=STALL_S)  # every short stream has its first event
+        threads[8].start()
+        long_started.wait(timeout=STALL_S)
         os.kill(server.pid, signal.SIGTERM)
 
         deadline = time.monotonic() + READY_503_WITHIN_S
