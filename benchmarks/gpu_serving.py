@@ -113,10 +113,15 @@ def mode_options(scale: Scale, check: bool) -> dict[str, dict]:
         out[name] = {"kv_policy": k.to_extra_args()}
     out["sparse+calidrop"] = {"flux": flux["sparse"].to_extra_args(),
                               "kv_policy": kv["calidrop"].to_extra_args()}
+    out["auto"] = {"flux": FluxOptions(mode="auto").to_extra_args()}
     return out
 
 
-CHECK_MODES = ["none", "full", "sparse", "layers90", "calidrop", "snapkv", "sparse+calidrop"]
+CHECK_MODES = ["none", "full", "sparse", "layers90", "calidrop", "snapkv", "sparse+calidrop",
+               "auto"]
+# short prompts (fewer tokens than the largest CUDA graph) of these modes: a step that routes
+# ``auto`` requests must run without graphs, one with sparse rows without a FULL graph
+SHORT_MODES = ["none", "sparse", "auto"]
 SERVE_MODES = ["none", "full", "sparse", "layers90", "calidrop"]
 
 
@@ -143,6 +148,32 @@ def write_model(path: Path, scale: Scale) -> Path:
         "max_position_embeddings": scale.max_model_len, "rms_norm_eps": 1e-5,
         "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
         "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2, **rope})
+    return path
+
+
+def write_router(path: Path, scale: Scale, sink: int, window: int) -> Path:
+    """A standalone Flux router of random weights for ``scale`` (``--flux-router``'s files),
+    seeded: every engine routes alike. Its decisions mean nothing; it exercises ``auto``."""
+    import torch
+    from safetensors.torch import save_file
+
+    from attention_backends.flux.router import (
+        ROUTER_CONFIG_FILE,
+        ROUTER_WEIGHTS_FILE,
+        FluxRouter,
+    )
+
+    torch.manual_seed(SEED)
+    tensors = {}
+    for i in range(scale.layers):
+        for k, v in FluxRouter(scale.head_dim).state_dict().items():
+            tensors[f"layers.{i}.{k}"] = v.float().contiguous()
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / ROUTER_WEIGHTS_FILE), {"format": "pt"})
+    (path / ROUTER_CONFIG_FILE).write_text(json.dumps({
+        "num_hidden_layers": scale.layers, "head_dim": scale.head_dim, "pool_size": 100,
+        "pooling_mode": "ctx_q", "sink_size": sink, "local_window_size": window,
+        "use_softmax": True}))
     return path
 
 
@@ -215,6 +246,8 @@ class Engine:
                   max_model_len=self.scale.max_model_len, skip_tokenizer_init=True,
                   max_num_seqs=64, max_num_batched_tokens=self.scale.max_num_batched_tokens,
                   tensor_parallel_size=spec.get("tp", 1), enforce_eager=kind == "flux-eager")
+        if self.flux and spec.get("router"):
+            kw["additional_config"] = {"flux_router": spec["router"]}
         if spec["device"] == "cpu":
             kw["kv_cache_memory_bytes"] = 2 << 30
         else:
@@ -311,6 +344,22 @@ class Engine:
             outs = self.run_until(lambda o, ids=ids: all(
                 r in o and o[r].finished for r in ids.values()))
             res["single"].update(collect(outs, ids))
+        # short prompts, one at a time and then together: steps small enough for CUDA graphs
+        short = {}
+        for i, mode in enumerate(SHORT_MODES):
+            short[f"short:{mode}"] = self.add(prompt_ids(40 + 3 * i, SEED + 2000 + i, s.vocab),
+                                              self.params(mode, s.check_tokens, check=True,
+                                                          logprobs=5))
+            self.run_until(lambda o, r=short[f"short:{mode}"]: r in o and o[r].finished)
+        for i, mode in enumerate(SHORT_MODES * 2):
+            short[f"short{i}:{mode}"] = self.add(
+                prompt_ids(24 + 5 * i, SEED + 2100 + i, s.vocab),
+                self.params(mode, s.check_tokens, check=True, logprobs=5))
+        outs = self.run_until(lambda o: all(r in o and o[r].finished for r in short.values()))
+        res["short"] = collect(outs, short)
+        res["auto_requests"] = sum(k.endswith(":auto") for part in ("single", "short")
+                                   for k in res[part]) + sum(
+            1 for i in range(s.mixed_requests) if CHECK_MODES[i % len(CHECK_MODES)] == "auto")
         ids = {}
         for i in range(s.mixed_requests):
             mode = CHECK_MODES[i % len(CHECK_MODES)]
@@ -321,6 +370,10 @@ class Engine:
                                                       logprobs=5))
         outs = self.run_until(lambda o: all(r in o and o[r].finished for r in ids.values()))
         res["mixed"] = collect(outs, ids)
+        trace = Path(self.spec.get("trace") or "/nonexistent")
+        if self.flux and trace.exists():  # one line per routed request (and rank)
+            res["auto_routed"] = len({json.loads(x)["req_id"]
+                                      for x in trace.read_text().splitlines() if x.strip()})
         return res
 
     def _ttft(self, ids: list[int], mode: str) -> float:
@@ -525,7 +578,8 @@ def run_engine(spec: dict, result_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- driver
-def engine_specs(args, model: Path, scale: Scale, device: str) -> list[dict]:
+def engine_specs(args, model: Path, scale: Scale, device: str,
+                 router: Path | None = None, workdir: Path | None = None) -> list[dict]:
     jobs_all = [j for j in args.jobs.split(",") if j]
     specs = []
     for name in [n for n in args.engines.split(",") if n]:
@@ -539,7 +593,9 @@ def engine_specs(args, model: Path, scale: Scale, device: str) -> list[dict]:
                       "scale": asdict(scale), "device": device, "jobs": jobs,
                       "tp": 2 if name == "flux-tp2" else 1, "budget_s": args.budget_s,
                       "calidrop_b32": args.calidrop_b32,
-                      "distinct_contexts": args.distinct_contexts})
+                      "distinct_contexts": args.distinct_contexts,
+                      "router": str(router) if router else None,
+                      "trace": str(workdir / f"{name}.trace.jsonl") if workdir else None})
     return specs
 
 
@@ -554,6 +610,10 @@ def child_env(spec: dict, gpus: list[str]) -> dict:
     else:
         env.pop("VLLM_PLUGINS", None)
         env["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # as `fluxserve serve` sets it on CUDA
+        if spec.get("trace"):
+            from attention_backends.flux.request_state import TRACE_ENV
+
+            env[TRACE_ENV] = spec["trace"]
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     elif spec["tp"] > 1:  # vLLM CPU: one core per rank, bound by hand (see ENVIRONMENT notes)
@@ -637,7 +697,7 @@ def compare(ref: dict, new: dict) -> dict:
 def by_mode(check: dict, modes: list[str]) -> dict:
     """The requests of a check result whose mode is in ``modes`` (single and mixed)."""
     out = {}
-    for part in ("single", "mixed"):
+    for part in ("single", "short", "mixed"):
         for key, v in check.get(part, {}).items():
             if key.split(":")[-1] in modes:
                 out[f"{part}/{key}"] = v
@@ -664,6 +724,10 @@ def summarize(results: dict) -> tuple[dict, list[str]]:
         comps["flux TP2 vs TP1"] = compare(by_mode(chk["flux"], CHECK_MODES),
                                            by_mode(chk["flux-tp2"], CHECK_MODES))
     summary["comparisons"] = comps
+    for n, c in chk.items():
+        if c and "auto_requests" in c:
+            lines.append(f"{n}: auto requests routed {c.get('auto_routed', 0)} of "
+                         f"{c['auto_requests']} (short prompts run without CUDA graphs)")
     if comps:
         lines.append("correctness (greedy, 24 tokens alone / 4-44 tokens in a 64-request mixed "
                      "batch; logprob diffs in nats)")
@@ -735,12 +799,14 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     scale = TINY if args.tiny else GPU
     model = write_model(work / "model", scale)
+    check = mode_options(scale, check=True)["sparse"]["flux"]
+    router = write_router(work / "router", scale, check["sink"], check["window"])
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpus = (args.gpus.split(",") if args.gpus else
             [str(i) for i in range(torch.cuda.device_count())]) if device == "cuda" else []
-    specs = engine_specs(args, model, scale, device)
+    specs = engine_specs(args, model, scale, device, router, work)
     t0 = time.time()
     prior = {}
     for path in args.prior:

@@ -1,14 +1,22 @@
-"""GPU attention backend (``--attention-backend CUSTOM``): every layer through our Triton kernel.
+"""GPU attention backend (``--attention-backend CUSTOM``).
 
-Same KV layout as our CPU backend (``[num_blocks, num_kv_heads, block_size, 2 * head_size]``,
-K then V on the last dim), same per-step metadata (``StepMetadata``), same op:
-``ops.paged_attention`` with per-row ``sink``/``window`` for the layer (``window = 0`` on
-full-attention rows), so full and
-sparse rows of one batch run in one kernel launch. KV writes are a scatter on the slot mapping.
+KV layout: vLLM's FlashAttention layout, ``[num_blocks, num_kv_heads, block_size,
+2 * head_size]`` (K then V on the last dim), written by a scatter on the slot mapping.
 
-Needs vLLM's V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``): the routing hooks wrap it.
-Prefill routing runs Python per step, so run with ``enforce_eager`` or with piecewise CUDA
-graphs that split at attention (vLLM's default); our routing op is opaque to torch.compile.
+Two paths, chosen per step:
+
+- **dense steps** (no row with a sparse layer or a KV-eviction plan: ``StepMetadata`` is None,
+  which is every step of requests without options): vLLM's own FlashAttention
+  (``FlashAttentionImpl`` and its metadata builder, composed here), so such requests cost what
+  they cost on stock vLLM, full CUDA graphs for uniform decode batches included;
+- **steps with Flux or KV-policy rows**: ``ops.paged_attention`` (our Triton kernels) for the
+  whole batch, with per-row ``sink``/``window`` for the layer (``window = 0`` on full rows) and
+  per-row eviction bounds, so rows of every mode run in one launch. These steps never replay a
+  full CUDA graph: the model runner hook (``vllm_private``) turns FULL off for them (our
+  attention then runs eagerly between piecewise graphs) and turns graphs off altogether for a
+  step that routes ``auto`` requests, whose router runs Python inside the graph pieces.
+
+Needs vLLM's V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``): the hooks wrap it.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from typing import ClassVar
 import torch
 from vllm.v1.attention.backend import (
     AttentionBackend,
+    AttentionCGSupport,
     AttentionImpl,
     AttentionMetadataBuilder,
     AttentionType,
@@ -27,7 +36,12 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from attention_backends.vllm_glue.attention import run_attention, write_kv
-from attention_backends.vllm_glue.metadata import StepMetadata, step_metadata_for
+from attention_backends.vllm_glue.metadata import (
+    StepMetadata,
+    check_graph_mode,
+    num_layers,
+    step_metadata_for,
+)
 
 
 @dataclass
@@ -44,16 +58,37 @@ class FluxGPUMetadata:
     # rows, None under speculative decoding (decode rows with long queries are only bounds)
     query_start_loc_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None
+    # dense steps (``step`` None): vLLM's FlashAttention metadata, which runs the step
+    flash: object | None = None
 
 
 class FluxGPUMetadataBuilder(AttentionMetadataBuilder[FluxGPUMetadata]):
+    # Full graphs for uniform decode batches, as FlashAttention with FA2 declares: only dense
+    # steps replay them (the runner hook keeps every other step off FULL).
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
+
         self.vllm_config = vllm_config
+        self.num_layers = num_layers(vllm_config)
+        self.flash = FlashAttentionMetadataBuilder(kv_cache_spec, layer_names, vllm_config,
+                                                   device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> FluxGPUMetadata:
         cm = common_attn_metadata
+        step = step_metadata_for(cm, self.vllm_config, none_when_dense=True,
+                                 layers=self.num_layers)
+        check_graph_mode(step)
+        if step is None:
+            return FluxGPUMetadata(
+                num_actual_tokens=cm.num_actual_tokens, max_query_len=cm.max_query_len,
+                max_seq_len=cm.max_seq_len, query_start_loc=cm.query_start_loc,
+                seq_lens=cm.seq_lens, block_table=cm.block_table_tensor,
+                slot_mapping=cm.slot_mapping, step=None,
+                flash=self.flash.build(common_prefix_len, cm, fast_build))
         seq_cpu = getattr(cm, "seq_lens_cpu_upper_bound", None)
         if seq_cpu is not None and self.vllm_config.speculative_config is None:
             seq_cpu = seq_cpu[:cm.num_reqs].tolist()
@@ -63,7 +98,7 @@ class FluxGPUMetadataBuilder(AttentionMetadataBuilder[FluxGPUMetadata]):
             num_actual_tokens=cm.num_actual_tokens, max_query_len=cm.max_query_len,
             max_seq_len=cm.max_seq_len, query_start_loc=cm.query_start_loc,
             seq_lens=cm.seq_lens, block_table=cm.block_table_tensor,
-            slot_mapping=cm.slot_mapping, step=step_metadata_for(cm, self.vllm_config),
+            slot_mapping=cm.slot_mapping, step=step,
             query_start_loc_cpu=cm.query_start_loc_cpu[:cm.num_reqs + 1].tolist(),
             seq_lens_cpu=seq_cpu,
         )
@@ -86,6 +121,11 @@ class FluxGPUAttentionImpl(AttentionImpl):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
+
+        self.flash = FlashAttentionImpl(num_heads, head_size, scale, num_kv_heads, None, None,
+                                        kv_cache_dtype, None, attn_type,
+                                        kv_sharing_target_layer_name)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         write_kv(key, value, kv_cache, slot_mapping)
@@ -96,6 +136,9 @@ class FluxGPUAttentionImpl(AttentionImpl):
             raise NotImplementedError("fused output quantization")
         if attn_metadata is None:  # profiling run
             return output
+        if attn_metadata.step is None:  # a dense step: stock vLLM's attention
+            return self.flash.forward(layer, query, key, value, kv_cache, attn_metadata.flash,
+                                      output)
         return run_attention(layer, query, kv_cache, attn_metadata, self.scale, output,
                              key=key, value=value)
 

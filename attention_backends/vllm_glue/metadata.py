@@ -22,6 +22,7 @@ import torch
 
 from attention_backends.flux.request_state import BatchRow, FluxRegistry, get_registry
 from attention_backends.flux.step import RoutingStep, build_routing_step
+from kv_policies.eviction.options import EXTRA_ARGS_KEY as KV_KEY
 from kv_policies.eviction.runtime import KVPolicyRuntime, get_runtime
 from kv_policies.eviction.step import EvictionStep, build_eviction_step
 
@@ -101,3 +102,58 @@ def step_metadata_for(cm, vllm_config, *, none_when_dense: bool = False,
     return build_step_metadata(cm.num_reqs, cm.query_start_loc_cpu, _BATCH or [], get_registry(),
                                layers, vllm_config.cache_config.block_size,
                                none_when_dense=none_when_dense)
+
+
+# -- CUDA graph modes. A FULL graph replays the kernels it captured, which were dense ones (its
+# capture runs with no request rows): a step that needs our kernels must not replay one. And a
+# step that routes ``auto`` requests must run no graph at all, since the router runs Python
+# inside the graph pieces (``routing_hooks``). The model runner hook (``vllm_private``) asks
+# ``graph_constraint`` before vLLM picks the step's graph mode.
+
+EAGER = "eager"  # no CUDA graph: an ``auto`` request is routed in this step
+NO_FULL = "no_full"  # piecewise graphs at most: our attention runs between the pieces
+
+
+def graph_constraint(rows: Sequence[BatchRow | None], num_layers: int,
+                     block_size: int | None, registry: FluxRegistry | None = None,
+                     runtime: KVPolicyRuntime | None = None) -> str | None:
+    """What the step whose rows are ``rows`` (batch order; None: padding) allows: ``EAGER``,
+    ``NO_FULL`` or None (any mode). A superset of the steps whose ``build_step_metadata`` is not
+    None: every row of a mode other than ``full`` (``auto`` routing still to come: ``EAGER``) or
+    with an eviction plan. Requests without options cost a few dict lookups each."""
+    registry = registry if registry is not None else get_registry()
+    runtime = runtime if runtime is not None else get_runtime()
+    needs_ours = False
+    for r in rows:
+        if r is None:
+            continue
+        st = registry.resolve(r.req_id, r.extra_args, r.prompt_len, num_layers)
+        if st.sparse is None:
+            return EAGER
+        if needs_ours:
+            continue
+        if st.mode != "full":  # as build_routing_step: any non-full request keeps the metadata
+            needs_ours = True
+            continue
+        policy = (r.extra_args or {}).get(KV_KEY) if block_size else None
+        if policy and runtime.plan_for(r.req_id, policy, r.prompt_len, block_size) is not None:
+            needs_ours = True
+    return NO_FULL if needs_ours else None
+
+
+_FULL_GRAPH = False
+
+
+def note_full_graph(full: bool) -> None:
+    """Record whether the step about to be built replays a FULL CUDA graph (the runner hook)."""
+    global _FULL_GRAPH
+    _FULL_GRAPH = full
+
+
+def check_graph_mode(step: StepMetadata | None) -> None:
+    """Raise ``RuntimeError`` if a step with our metadata is about to replay a FULL graph: its
+    captured dense kernels would ignore every mask and eviction bound (a bug of
+    ``graph_constraint``: fail the step rather than return wrong tokens)."""
+    if step is not None and _FULL_GRAPH:
+        raise RuntimeError("fluxserve: a step with Flux or KV-policy rows was dispatched to a "
+                           "FULL CUDA graph; graph_constraint missed a row")

@@ -14,6 +14,11 @@ unchanged:
 - ``GPUModelRunner._build_attention_metadata`` (wrapped): publish the step's rows (request ids in
   batch order, prompt lengths, computed tokens, ``extra_args``) for the backends' metadata
   builders (``metadata.publish_batch``).
+- ``GPUModelRunner._determine_batch_execution_and_padding`` (wrapped) and
+  ``CudagraphDispatcher.dispatch`` (wrapped): the step's CUDA graph mode. A step with Flux or
+  KV-policy rows never replays a FULL graph (captured with dense kernels); one that routes
+  ``auto`` requests runs without graphs (``metadata.graph_constraint``). The rows it reads are
+  kept for the ``_build_attention_metadata`` hook of the same step.
 - ``GPUModelRunner.load_model`` / ``CPUModelRunner.load_model`` (wrapped): for a stock model
   started with a standalone router (``additional_config={"flux_router": PATH}``), load the
   router and install routing.
@@ -82,6 +87,7 @@ _OUTPUT = "vllm.v1.engine.output_processor"
 _SCHEDULER = "vllm.v1.core.sched.scheduler"
 _KV_MANAGER = "vllm.v1.core.single_type_kv_cache_manager"
 _CPU_ATTN = "vllm.v1.attention.backends.cpu_attn"
+_DISPATCHER = "vllm.v1.cudagraph_dispatcher"
 _ATTN = "vllm.v1.attention.backend"
 _OPS = "vllm._custom_ops"
 
@@ -117,6 +123,15 @@ PRIVATE_HOOKS: tuple[PrivateHook, ...] = (
     PrivateHook(_GPU_RUNNER, "GPUModelRunner", "_build_attention_metadata",
                 ("self", "num_tokens", "num_reqs", "max_query_len"),
                 "wrapped: publish the step's rows for the attention metadata builders"),
+    PrivateHook(_GPU_RUNNER, "GPUModelRunner", "_determine_batch_execution_and_padding",
+                ("self", "num_tokens", "num_reqs", "num_scheduled_tokens_np",
+                 "max_num_scheduled_tokens", "use_cascade_attn", "allow_microbatching",
+                 "force_eager"),
+                "wrapped: no FULL graph for steps with Flux/KV-policy rows, none for routing"),
+    PrivateHook(_DISPATCHER, "CudagraphDispatcher", "dispatch",
+                ("self", "num_tokens", "uniform_decode", "has_lora", "num_active_loras",
+                 "valid_modes", "invalid_modes"),
+                "wrapped: add FULL to invalid_modes while a step with our rows dispatches"),
     PrivateHook(_GPU_RUNNER, "GPUModelRunner", "load_model", ("self", "load_dummy_weights"),
                 "wrapped: load a standalone Flux router"),
     PrivateHook(_CPU_RUNNER, "CPUModelRunner", "load_model", ("self", "load_dummy_weights"),
@@ -274,14 +289,65 @@ def _make_update_states(orig):
     return _update_states
 
 
+# rows read by the graph-mode hook, for the metadata hook of the same step: (runner id, rows)
+_STEP_ROWS: tuple[int, list[BatchRow | None]] | None = None
+# set while a step with our rows dispatches its graph mode
+_NO_FULL = False
+
+
+def _step_rows(runner) -> list[BatchRow | None]:
+    global _STEP_ROWS
+    stash, _STEP_ROWS = _STEP_ROWS, None
+    if stash is not None and stash[0] == id(runner):
+        return stash[1]
+    return _batch_rows(runner)
+
+
 def _make_build_attention_metadata(orig):
     def _build_attention_metadata(self, *a, **kw):
-        metadata.publish_batch(_batch_rows(self))
+        metadata.publish_batch(_step_rows(self))
         try:
             return orig(self, *a, **kw)
         finally:
             metadata.publish_batch(None)
     return _build_attention_metadata
+
+
+def _graphs_on(runner) -> bool:
+    mode = getattr(getattr(runner, "compilation_config", None), "cudagraph_mode", None)
+    return mode is not None and getattr(mode, "name", "NONE") != "NONE"
+
+
+def _make_determine_batch_execution(orig):
+    def _determine_batch_execution_and_padding(self, *a, **kw):
+        global _NO_FULL, _STEP_ROWS
+        if not _graphs_on(self):  # eager engines (and the CPU): nothing to decide
+            metadata.note_full_graph(False)
+            return orig(self, *a, **kw)
+        rows = _batch_rows(self)
+        _STEP_ROWS = (id(self), rows)
+        need = metadata.graph_constraint(rows, metadata.num_layers(self.vllm_config),
+                                         self.cache_config.block_size)
+        if need == metadata.EAGER:
+            kw["force_eager"] = True
+        _NO_FULL = need == metadata.NO_FULL
+        try:
+            out = orig(self, *a, **kw)
+        finally:
+            _NO_FULL = False
+        metadata.note_full_graph(getattr(out[0], "name", "") == "FULL")
+        return out
+    return _determine_batch_execution_and_padding
+
+
+def _make_dispatch(orig):
+    def dispatch(self, num_tokens, *a, **kw):
+        if _NO_FULL:
+            from vllm.config import CUDAGraphMode
+
+            kw["invalid_modes"] = set(kw.get("invalid_modes") or ()) | {CUDAGraphMode.FULL}
+        return orig(self, num_tokens, *a, **kw)
+    return dispatch
 
 
 def _make_load_model(orig):
@@ -413,6 +479,9 @@ def _make_bookkeeping_sync(orig):
 _WRAPS: tuple[tuple[str, str, str, Callable], ...] = (
     (_GPU_RUNNER, "GPUModelRunner", "_update_states", _make_update_states),
     (_GPU_RUNNER, "GPUModelRunner", "_build_attention_metadata", _make_build_attention_metadata),
+    (_GPU_RUNNER, "GPUModelRunner", "_determine_batch_execution_and_padding",
+     _make_determine_batch_execution),
+    (_DISPATCHER, "CudagraphDispatcher", "dispatch", _make_dispatch),
     (_GPU_RUNNER, "GPUModelRunner", "load_model", _make_load_model),
     (_CPU_RUNNER, "CPUModelRunner", "load_model", _make_load_model),
     (_INPUT, "InputProcessor", "process_inputs", _make_process_inputs),

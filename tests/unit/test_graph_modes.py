@@ -1,0 +1,210 @@
+"""The CUDA graph mode of a step (vllm_glue.metadata.graph_constraint and the runner hooks).
+
+A FULL graph replays the dense kernels it captured, so a step whose rows need our kernels must
+never replay one, and a step that routes ``auto`` requests must run no graph (its router runs
+Python inside the graph pieces). The hooks are exercised on stand-ins of vLLM's runner and
+dispatcher; the real ones run on the GPU (benchmarks/gpu_serving.py, docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attention_backends.flux.request_state import BatchRow, FluxRegistry
+from attention_backends.flux.router import RouterSpec
+from attention_backends.vllm_glue import metadata
+from attention_backends.vllm_glue import vllm_private as vp
+from kv_policies.eviction.runtime import KVPolicyRuntime
+
+LAYERS, BLOCK = 4, 16
+
+OPTIONS = {
+    "none": None,
+    "full": {"flux": {"mode": "full"}},
+    "sparse": {"flux": {"mode": "sparse", "sink": 4, "window": 32}},
+    "layers": {"flux": {"mode": "layers", "sparse_layers": [1]}},
+    "layers-empty": {"flux": {"mode": "layers", "sparse_layers": []}},
+    "auto": {"flux": {"mode": "auto"}},
+    "snapkv": {"kv_policy": {"name": "snapkv", "budget": 64, "window": 8}},
+    "snapkv-short": {"kv_policy": {"name": "snapkv", "budget": 4096, "window": 8}},
+    "sparse+calidrop": {"flux": {"mode": "sparse"},
+                        "kv_policy": {"name": "calidrop", "budget": 64, "window": 8}},
+}
+EXPECTED = {"none": None, "full": None, "sparse": metadata.NO_FULL, "layers": metadata.NO_FULL,
+            "layers-empty": metadata.NO_FULL, "auto": metadata.EAGER, "snapkv": metadata.NO_FULL,
+            "snapkv-short": None, "sparse+calidrop": metadata.NO_FULL}
+
+
+def _registry(router: bool = True) -> FluxRegistry:
+    reg = FluxRegistry()
+    if router:
+        reg.set_routers({i: object() for i in range(LAYERS)}, RouterSpec())
+    return reg
+
+
+def _row(name: str, i: int, prompt_len: int = 300, computed: int = 0) -> BatchRow:
+    return BatchRow(f"req-{name}-{i}", prompt_len, computed, OPTIONS[name])
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_each_option_alone(name):
+    got = metadata.graph_constraint([_row(name, 0)], LAYERS, BLOCK, _registry(),
+                                    KVPolicyRuntime())
+    assert got == EXPECTED[name]
+
+
+def test_an_auto_request_once_routed_leaves_the_eager_mode():
+    reg = _registry()
+    row = _row("auto", 0)
+    assert metadata.graph_constraint([row], LAYERS, BLOCK, reg, KVPolicyRuntime()) == "eager"
+    for layer in range(LAYERS):  # what route_layer records during the routing step
+        reg.record_decision(row.req_id, layer, layer == 2, LAYERS)
+    assert metadata.graph_constraint([row], LAYERS, BLOCK, reg, KVPolicyRuntime()) == "no_full"
+
+
+def test_auto_without_a_router_runs_full_and_eviction_off_without_block_size():
+    assert metadata.graph_constraint([_row("auto", 0)], LAYERS, BLOCK, _registry(False),
+                                     KVPolicyRuntime()) is None
+    assert metadata.graph_constraint([_row("snapkv", 0)], LAYERS, None, _registry(),
+                                     KVPolicyRuntime()) is None
+
+
+def test_one_row_decides_for_the_batch_and_padding_is_skipped():
+    rows = [_row("none", 0), None, _row("full", 1), _row("sparse", 2), _row("auto", 3)]
+    assert metadata.graph_constraint(rows, LAYERS, BLOCK, _registry(),
+                                     KVPolicyRuntime()) == "eager"
+    assert metadata.graph_constraint(rows[:4], LAYERS, BLOCK, _registry(),
+                                     KVPolicyRuntime()) == "no_full"
+    assert metadata.graph_constraint(rows[:3], LAYERS, BLOCK, _registry(),
+                                     KVPolicyRuntime()) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(sorted(OPTIONS)), st.integers(1, 600),
+                          st.integers(0, 700), st.integers(1, 64)), min_size=1, max_size=6))
+def test_every_step_with_our_metadata_is_kept_off_full_graphs(spec):
+    """The hook's pre-check is a superset of the steps whose metadata is not None (those run
+    our kernels): a FULL graph is never replayed for one of them."""
+    rows, q_lens = [], []
+    for i, (name, prompt_len, computed, q_len) in enumerate(spec):
+        computed = min(computed, prompt_len + 50)
+        rows.append(BatchRow(f"r{i}", prompt_len, computed, OPTIONS[name]))
+        q_lens.append(q_len)
+    qsl = torch.tensor(np.concatenate([[0], np.cumsum(q_lens)]), dtype=torch.int32)
+    reg, rt = _registry(), KVPolicyRuntime()
+    need = metadata.graph_constraint(rows, LAYERS, BLOCK, reg, rt)
+    step = metadata.build_step_metadata(len(rows), qsl, rows, reg, LAYERS, BLOCK, rt,
+                                        none_when_dense=True)
+    if step is not None:
+        assert need in ("eager", "no_full")
+    if step is not None and step.routing.route_rows:
+        assert need == "eager"
+
+
+def test_check_graph_mode_fails_a_step_with_our_rows_on_a_full_graph():
+    step = object()
+    metadata.note_full_graph(True)
+    try:
+        metadata.check_graph_mode(None)  # dense: the captured kernels are right
+        with pytest.raises(RuntimeError, match="FULL CUDA graph"):
+            metadata.check_graph_mode(step)
+    finally:
+        metadata.note_full_graph(False)
+    metadata.check_graph_mode(step)
+
+
+# -- the runner and dispatcher hooks, on stand-ins
+
+
+class _Mode:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _Dispatcher:
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def dispatch(self, num_tokens, uniform_decode=False, has_lora=False, num_active_loras=0,
+                 valid_modes=None, invalid_modes=None):
+        self.calls.append(dict(valid_modes=valid_modes, invalid_modes=invalid_modes))
+        from vllm.config import CUDAGraphMode
+
+        if valid_modes == {CUDAGraphMode.NONE}:
+            return CUDAGraphMode.NONE, None
+        if invalid_modes and CUDAGraphMode.FULL in invalid_modes:
+            return CUDAGraphMode.PIECEWISE, None
+        return CUDAGraphMode.FULL, None
+
+
+def _runner(names: list[str], graphs: str = "FULL_AND_PIECEWISE"):
+    req_ids = [f"hook-{n}-{i}" for i, n in enumerate(names)]
+    requests = {rid: SimpleNamespace(num_prompt_tokens=300,
+                                     sampling_params=SimpleNamespace(extra_args=OPTIONS[n]))
+                for rid, n in zip(req_ids, names, strict=True)}
+    dispatcher = SimpleNamespace(dispatch=None)
+    d = _Dispatcher()
+    dispatcher.dispatch = vp._make_dispatch(_Dispatcher.dispatch).__get__(d)
+
+    def orig(self, num_tokens, num_reqs, *a, force_eager=False, **kw):
+        from vllm.config import CUDAGraphMode
+
+        mode, _ = self.cudagraph_dispatcher.dispatch(
+            num_tokens, valid_modes={CUDAGraphMode.NONE} if force_eager else None,
+            invalid_modes=None)
+        return mode, None, False, None, None
+
+    runner = SimpleNamespace(
+        input_batch=SimpleNamespace(req_ids=req_ids,
+                                    num_computed_tokens_cpu=np.zeros(len(names), np.int32)),
+        requests=requests, cudagraph_dispatcher=dispatcher,
+        compilation_config=SimpleNamespace(cudagraph_mode=_Mode(graphs)),
+        cache_config=SimpleNamespace(block_size=BLOCK),
+        vllm_config=SimpleNamespace(model_config=SimpleNamespace(
+            hf_text_config=SimpleNamespace(num_hidden_layers=LAYERS))))
+    return runner, vp._make_determine_batch_execution(orig), d
+
+
+@pytest.fixture
+def clean_registry(monkeypatch):
+    from attention_backends.flux import request_state
+
+    reg = _registry()
+    monkeypatch.setattr(request_state, "_REGISTRY", reg)
+    monkeypatch.setattr(metadata, "get_registry", lambda: reg)
+    rt = KVPolicyRuntime()
+    monkeypatch.setattr(metadata, "get_runtime", lambda: rt)
+    yield reg
+    metadata.note_full_graph(False)
+    vp._STEP_ROWS = None
+
+
+@pytest.mark.parametrize(("names", "mode"), [
+    (["none", "full"], "FULL"),
+    (["none", "sparse"], "PIECEWISE"),
+    (["snapkv"], "PIECEWISE"),
+    (["none", "auto", "sparse"], "NONE"),
+])
+def test_the_runner_hook_picks_the_mode(clean_registry, names, mode):
+    runner, wrapped, d = _runner(names)
+    got = wrapped(runner, 8, len(names))
+    assert got[0].name == mode
+    assert metadata._FULL_GRAPH is (mode == "FULL")
+    # the rows it read are handed to the metadata hook of the same step, once
+    assert [r.req_id for r in vp._step_rows(runner)] == runner.input_batch.req_ids
+    assert vp._STEP_ROWS is None
+    # the dispatcher's own flag is down again after the step
+    assert vp._NO_FULL is False
+
+
+def test_without_graphs_the_hook_reads_nothing(clean_registry):
+    runner, wrapped, d = _runner(["sparse"], graphs="NONE")
+    runner.input_batch = None  # would fail if read
+    wrapped(runner, 8, 1)
+    assert metadata._FULL_GRAPH is False and vp._STEP_ROWS is None
