@@ -21,6 +21,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import gpu_serving as gs  # noqa: E402  (the model shape, the modes and the prom
 from server.child_process import child_server  # noqa: E402
 
 API_KEY = "gpu-http-serve"
-MODES = ["none", "full", "sparse", "layers90", "calidrop", "snapkv", "sparse+calidrop"]
+MODES = ["none", "full", "sparse", "layers90", "calidrop", "snapkv", "sparse+calidrop", "auto"]
 
 
 def pad_tokenizer(model_dir: Path, vocab: int) -> None:
@@ -103,9 +104,13 @@ def main() -> None:
     args = ap.parse_args()
     scale = gs.TINY if args.tiny else gs.GPU
     args.out.mkdir(parents=True, exist_ok=True)
-    model = gs.write_model(args.out / "model", scale)
+    work = Path(tempfile.mkdtemp(prefix="gpu_http_serve_"))  # not under --out: few files back
+    model = gs.write_model(work / "model", scale)
     pad_tokenizer(model, scale.vocab)
+    sparse = gs.mode_options(scale, check=False)["sparse"]["flux"]
+    router = gs.write_router(work / "router", scale, sparse["sink"], sparse["window"])
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model),
+           "--flux-router", str(router),
            "--served-model-name", "m", "--load-format", "dummy", "--host", "127.0.0.1",
            "--api-key", API_KEY, "--reward-model", "none", "--warmup", args.warmup,
            "--max-model-len", str(scale.max_model_len), "--max-num-seqs", "64",

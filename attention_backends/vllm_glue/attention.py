@@ -8,9 +8,10 @@ calibration. After the attention of the step in which a request's prompt complet
 ``compress_completed`` compresses that layer's KV in place (``run_attention``: both).
 
 KV layout: ``kv_cache[num_blocks, num_kv_heads, block_size, 2 * head_size]``. The GPU backend
-keeps it slot-major (slot ``j``'s K in ``[..., :D]``, V in ``[..., D:]``) and writes it with
-``write_kv``; the CPU backend leaves writing to vLLM's CPU op, in vLLM's ISA-specific layout,
-and passes that layout (``kernels.kv_layout.KVLayout``) to our ops as ``kv_layout``.
+keeps it slot-major (slot ``j``'s K in ``[..., :D]``, V in ``[..., D:]``: vLLM's FlashAttention
+layout, written by vLLM's cache op; ``write_kv`` writes it outside vLLM); the CPU backend
+leaves writing to vLLM's CPU op, in vLLM's ISA-specific layout, and passes that layout
+(``kernels.kv_layout.KVLayout``) to our ops as ``kv_layout``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """GPU attention backend (``--attention-backend CUSTOM``).
 
 KV layout: vLLM's FlashAttention layout, ``[num_blocks, num_kv_heads, block_size,
-2 * head_size]`` (K then V on the last dim), written by a scatter on the slot mapping.
+2 * head_size]`` (K then V on the last dim), written by vLLM's own cache op on the slot mapping.
 
 Two paths, chosen per step:
 
@@ -35,7 +35,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
-from attention_backends.vllm_glue.attention import run_attention, write_kv
+from attention_backends.vllm_glue.attention import run_attention
 from attention_backends.vllm_glue.metadata import (
     StepMetadata,
     check_graph_mode,
@@ -128,7 +128,8 @@ class FluxGPUAttentionImpl(AttentionImpl):
                                         kv_sharing_target_layer_name)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        write_kv(key, value, kv_cache, slot_mapping)
+        # vLLM's own cache write (same layout): what stock vLLM runs, graph-safe
+        self.flash.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
