@@ -41,7 +41,9 @@ WORK=${WORK:-$(mktemp -d)}
 mkdir -p "$WORK"
 SERVE_LOG="$WORK/serve.log"
 EVAL_LOG="$WORK/eval.log"
+NOTES_FILE="$WORK/notes.txt"  # each finished eval's notes (skipped policies, ...), one a line
 : > "$EVAL_LOG"
+: > "$NOTES_FILE"
 left() { echo $((DEADLINE - $(date +%s))); }
 
 # -- what to serve and measure
@@ -126,13 +128,18 @@ if [ $ready = 1 ]; then
       continue
     fi
     echo "--- length $length: eval, at most $budget s" | tee -a "$EVAL_LOG"
+    rm -f "$WORK/summary.json"  # so that only this eval's notes are read below
     timeout -s INT -k 5 "$budget" \
       $PY -m server.cli eval --url "$URL" --tasks "${TASK_LIST[@]}" --lengths "$length" \
         --samples "$SAMPLES" --policies "${POLICY_SPECS[@]}" --concurrency "$CONCURRENCY" \
         --out "$WORK" --no-progress >> "$EVAL_LOG" 2>&1
     rc=$?
     case $rc in
-      0) STATUS+=("length $length: done") ;;
+      0) STATUS+=("length $length: done")
+         $PY -c "
+import json, sys
+for note in json.load(open(sys.argv[1]))['notes']:
+    print(' '.join(note.split()))" "$WORK/summary.json" >> "$NOTES_FILE" ;;
       124|130|137) STATUS+=("length $length: stopped at the time limit (rc $rc), partial") ;;
       *) STATUS+=("length $length: eval failed (rc $rc), see eval.log lines in summary.txt") ;;
     esac
@@ -146,7 +153,7 @@ trap - EXIT
 
 # -- outputs: at most 8 files in OUT
 NOTES=()
-mapfile -t NOTES < <(grep -h '^note: ' "$EVAL_LOG" | sed 's/^note: //' | sort -u)
+mapfile -t NOTES < <(sort -u "$NOTES_FILE")
 NOTE_ARGS=()
 for n in "${STATUS[@]}" "${NOTES[@]}"; do NOTE_ARGS+=(--note "$n"); done
 TABLE=$($PY -m evaluation.quality_run summarize --work "$WORK" --out "$OUT" \
