@@ -213,7 +213,10 @@ def render_table(rows: list[dict], policies: list[str]) -> str:
     return format_table(["task", "length", *policies], body)
 
 
-def _plots(out: Path, rows: list[dict], policies: list[str], notes: list[str]) -> list[Path]:
+def write_plots(out: Path, rows: list[dict], policies: list[str],
+                notes: list[str]) -> list[Path]:
+    """Write the accuracy plots of `summarize`'s rows to `out` (PNG); returns their paths.
+    Appends to `notes` why the work-saved plot is missing when it is."""
     avg = [r for r in rows if r["task"] == AVERAGE]
     paths = []
     series = {p: [(r["length"], r["accuracy"]) for r in avg if r["policy"] == p]
@@ -345,7 +348,7 @@ def run(cfg: EvalConfig) -> dict:
     records = [r for k, r in store.load().items() if k in keys]
     rows = summarize(records, wanted_policies)
     csv_path = write_csv(out / "summary.csv", rows)
-    plots = _plots(out, rows, wanted_policies, notes)
+    plots = write_plots(out, rows, wanted_policies, notes)
     summary = {
         "server": client_cfg.root, "model": info.model, "api": plan.api,
         "answer_prefix_prefilled": plan.prefill, "tokenizer": tokenizer.description,
