@@ -345,21 +345,24 @@ class Engine:
                 r in o and o[r].finished for r in ids.values()))
             res["single"].update(collect(outs, ids))
         # short prompts, one at a time and then together: steps small enough for CUDA graphs
-        short = {}
+        res["short"] = {}
         for i, mode in enumerate(SHORT_MODES):
-            short[f"short:{mode}"] = self.add(prompt_ids(40 + 3 * i, SEED + 2000 + i, s.vocab),
-                                              self.params(mode, s.check_tokens, check=True,
-                                                          logprobs=5))
-            self.run_until(lambda o, r=short[f"short:{mode}"]: r in o and o[r].finished)
-        for i, mode in enumerate(SHORT_MODES * 2):
-            short[f"short{i}:{mode}"] = self.add(
-                prompt_ids(24 + 5 * i, SEED + 2100 + i, s.vocab),
-                self.params(mode, s.check_tokens, check=True, logprobs=5))
-        outs = self.run_until(lambda o: all(r in o and o[r].finished for r in short.values()))
-        res["short"] = collect(outs, short)
-        res["auto_requests"] = sum(k.endswith(":auto") for part in ("single", "short")
-                                   for k in res[part]) + sum(
-            1 for i in range(s.mixed_requests) if CHECK_MODES[i % len(CHECK_MODES)] == "auto")
+            ids = {f"short:{mode}": self.add(prompt_ids(40 + 3 * i, SEED + 2000 + i, s.vocab),
+                                             self.params(mode, s.check_tokens, check=True,
+                                                         logprobs=5))}
+            outs = self.run_until(lambda o, ids=ids: all(
+                r in o and o[r].finished for r in ids.values()))
+            res["short"].update(collect(outs, ids))
+        ids = {f"short{i}:{mode}": self.add(prompt_ids(24 + 5 * i, SEED + 2100 + i, s.vocab),
+                                            self.params(mode, s.check_tokens, check=True,
+                                                        logprobs=5))
+               for i, mode in enumerate(SHORT_MODES * 2)}
+        outs = self.run_until(lambda o: all(r in o and o[r].finished for r in ids.values()))
+        res["short"].update(collect(outs, ids))
+        if self.flux:
+            res["auto_requests"] = sum(k.split(":")[-1] == "auto" for part in ("single", "short")
+                                       for k in res[part]) + sum(
+                CHECK_MODES[i % len(CHECK_MODES)] == "auto" for i in range(s.mixed_requests))
         ids = {}
         for i in range(s.mixed_requests):
             mode = CHECK_MODES[i % len(CHECK_MODES)]
