@@ -45,15 +45,16 @@ def build_step_metadata(num_rows: int, query_start_loc_cpu: torch.Tensor,
     """The step's metadata. ``query_start_loc_cpu [num_rows + 1]`` int32 on the host; ``rows``
     in batch order (None or missing: padding); ``block_size`` None: no KV eviction.
 
-    ``none_when_dense``: None when every row runs full attention at every layer and none has an
-    eviction plan (the requests are still registered, for their metrics)."""
+    ``none_when_dense``: None when every row runs full attention at every layer and none reads
+    or writes compressed KV in this step (the requests are still registered, for their
+    metrics)."""
     qsl = query_start_loc_cpu.tolist()
     routing = build_routing_step(num_rows, qsl, rows, registry, num_layers,
                                  none_when_full=none_when_dense)
     eviction = build_eviction_step(num_rows, qsl, rows, block_size,
                                    runtime if runtime is not None else get_runtime())
     if routing is None:
-        if not eviction.has_plans:
+        if not eviction.active:  # e.g. a planned request's prompt chunks before its last
             return None
         routing = build_routing_step(num_rows, qsl, rows, registry, num_layers)
     return StepMetadata(routing, eviction, _max_kv_tokens(rows, qsl, num_rows, routing, eviction),
@@ -116,15 +117,18 @@ NO_FULL = "no_full"  # piecewise graphs at most: our attention runs between the 
 
 def graph_constraint(rows: Sequence[BatchRow | None], num_layers: int,
                      block_size: int | None, registry: FluxRegistry | None = None,
-                     runtime: KVPolicyRuntime | None = None) -> str | None:
+                     runtime: KVPolicyRuntime | None = None,
+                     q_lens: Sequence[int] | None = None) -> str | None:
     """What the step whose rows are ``rows`` (batch order; None: padding) allows: ``EAGER``,
     ``NO_FULL`` or None (any mode). A superset of the steps whose ``build_step_metadata`` is not
     None: every row of a mode other than ``full`` (``auto`` routing still to come: ``EAGER``) or
-    with an eviction plan. Requests without options cost a few dict lookups each."""
+    with an eviction plan whose prompt is complete or completes in this step (``q_lens``: the
+    rows' scheduled tokens; None: any planned row counts). Requests without options cost a few
+    dict lookups each."""
     registry = registry if registry is not None else get_registry()
     runtime = runtime if runtime is not None else get_runtime()
     needs_ours = False
-    for r in rows:
+    for i, r in enumerate(rows):
         if r is None:
             continue
         st = registry.resolve(r.req_id, r.extra_args, r.prompt_len, num_layers)
@@ -137,7 +141,8 @@ def graph_constraint(rows: Sequence[BatchRow | None], num_layers: int,
             continue
         policy = (r.extra_args or {}).get(KV_KEY) if block_size else None
         if policy and runtime.plan_for(r.req_id, policy, r.prompt_len, block_size) is not None:
-            needs_ours = True
+            q_len = q_lens[i] if q_lens is not None and i < len(q_lens) else None
+            needs_ours = q_len is None or r.num_computed + int(q_len) >= r.prompt_len
     return NO_FULL if needs_ours else None
 
 

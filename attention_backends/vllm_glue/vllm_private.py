@@ -326,8 +326,9 @@ def _make_determine_batch_execution(orig):
             return orig(self, *a, **kw)
         rows = _batch_rows(self)
         _STEP_ROWS = (id(self), rows)
+        q_lens = a[2] if len(a) > 2 else kw.get("num_scheduled_tokens_np")
         need = metadata.graph_constraint(rows, metadata.num_layers(self.vllm_config),
-                                         self.cache_config.block_size)
+                                         self.cache_config.block_size, q_lens=q_lens)
         if need == metadata.EAGER:
             kw["force_eager"] = True
         _NO_FULL = need == metadata.NO_FULL

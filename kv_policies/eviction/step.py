@@ -46,6 +46,14 @@ class EvictionStep:
     def has_plans(self) -> bool:
         return any(p is not None for p in self.plans)
 
+    @property
+    def active(self) -> bool:
+        """A row reads compressed KV (compressed in an earlier step) or compresses in this one.
+        A step without such rows needs nothing from eviction: a planned request's prompt
+        chunks before the last are plain dense attention."""
+        return bool(self.compress_rows) or (self.kept_end is not None
+                                            and bool((self.kept_end > 0).any()))
+
     def bounds(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(kept_end, gap_end)`` on ``device``, copied once per step."""
         if self._device_gaps is None or self._device_gaps[0].device != device:

@@ -98,13 +98,30 @@ def test_every_step_with_our_metadata_is_kept_off_full_graphs(spec):
         q_lens.append(q_len)
     qsl = torch.tensor(np.concatenate([[0], np.cumsum(q_lens)]), dtype=torch.int32)
     reg, rt = _registry(), KVPolicyRuntime()
-    need = metadata.graph_constraint(rows, LAYERS, BLOCK, reg, rt)
+    need = metadata.graph_constraint(rows, LAYERS, BLOCK, reg, rt, q_lens=q_lens)
     step = metadata.build_step_metadata(len(rows), qsl, rows, reg, LAYERS, BLOCK, rt,
                                         none_when_dense=True)
     if step is not None:
         assert need in ("eager", "no_full")
     if step is not None and step.routing.route_rows:
         assert need == "eager"
+
+
+@pytest.mark.parametrize(("computed", "q_len", "expected"), [
+    (0, 128, None),  # a prompt chunk before the last: plain dense attention
+    (128, 100, None),
+    (128, 172, "no_full"),  # the prompt completes: this step compresses
+    (300, 1, "no_full"),  # decoding over compressed KV
+])
+def test_a_planned_request_needs_our_kernels_from_its_last_prompt_chunk(computed, q_len,
+                                                                         expected):
+    rows = [_row("snapkv", 0, prompt_len=300, computed=computed)]
+    reg, rt = _registry(), KVPolicyRuntime()
+    assert metadata.graph_constraint(rows, LAYERS, BLOCK, reg, rt, q_lens=[q_len]) == expected
+    qsl = torch.tensor([0, q_len], dtype=torch.int32)
+    step = metadata.build_step_metadata(1, qsl, rows, reg, LAYERS, BLOCK, rt,
+                                        none_when_dense=True)
+    assert (step is None) == (expected is None)
 
 
 def test_check_graph_mode_fails_a_step_with_our_rows_on_a_full_graph():
