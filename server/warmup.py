@@ -1,14 +1,21 @@
-"""Start-up warm-up: before ``/ready`` turns 200, run a few short requests down every attention
-path the request options can select, so that the first user request of any mode costs what
-later ones do.
+"""Start-up warm-up: before ``/ready`` turns 200, run a few requests down every attention path
+the request options can select, so that the first user request of any mode costs what later
+ones do.
 
 On the GPU, our attention runs Triton kernels that compile on first use (4-9 s per mode on the
-H200, docs/benchmarks.md "Serving on the H200"), and cuDNN builds a plan per new prompt shape.
-Warm-up pays that at start-up instead. The requests cover, for each flux mode (``full``,
-``sparse``, ``layers`` with half the layers sparse) and each KV policy (with a budget that
-compresses): a prompt longer than the sink + window and than one prefill chunk (so the masks
-bite and chunks over a cached prefix run), all submitted together (mixed prefill/decode batches
-of many rows), then one short prompt per case alone (single-row batches).
+H200, docs/benchmarks.md "Serving on the H200"), once per kernel configuration: the tuned
+configuration depends on the mode and on size classes (a prefill chunk's query length, a decode
+batch's row count), so each class compiles apart. cuDNN also builds a plan per new prompt shape.
+Warm-up pays that at start-up instead. For each flux mode (``full``, ``sparse``, ``layers`` with
+half the layers sparse, ``auto`` with a router) and each KV policy (with a budget that
+compresses), in four phases (``plan``):
+
+1. a prompt longer than the sink + window and than one prefill chunk, all cases together: the
+   masks bite, small chunks run over a cached prefix, batches mix prefill and decode rows;
+2. a prompt of two full chunks, each case alone: a full chunk over a full chunk's cached prefix
+   (skipped when the model is too short for it);
+3. one short prompt per case alone: single-row prefill and decode;
+4. ``decode_batch`` short prompts per case together: the largest decode size class.
 
 ``--warmup auto`` (the default) warms up on CUDA and ROCm only: the CPU path compiles nothing.
 The warm-up's requests (``fluxserve-warmup-*``) show in vLLM's own counters, not in fluxserve's;
@@ -40,6 +47,8 @@ SHORT_PROMPT_TOKENS = 96
 LONG_PROMPT_MARGIN = 512
 # A KV policy's budget as a share of the prompt: every policy compresses
 KV_BUDGET_FRACTION = 0.5
+# Rows of the phase-4 decode batches: the largest decode size class of the tuned kernels
+DECODE_BATCH = 32
 
 
 def enabled(choice: str) -> bool:
@@ -83,6 +92,27 @@ def prompt_lengths(max_model_len: int, max_num_batched_tokens: int) -> tuple[int
     return long, min(room, SHORT_PROMPT_TOKENS)
 
 
+@dataclass(frozen=True)
+class WarmupPlan:
+    long: int  # phase 1 prompt length (tokens)
+    chunked: int | None  # phase 2: two full chunks, or None when the model is too short
+    short: int  # phases 3 and 4
+    decode_batch: int  # phase 4 rows per case (1: no phase 4)
+
+    def requests_per_case(self) -> int:
+        return 2 + (self.chunked is not None) + (self.decode_batch if self.decode_batch > 1
+                                                 else 0)
+
+
+def plan(max_model_len: int, max_num_batched_tokens: int, max_num_seqs: int) -> WarmupPlan:
+    """The warm-up's prompt lengths and batch size for a model and scheduler (all in tokens or
+    rows, each within the model's length and the scheduler's limits)."""
+    long, short = prompt_lengths(max_model_len, max_num_batched_tokens)
+    chunked = min(max_model_len - DECODE_TOKENS, 2 * max_num_batched_tokens)
+    return WarmupPlan(long, chunked if chunked > long else None, short,
+                      max(1, min(DECODE_BATCH, max_num_seqs)))
+
+
 def _params(case: WarmupCase, prompt_len: int) -> SamplingParams:
     params = SamplingParams(max_tokens=DECODE_TOKENS, ignore_eos=True, temperature=0.0)
     kv = None
@@ -112,19 +142,30 @@ async def warm_up(client: AsyncLLM, router: bool) -> float:
     Raises whatever a warm-up request raises: a server whose attention paths fail must not turn
     ready."""
     model = client.model_config
-    long, short = prompt_lengths(model.max_model_len,
-                                 client.vllm_config.scheduler_config.max_num_batched_tokens)
+    sched = client.vllm_config.scheduler_config
+    p = plan(model.max_model_len, sched.max_num_batched_tokens, sched.max_num_seqs)
     vocab = model.get_vocab_size()
     todo = cases(model.get_num_layers(client.vllm_config.parallel_config), router)
     start = time.perf_counter()
+    seed = iter(range(1 << 30))  # distinct prompts: no request reuses another's cached prefix
     await asyncio.gather(*(
-        _run(client, f"fluxserve-warmup-long-{c.name}", _prompt(long, vocab, i),
-             _params(c, long)) for i, c in enumerate(todo)))
-    for i, c in enumerate(todo):
+        _run(client, f"fluxserve-warmup-long-{c.name}", _prompt(p.long, vocab, next(seed)),
+             _params(c, p.long)) for c in todo))
+    for c in todo:
+        if p.chunked is not None:
+            await _run(client, f"fluxserve-warmup-chunked-{c.name}",
+                       _prompt(p.chunked, vocab, next(seed)), _params(c, p.chunked))
         await _run(client, f"fluxserve-warmup-short-{c.name}",
-                   _prompt(short, vocab, len(todo) + i), _params(c, short))
+                   _prompt(p.short, vocab, next(seed)), _params(c, p.short))
+        if p.decode_batch > 1:
+            await asyncio.gather(*(
+                _run(client, f"fluxserve-warmup-batch-{c.name}-{j}",
+                     _prompt(p.short, vocab, next(seed)), _params(c, p.short))
+                for j in range(p.decode_batch)))
     await client.reset_prefix_cache()
     took = time.perf_counter() - start
-    logger.info("warm-up: %d cases (%s), prompts of %d and %d tokens, %.1f s",
-                len(todo), ", ".join(c.name for c in todo), long, short, took)
+    logger.info("warm-up: %d cases (%s), prompts of %d and %d tokens%s, decode batches of %d, "
+                "%d requests, %.1f s", len(todo), ", ".join(c.name for c in todo), p.long,
+                p.short, f" and {p.chunked} alone" if p.chunked else "", p.decode_batch,
+                p.requests_per_case() * len(todo), took)
     return took

@@ -35,7 +35,24 @@ def test_prompt_lengths_fit_the_model(max_model_len, batched, expected):
     assert warmup.prompt_lengths(max_model_len, batched) == expected
 
 
-@pytest.mark.parametrize("prompt_len", [60, 96, 2044, 16896])
+@pytest.mark.parametrize(("max_model_len", "batched", "seqs", "expected"), [
+    # H200 serving: a full chunk over a full chunk's prefix, decode batches of 32
+    (131072, 16384, 64, warmup.WarmupPlan(16896, 32768, 96, 32)),
+    (20000, 16384, 64, warmup.WarmupPlan(16896, 19996, 96, 32)),  # capped by the model
+    (2048, 8192, 256, warmup.WarmupPlan(2044, None, 96, 32)),     # no room: phase 2 skipped
+    (131072, 2048, 8, warmup.WarmupPlan(2688, 4096, 96, 8)),      # batches within max_num_seqs
+    (64, 64, 1, warmup.WarmupPlan(60, None, 60, 1)),
+])
+def test_plan_fits_the_model_and_the_scheduler(max_model_len, batched, seqs, expected):
+    p = warmup.plan(max_model_len, batched, seqs)
+    assert p == expected
+    assert p.requests_per_case() == 2 + (p.chunked is not None) + (p.decode_batch
+                                                                   if p.decode_batch > 1 else 0)
+    for n in (p.long, p.short, p.chunked or 0):
+        assert n + warmup.DECODE_TOKENS <= max_model_len
+
+
+@pytest.mark.parametrize("prompt_len", [60, 96, 2044, 16896, 32768])
 def test_every_case_builds_valid_options(prompt_len):
     for case in warmup.cases(32, router=True):
         extra = warmup._params(case, prompt_len).extra_args or {}
