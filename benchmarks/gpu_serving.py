@@ -375,8 +375,15 @@ class Engine:
         res["mixed"] = collect(outs, ids)
         trace = Path(self.spec.get("trace") or "/nonexistent")
         if self.flux and trace.exists():  # one line per routed request (and rank)
-            res["auto_routed"] = len({json.loads(x)["req_id"]
-                                      for x in trace.read_text().splitlines() if x.strip()})
+            recs = [json.loads(x) for x in trace.read_text().splitlines() if x.strip()]
+            res["auto_routed"] = len({r["req_id"] for r in recs})
+            by_req: dict = {}
+            for r in recs:
+                by_req.setdefault(r["req_id"], {})[r.get("tp_rank", 0)] = r["sparse"]
+            # every rank took the same decisions (TP: one all-reduce before the router)
+            res["ranks_agree"] = all(len({json.dumps(v) for v in d.values()}) == 1
+                                     for d in by_req.values())
+            res["ranks_seen"] = sorted({r.get("tp_rank", 0) for r in recs})
         return res
 
     def _ttft(self, ids: list[int], mode: str) -> float:
@@ -730,7 +737,8 @@ def summarize(results: dict) -> tuple[dict, list[str]]:
     for n, c in chk.items():
         if c and "auto_requests" in c:
             lines.append(f"{n}: auto requests routed {c.get('auto_routed', 0)} of "
-                         f"{c['auto_requests']} (short prompts run without CUDA graphs)")
+                         f"{c['auto_requests']} (short prompts run without CUDA graphs); "
+                         f"ranks {c.get('ranks_seen')} agree: {c.get('ranks_agree')}")
     if comps:
         lines.append("correctness (greedy, 24 tokens alone / 4-44 tokens in a 64-request mixed "
                      "batch; logprob diffs in nats)")
