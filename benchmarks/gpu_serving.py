@@ -155,25 +155,12 @@ def write_router(path: Path, scale: Scale, sink: int, window: int) -> Path:
     """A standalone Flux router of random weights for ``scale`` (``--flux-router``'s files),
     seeded: every engine routes alike. Its decisions mean nothing; it exercises ``auto``."""
     import torch
-    from safetensors.torch import save_file
 
-    from attention_backends.flux.router import (
-        ROUTER_CONFIG_FILE,
-        ROUTER_WEIGHTS_FILE,
-        FluxRouter,
-    )
+    from attention_backends.flux.router import FluxRouter, RouterSpec, save_router_file
 
     torch.manual_seed(SEED)
-    tensors = {}
-    for i in range(scale.layers):
-        for k, v in FluxRouter(scale.head_dim).state_dict().items():
-            tensors[f"layers.{i}.{k}"] = v.float().contiguous()
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / ROUTER_WEIGHTS_FILE), {"format": "pt"})
-    (path / ROUTER_CONFIG_FILE).write_text(json.dumps({
-        "num_hidden_layers": scale.layers, "head_dim": scale.head_dim, "pool_size": 100,
-        "pooling_mode": "ctx_q", "sink_size": sink, "local_window_size": window,
-        "use_softmax": True}))
+    routers = [FluxRouter(scale.head_dim) for _ in range(scale.layers)]
+    save_router_file(routers, path, RouterSpec(pool_size=100, sink=sink, window=window))
     return path
 
 

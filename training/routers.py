@@ -40,9 +40,9 @@ from torch import Tensor, nn
 
 from attention_backends.flux.router import (
     FULL_CLASS,
-    ROUTER_CONFIG_FILE,
-    ROUTER_WEIGHTS_FILE,
     FluxRouter,
+    RouterSpec,
+    save_router_file,
 )
 from evaluation import tasks
 from training import heldout
@@ -174,17 +174,9 @@ def attach(model, sink: int, window: int, pool_size: int, seed: int = 0) -> Rout
 
 def save_routers(state: RoutingState, out: Path, extra: dict | None = None) -> None:
     """Write ``router.safetensors`` and ``router_config.json`` (what ``--flux-router`` loads)."""
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {f"layers.{i}.{k}": v.detach().float().cpu().contiguous()
-               for i, r in enumerate(state.routers) for k, v in r.state_dict().items()}
-    save_file(tensors, str(out / ROUTER_WEIGHTS_FILE), {"format": "pt"})
-    head_dim = state.routers[0].cls_feat_extractor[0].in_features
-    cfg = {"num_hidden_layers": len(state.routers), "head_dim": head_dim,
-           "pool_size": state.pool_size, "pooling_mode": "ctx_q", "sink_size": state.sink,
-           "local_window_size": state.window, "use_softmax": True, **(extra or {})}
-    (out / ROUTER_CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+    save_router_file(list(state.routers), out,
+                     RouterSpec(pool_size=state.pool_size, sink=state.sink, window=state.window),
+                     extra)
 
 
 def routing_loss(model, state: RoutingState, batch: dict, targets: dict[str, float],

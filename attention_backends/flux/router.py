@@ -141,6 +141,26 @@ def split_router_state(tensors: dict[str, Tensor]) -> dict[int, dict[str, Tensor
     return out
 
 
+def save_router_file(routers: list[FluxRouter], out: str | os.PathLike, spec: RouterSpec,
+                     extra: dict | None = None) -> None:
+    """Write ``router.safetensors`` and ``router_config.json`` into the folder ``out`` (what
+    ``load_router_file`` and ``--flux-router`` read): router ``i`` is layer ``i``'s, float32;
+    ``extra`` adds keys to the config."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"layers.{i}.{k}": v.detach().float().cpu().contiguous()
+               for i, r in enumerate(routers) for k, v in r.state_dict().items()}
+    save_file(tensors, str(out / ROUTER_WEIGHTS_FILE), {"format": "pt"})
+    cfg = {"num_hidden_layers": len(routers),
+           "head_dim": routers[0].cls_feat_extractor[0].in_features,
+           "pool_size": spec.pool_size, "pooling_mode": "ctx_q", "sink_size": spec.sink,
+           "local_window_size": spec.window, "use_softmax": spec.num_outputs != 1,
+           **(extra or {})}
+    (out / ROUTER_CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def load_router_file(path: str | os.PathLike) -> tuple[dict[int, FluxRouter], RouterSpec]:
     """Load a standalone router: ``({layer: FluxRouter}, RouterSpec)``."""
     from safetensors.torch import load_file

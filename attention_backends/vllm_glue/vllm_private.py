@@ -327,8 +327,11 @@ def _make_determine_batch_execution(orig):
         rows = _batch_rows(self)
         _STEP_ROWS = (id(self), rows)
         q_lens = a[2] if len(a) > 2 else kw.get("num_scheduled_tokens_np")
-        need = metadata.graph_constraint(rows, metadata.num_layers(self.vllm_config),
-                                         self.cache_config.block_size, q_lens=q_lens)
+        layers = getattr(self, "_fluxserve_num_layers", None)
+        if layers is None:  # read from the config once per runner: microseconds a step
+            layers = self._fluxserve_num_layers = metadata.num_layers(self.vllm_config)
+        need = metadata.graph_constraint(rows, layers, self.cache_config.block_size,
+                                         q_lens=q_lens)
         if need == metadata.EAGER:
             kw["force_eager"] = True
         _NO_FULL = need == metadata.NO_FULL

@@ -40,6 +40,7 @@ class EvictionStep:
     # rows whose prompt completes in this step and that have a plan:
     # (row, first token, end token in the batch, rows of the chunk up to the last prompt query)
     compress_rows: list[tuple[int, int, int, int]] = field(default_factory=list)
+    any_compressed: bool = False  # a row reads KV compressed in an earlier step
     _device_gaps: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -51,8 +52,7 @@ class EvictionStep:
         """A row reads compressed KV (compressed in an earlier step) or compresses in this one.
         A step without such rows needs nothing from eviction: a planned request's prompt
         chunks before the last are plain dense attention."""
-        return bool(self.compress_rows) or (self.kept_end is not None
-                                            and bool((self.kept_end > 0).any()))
+        return self.any_compressed or bool(self.compress_rows)
 
     def bounds(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(kept_end, gap_end)`` on ``device``, copied once per step."""
@@ -90,4 +90,5 @@ def build_eviction_step(num_rows: int, query_start_loc: Sequence[int],
     if not any(p is not None for p in plans):
         return EvictionStep(plans, policies)
     return EvictionStep(plans, policies, torch.tensor(kept_l, dtype=torch.int32),
-                        torch.tensor(gap_l, dtype=torch.int32), compress_rows)
+                        torch.tensor(gap_l, dtype=torch.int32), compress_rows,
+                        any_compressed=any(kept_l))
