@@ -32,6 +32,13 @@ with block_size 16, blocks in random physical order, one all-NaN block standing 
    sink + window, B = 1 / 8 / 32, every config of ``DECODE_CONFIGS`` (CUDA-graph replay, L2
    flushed), against SDPA over the pre-gathered visible keys and the byte floor.
 
+Where vLLM is importable (its FlashAttention-3 on Hopper), each section also times our
+``kernels.flash_varlen`` paths, registered as the vLLM glue registers them: the sink + window
+prefill as FlashAttention's sliding window over the paged cache plus our sink-merge kernel,
+dense prompts and chunks as one FlashAttention call writing the caller's buffer, decode
+batches (dense, and sink + window) likewise; each is written into the tuned table where it
+beats the other paths (``sparse_backend`` / ``dense_backend`` / decode ``backend`` "flash").
+
 Every variant is checked first (fresh random queries, output poisoned with NaN, relative error
 against ``reference.paged_attention_ref`` on sampled query rows for prefill and on all rows for
 decode, no NaN anywhere); decode variants are checked again after their timing (a race in the
@@ -112,6 +119,10 @@ DECODE_CONFIGS = [
 DECODE_CONFIGS = [dict(c, fused_max_splits=16) for c in DECODE_CONFIGS]
 
 PIECES_GLUE = "ours: cudnn pieces from this step's K/V (glue path)"
+FLASH_SW = "ours: flash window + sink merge (paged)"
+FLASH_DENSE = "ours: flash from paged cache, into out"
+FLASH_CHUNK = "ours: flash paged (bottom-right causal)"
+FLASH_ON = False  # a FlashAttention varlen function is registered (register_flash)
 RESULTS: list[dict] = []
 LOG: list[str] = []
 DEV = "cuda"
@@ -473,6 +484,16 @@ def _sparse_one(length, tuned, with_flex):
             PREFILL_CONFIGS[best[1]] if best[1] is not None else {}, **pieces[1])
         log(f"sparse prefill {length}: fused pieces {pieces[0]['us']:.0f} us beat Triton "
             f"{best[0]:.0f} us -> sparse_backend sdpa {pieces[1]}")
+    if FLASH_ON:
+        r = guarded(f"sparse {length} flash", time_prefill, case, FLASH_SW,
+                    lambda q, out: case.ours(q, out, {"sparse_backend": "flash"})[0], salt=66)
+        others = min(best[0], pieces[0]["us"] if pieces else math.inf)
+        if r and r["us"] < others:
+            tuned["prefill"]["sparse"][str(length)] = dict(
+                PREFILL_CONFIGS[best[1]] if best[1] is not None else {},
+                sparse_backend="flash")
+            log(f"sparse prefill {length}: flash {r['us']:.0f} us beat {others:.0f} us -> "
+                "sparse_backend flash")
     if with_flex:
         guarded(f"flex sparse {length}", lambda: time_prefill(
             case, "flex", flex_runner(case), salt=60))
@@ -532,8 +553,10 @@ def _dense_one(length, tuned):
     if DEV not in sdpa_prefill._NO_FA2_OUT:
         variants.append(("ours: fa2 into out from paged cache", {"whole_impl": "fa2_out"}, None,
                          "FLASH_ATTENTION"))
+    if FLASH_ON:
+        variants.append((FLASH_DENSE, {"dense_backend": "flash"}, None, "vllm flash varlen"))
     for j, (name, cfg, kv_in, be) in enumerate(variants):
-        cfg = dict(cfg, dense_backend="sdpa")
+        cfg = dict({"dense_backend": "sdpa"}, **cfg)
         guarded(f"ours dense {length} {name}", lambda name=name, cfg=cfg, kv_in=kv_in, be=be, j=j:
                 time_prefill(case, name, lambda q, out: case.ours(q, out, cfg,
                                                                   new_kv=kv_in)[0],
@@ -650,15 +673,22 @@ def _chunk(tuned):
     guarded("chunk fa2 varlen", time_prefill, case, "fa2 varlen bottom-right causal",
             lambda q, out: torch.ops.aten._flash_attention_forward(
                 q, kt, vt, cq, ck, n, length, 0.0, True, False, scale=SCALE)[0], salt=89)
-    # the product's choice: the faster of the two chunk paths
+    fl = None
+    if FLASH_ON:
+        fl = guarded("chunk flash", time_prefill, case, FLASH_CHUNK,
+                     lambda q, out: case.ours(q, out, {"dense_backend": "flash"})[0], salt=85)
+    # the product's choice: the fastest chunk path
     tri = best[0]
     spl = rs["us"] if rs else math.inf
-    if math.isfinite(min(tri, spl)):
+    fla = fl["us"] if fl else math.inf
+    if math.isfinite(min(tri, spl, fla)):
         pick = "sdpa" if spl < tri else "triton"
         tuned["prefill"]["dense"]["1024"] = dict(  # chunks of 1K queries and more
             PREFILL_CONFIGS[best[1]] if best[1] is not None else {}, chunk_backend=pick,
-            **({"lse_impl": split["lse_impl"]} if split else {}))
-        log(f"chunk: triton {tri:.0f} us, sdpa split {spl:.0f} us -> {pick}")
+            **({"lse_impl": split["lse_impl"]} if split else {}),
+            **({"dense_backend": "flash"} if fla < min(tri, spl) else {}))
+        log(f"chunk: triton {tri:.0f} us, sdpa split {spl:.0f} us, flash {fla:.0f} us -> "
+            f"{'flash' if fla < min(tri, spl) else pick}")
     sp = Prefill(length, ctx, True, seed=8)
     cfg = tuned["prefill"]["sparse"].get(str(SPARSE_LENGTHS[0]), PREFILL_CONFIGS[0])
     guarded("chunk sparse", time_prefill, sp, "ours (sparse chunk)",
@@ -733,10 +763,15 @@ def _decode_one(mode, batch, length, cfg_ids, tuned):
         q, calib = inputs(salt)
         out = torch.full_like(q, float("nan"))
 
+        # host copies of the sink and window, as the glue passes them (the flash path needs
+        # one window for the batch)
+        hints = ({"host_sink": [SINK] * batch, "host_window": [WINDOW] * batch}
+                 if mode == "sparse" else {})
+
         def fn():
             return ops.paged_attention(q, kv, bt, seq_lens, qsl, SCALE, calibration=calib,
                                        out=out, max_query_len=1, max_seq_len=length,
-                                       max_kv_tokens=ntok, decode_config=cfg, **masks)
+                                       max_kv_tokens=ntok, decode_config=cfg, **masks, **hints)
 
         want, want_hits = ref.paged_attention_ref(q, kv, bt, seq_lens, qsl, SCALE,
                                                   calibration=calib, **masks)
@@ -772,6 +807,14 @@ def _decode_one(mode, batch, length, cfg_ids, tuned):
                 40, best[1])
         tuned["decode"][mode][str(batch)] = win
         log(f"decode {mode} B{batch}: winner cfg{best[1]} {best[0]:.1f} us")
+    if FLASH_ON and mode != "compressed":
+        r = guarded(f"decode {mode} B{batch} flash", run_variant, "ours: flash varlen",
+                    dict(DECODE_CONFIGS[0], backend="flash"), 41, "flash")
+        if r and r["us"] < best[0]:
+            tuned["decode"][mode][str(batch)] = dict(
+                DECODE_CONFIGS[best[1]] if best[1] is not None else DECODE_CONFIGS[0],
+                backend="flash")
+            log(f"decode {mode} B{batch}: flash {r['us']:.1f} us beat {best[0]:.1f} us")
     # SDPA over the pre-gathered visible keys (contiguous), same graph timing
     slots = visible_slots(mode, length).to(DEV)
     x = kv[bt[:, slots // BS].long(), :, (slots % BS)[None, :]]  # [B, n, Hkv, 2D]
@@ -788,16 +831,20 @@ def _decode_one(mode, batch, length, cfg_ids, tuned):
 def finalize_dense(tuned):
     """Dense prefill entries per prompt length: the chunk winner plus the fastest whole-prompt
     path (cuDNN first, torch's own order, FlashAttention-2 writing the output in place)."""
-    base = tuned["prefill"]["dense"].get("1024", {})
+    base = {k: v for k, v in tuned["prefill"]["dense"].get("1024", {}).items()
+            if k != "dense_backend"}
     for length in DENSE_LENGTHS:
         cands = [(impl, _get("prefill", "dense", length, v)) for impl, v in (
             ("cudnn", "ours: cudnn from this step's K/V"),
             ("sdpa", "ours: sdpa from this step's K/V (glue path)"),
-            ("fa2_out", "ours: fa2 into out from paged cache"))]
+            ("fa2_out", "ours: fa2 into out from paged cache"),
+            ("flash", FLASH_DENSE))]
         cands = [(impl, r) for impl, r in cands if r]
         if cands:
             impl, r = min(cands, key=lambda c: c[1]["us"])
-            tuned["prefill"]["dense"][str(length)] = dict(base, whole_impl=impl)
+            tuned["prefill"]["dense"][str(length)] = (
+                dict(base, dense_backend="flash") if impl == "flash"
+                else dict(base, whole_impl=impl))
             log(f"dense {length}: " + ", ".join(f"{i} {x['us']:.0f} us" for i, x in cands)
                 + f" -> {impl}")
 
@@ -863,6 +910,9 @@ def summary():
             o = _get("prefill", "sparse", L, v)
             if o:
                 row(f"SA prefill {L // 1024}K {tag}", o, f, s, ps=1, tail=o.get("impls", ""))
+        o = _get("prefill", "sparse", L, FLASH_SW)
+        if o:
+            row(f"SA prefill {L // 1024}K flash+sink", o, f, s, ps=1)
         fa = _get("prefill", "sparse", L, "fa2 window + sink (lse merge)")
         if fa:
             row(f"  (fa2 window + sink {L // 1024}K)", fa, f, s, ps=1)
@@ -876,6 +926,7 @@ def summary():
                        ("ours: sdpa from this step's K/V (glue path)", "sdpa glue"),
                        ("ours: sdpa from paged cache", "sdpa cache"),
                        ("ours: fa2 into out from paged cache", "fa2 out"),
+                       (FLASH_DENSE, "flash paged, in place"),
                        ("ours: cudnn from this step's K/V, result not copied into out",
                         "cudnn, no copy"),
                        ("sdpa (contiguous K/V) [cudnn]", "sdpa forced cudnn"),
@@ -892,16 +943,20 @@ def summary():
     sref = min(refs, key=lambda r: r["us"]) if refs else None
     if sref:
         emit(f"{'chunk 8K/32K reference':34s} {sref['variant']}")
-    for v in ("ours triton", "ours: sdpa split + lse merge"):
+    for v in ("ours triton", "ours: sdpa split + lse merge", FLASH_CHUNK):
         o = _best("prefill", "dense", CHUNK[0], v, CHUNK[1])
         if o:
             row(f"chunk 8K/32K {v[:22]}", o, None, sref, tail=o["variant"][len(v):].strip())
     for mode in ("compressed", "sparse", "dense"):
         for B in (1, 8, 32):
-            o = _best("decode", mode, DEC_L, "ours", B=B)
+            tri = _best("decode", mode, DEC_L, "ours cfg", B=B)
             s = _get("decode", mode, DEC_L, "sdpa pre-gathered", B=B)
-            if o:
-                emit(f"{'decode ' + mode + ' B' + str(B):34s} {fmt(o['us'], 9, 1)} {'-':>9s} "
+            fo = _get("decode", mode, DEC_L, "ours: flash varlen", B=B)
+            for o in (tri, fo):
+                if not o:
+                    continue
+                tag = f"decode {mode} B{B}" + (" flash" if o is fo else "")
+                emit(f"{tag:34s} {fmt(o['us'], 9, 1)} {'-':>9s} "
                      f"{fmt(us(s), 9, 1)} {fmt(o['floor_us'], 8, 1)} "
                      f"{fmt(o['floor_meas_us'], 8, 1)} {'-':>7s} {ratio(s, o, 2)} "
                      f"cfg{o.get('cfg', '')}  {o['pct_copy_bw']:.0f}% of copy bw")
@@ -917,6 +972,36 @@ def summary():
 # ----------------------------------------------------------------------------- main
 
 
+def register_flash() -> bool:
+    """Register vLLM's FlashAttention varlen function for ``kernels.flash_varlen`` as the vLLM
+    glue does (the version vLLM picks for this GPU); in the smoke run its float32 stand-in."""
+    import functools
+
+    from attention_backends.kernels import flash_varlen
+
+    if SMOKE:
+        flash_varlen.register(ref.flash_varlen_ref)
+        log("flash varlen: the float32 stand-in (smoke run)")
+        return True
+    try:
+        from vllm.v1.attention.backends.fa_utils import (
+            flash_attn_varlen_func,
+            get_flash_attn_version,
+        )
+    except ImportError as e:
+        log(f"flash varlen: vLLM's FlashAttention not importable ({e}); not timed")
+        return False
+    version = get_flash_attn_version(head_size=D, kv_cache_block_size=BS)
+    if version not in (2, 3):
+        log(f"flash varlen: vLLM picks FlashAttention {version} here; not timed")
+        return False
+    flash_varlen.register(functools.partial(flash_attn_varlen_func, fa_version=version))
+    import vllm
+
+    log(f"flash varlen: vLLM {vllm.__version__} FlashAttention {version}")
+    return True
+
+
 def main():
     global OUT, BUDGET_S, FLUSH, DEV, SMOKE, SINK, WINDOW, BUDGET, PREFILL_CONFIGS
     global DECODE_CONFIGS, SPARSE_LENGTHS, DENSE_LENGTHS, CHUNK, DEC_L
@@ -925,7 +1010,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--budget-s", type=float, default=300.0,
                     help="start no new section after this many seconds")
-    ap.add_argument("--skip", default="", help="comma list: sparse,dense,chunk,decode,flex")
+    ap.add_argument("--skip", default="",
+                    help="comma list: sparse,dense,chunk,decode,flex,flash")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU tensors in Triton's interpreter (run with TRITON_INTERPRET=1), "
                          "tiny shapes: exercises the script's logic, not a benchmark")
@@ -978,6 +1064,8 @@ def main():
         FLUSH = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
         torch.backends.cuda.matmul.allow_tf32 = False
         guarded("ceilings", measure_ceilings)
+    global FLASH_ON
+    FLASH_ON = "flash" not in skip and guarded("flash register", register_flash) is True
     if "flex" not in skip:
         from torch.nn.attention.flex_attention import flex_attention
 

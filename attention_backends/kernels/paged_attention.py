@@ -621,6 +621,14 @@ def write_kv_triton(key, value, kv_cache, slot_mapping) -> None:
 # ----------------------------------------------------------------------------- launchers
 
 
+def flash_varlen_ok(head_size: int) -> bool:
+    """A FlashAttention varlen function is registered (``flash_varlen.register``) and the head
+    size suits the sink-merge kernel (a power of two)."""
+    from attention_backends.kernels import flash_varlen
+
+    return flash_varlen.registered() is not None and head_size & (head_size - 1) == 0
+
+
 @functools.lru_cache(maxsize=8)
 def _sms_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -821,6 +829,29 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
             **(decode_config or {})}
     pcfg = {**DEFAULT_PREFILL, **tuned_config("prefill", "sparse" if has_sw else "dense",
                                               max_query_len), **(prefill_config or {})}
+
+    # FlashAttention's varlen kernel (registered by the vLLM glue: ``flash_varlen``) where the
+    # sweep found it faster (tuned "dense_backend" / "sparse_backend" / decode "backend" =
+    # "flash"): a dense layer whole, a sink + window layer whose rows share one window
+    if not (has_gap or has_calib) and flash_varlen_ok(d):
+        from attention_backends.kernels import flash_varlen
+
+        prefill = max_query_len > q_thr
+        backend = (pcfg.get("sparse_backend" if has_sw else "dense_backend") if prefill
+                   else dcfg.get("backend", "triton"))
+        if backend == "flash":
+            if not has_sw:
+                flash_varlen.dense(q, kv_cache, block_table, seq_lens, query_start_loc, scale,
+                                   out, max_query_len, max_seq_len)
+                return out, None
+            win = flash_varlen.uniform_window(host_window, num_seqs)
+            if win is not None:
+                max_sink = (max(int(x) for x in list(host_sink)[:num_seqs])
+                            if host_sink is not None else None)
+                flash_varlen.sink_window(q, kv_cache, block_table, seq_lens, query_start_loc,
+                                         scale, out, sink, win, max_query_len, max_seq_len,
+                                         max_sink=max_sink)
+                return out, None
 
     # decode kernel: sequences with 1 <= q_len <= q_thr (with the host lengths, a batch of
     # prefills alone launches no empty decode grid)

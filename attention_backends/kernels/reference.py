@@ -191,6 +191,48 @@ def paged_attention_ref(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_le
     return out, hits
 
 
+def flash_varlen_ref(*, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                     max_seqlen_q: int, seqused_k: Tensor, max_seqlen_k: int,
+                     softmax_scale: float, causal: bool, block_table: Tensor,
+                     window_size: list[int] | None = None, out: Tensor | None = None,
+                     return_softmax_lse: bool = False):
+    """Float32 stand-in for FlashAttention's ``flash_attn_varlen_func`` over a paged cache, the
+    subset of its contract ``kernels.flash_varlen`` uses (FlashAttention's docstring): ``k``/``v``
+    ``[num_blocks, block_size, Hkv, D]``, keys of sequence ``s`` its first ``seqused_k[s]``
+    slots; query ``i`` of ``q_len`` sits at ``p = seqused_k - q_len + i`` (bottom-right) and
+    sees ``j <= p`` (``causal``) and ``j >= p - window_size[0]`` (``window_size[0] >= 0``).
+    Writes ``out`` (q's dtype) and returns it, with ``lse [Hq, T]`` float32 (natural log,
+    ``-inf`` for a row without keys) when ``return_softmax_lse``."""
+    t_total, hq, d = q.shape
+    hkv, page = k.shape[2], k.shape[1]
+    g = hq // hkv
+    left = window_size[0] if window_size is not None else -1
+    if out is None:
+        out = torch.empty_like(q)
+    lse_all = torch.full((hq, t_total), float("-inf"), dtype=torch.float32, device=q.device)
+    qsl = [int(x) for x in cu_seqlens_q.tolist()]
+    for s, n_k in enumerate(int(x) for x in seqused_k.tolist()):
+        t0, t1 = qsl[s], qsl[s + 1]
+        if t1 <= t0:
+            continue
+        slots = torch.arange(n_k, device=q.device)
+        blocks = block_table[s, slots // page].long()
+        ks = k[blocks, slots % page].to(torch.float32).permute(1, 0, 2)  # [Hkv, n_k, D]
+        vs = v[blocks, slots % page].to(torch.float32).permute(1, 0, 2)
+        pos = torch.arange(n_k - (t1 - t0), n_k, device=q.device)
+        vis = torch.ones(t1 - t0, n_k, dtype=torch.bool, device=q.device)
+        if causal:
+            vis &= slots[None, :] <= pos[:, None]
+        if left >= 0:
+            vis &= slots[None, :] >= pos[:, None] - left
+        qs = q[t0:t1].to(torch.float32).permute(1, 0, 2)  # [Hq, n_q, D]
+        sc = (qs @ ks.repeat_interleave(g, 0).transpose(1, 2)) * softmax_scale
+        o, lse = masked_softmax_attention(sc, vis[None], vs.repeat_interleave(g, 0))
+        out[t0:t1] = o.permute(1, 0, 2).to(out.dtype)
+        lse_all[:, t0:t1] = lse
+    return (out, lse_all) if return_softmax_lse else out
+
+
 # ----------------------------------------------------------------------------- SnapKV / CaliDrop
 
 

@@ -9,18 +9,22 @@ Two paths, chosen per step:
   which is every step of requests without options): vLLM's own FlashAttention
   (``FlashAttentionImpl`` and its metadata builder, composed here), so such requests cost what
   they cost on stock vLLM, full CUDA graphs for uniform decode batches included;
-- **steps with Flux or KV-policy rows**: ``ops.paged_attention`` (our Triton kernels) for the
-  whole batch, with per-row ``sink``/``window`` for the layer (``window = 0`` on full rows) and
-  per-row eviction bounds, so rows of every mode run in one launch. These steps never replay a
-  full CUDA graph: the model runner hook (``vllm_private``) turns FULL off for them (our
-  attention then runs eagerly between piecewise graphs) and turns graphs off altogether for a
-  step that routes ``auto`` requests, whose router runs Python inside the graph pieces.
+- **steps with Flux or KV-policy rows**: ``ops.paged_attention`` for the whole batch, with
+  per-row ``sink``/``window`` for the layer (``window = 0`` on full rows) and per-row eviction
+  bounds, so rows of every mode run in one launch: our Triton kernels, or vLLM's FlashAttention
+  varlen function (registered here) where the tuned table says it is faster
+  (``kernels.flash_varlen``: dense layers, sink + window layers whose rows share one window).
+  These steps never replay a full CUDA graph: the model runner hook (``vllm_private``) turns
+  FULL off for them (our attention then runs eagerly between piecewise graphs) and turns
+  graphs off altogether for a step that routes ``auto`` requests, whose router runs Python
+  inside the graph pieces.
 
 Needs vLLM's V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``): the hooks wrap it.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -35,6 +39,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
+from attention_backends.kernels import flash_varlen
 from attention_backends.vllm_glue.attention import run_attention
 from attention_backends.vllm_glue.metadata import (
     StepMetadata,
@@ -104,6 +109,17 @@ class FluxGPUMetadataBuilder(AttentionMetadataBuilder[FluxGPUMetadata]):
         )
 
 
+def register_flash_varlen(version: int | None) -> None:
+    """Hand vLLM's FlashAttention varlen function (version 2 or 3: FlashAttention-3 on Hopper)
+    to our kernels (``kernels.flash_varlen``), which dispatch to it where the tuned table says
+    it is faster (dense layers, sink + window layers with one window)."""
+    if version not in (2, 3):
+        return
+    from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
+
+    flash_varlen.register(functools.partial(flash_attn_varlen_func, fa_version=version))
+
+
 class FluxGPUAttentionImpl(AttentionImpl):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
                  alibi_slopes=None, sliding_window=None, kv_cache_dtype: str = "auto",
@@ -126,6 +142,7 @@ class FluxGPUAttentionImpl(AttentionImpl):
         self.flash = FlashAttentionImpl(num_heads, head_size, scale, num_kv_heads, None, None,
                                         kv_cache_dtype, None, attn_type,
                                         kv_sharing_target_layer_name)
+        register_flash_varlen(getattr(self.flash, "vllm_flash_attn_version", None))
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         # vLLM's own cache write (same layout): what stock vLLM runs, graph-safe

@@ -112,3 +112,28 @@ def test_profiling_runs_touch_nothing():
     out = torch.zeros(2)
     assert impl.forward(None, out, out, out, out, None, out) is out
     assert impl.flash.calls == []
+
+
+@pytest.mark.parametrize("version", [None, 2, 3, 4])
+def test_flash_varlen_registered_for_fa2_and_fa3(monkeypatch, version):
+    """The backend hands vLLM's FlashAttention varlen function, bound to the version vLLM chose,
+    to our kernels for FlashAttention 2 and 3 (the window, paged and log-sum-exp contract
+    ``kernels.flash_varlen`` uses); for other versions nothing is registered."""
+    from vllm.v1.attention.backends import fa_utils
+
+    from attention_backends.kernels import flash_varlen
+
+    seen = []
+    monkeypatch.setattr(fa_utils, "flash_attn_varlen_func",
+                        lambda **kw: seen.append(kw["fa_version"]), raising=False)
+    flash_varlen.register(None)
+    try:
+        backend_gpu.register_flash_varlen(version)
+        fn = flash_varlen.registered()
+        if version in (2, 3):
+            fn(q=None)
+            assert seen == [version]
+        else:
+            assert fn is None
+    finally:
+        flash_varlen.register(None)

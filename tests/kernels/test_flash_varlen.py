@@ -1,0 +1,172 @@
+"""The FlashAttention varlen paths (``kernels.flash_varlen``): FlashAttention's contract stood in
+by its float32 reference (``reference.flash_varlen_ref``, itself checked against the paged
+reference here), the sink-merge kernel in Triton's interpreter, and the dispatch in
+``ops.paged_attention``. On the GPU the vLLM glue registers FlashAttention-3 itself and the H200
+sweep (benchmarks/gpu_sweep.py) checks it the same way against the float32 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kvcache_builder import TOL, build_paged_kv, needs_triton, rel_err
+
+from attention_backends.kernels import ops
+from attention_backends.kernels import reference as ref
+
+
+def _i32(xs):
+    return torch.tensor(xs, dtype=torch.int32)
+
+
+def _inputs(seed, seqs, hq=8, hkv=2, d=64, bs=16, dtype=torch.bfloat16):
+    gen = torch.Generator().manual_seed(seed)
+    paged = build_paged_kv([n for n, _ in seqs], hkv, d, bs, dtype, gen)
+    q_lens = [ql for _, ql in seqs]
+    q = torch.randn(sum(q_lens), hq, d, generator=gen).to(dtype)
+    qsl = _i32([0, *torch.tensor(q_lens).cumsum(0).tolist()])
+    return paged, q, qsl
+
+
+@pytest.fixture
+def flash_ref(monkeypatch):
+    """FlashAttention's contract, registered as the vLLM glue registers the real kernel; calls
+    are recorded."""
+    from attention_backends.kernels import flash_varlen
+
+    calls = []
+
+    def fn(**kw):
+        calls.append({k: v for k, v in kw.items() if k in ("causal", "window_size")})
+        return ref.flash_varlen_ref(**kw)
+
+    flash_varlen.register(fn)
+    yield calls
+    flash_varlen.register(None)
+
+
+SEQS = [(70, 70), (100, 37), (33, 1), (129, 129), (60, 2), (20, 20)]
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 40, 500])
+def test_reference_contract_matches_paged_reference(window):
+    """The stand-in's bottom-right causal window is the band ``(p - W, p]`` of the paged
+    reference with sink 0, and plain causal attention without a window."""
+    paged, q, qsl = _inputs(5, SEQS)
+    k, v = paged.kv_cache.transpose(1, 2).split(q.shape[2], dim=-1)
+    n = len(SEQS)
+    for win in (window, None):
+        got, lse = ref.flash_varlen_ref(
+            q=q, k=k, v=v, cu_seqlens_q=qsl, max_seqlen_q=129, seqused_k=paged.seq_lens,
+            max_seqlen_k=129, softmax_scale=0.125, causal=True, block_table=paged.block_table,
+            window_size=[win - 1, 0] if win else None, return_softmax_lse=True)
+        masks = {"sink": _i32([0] * n), "window": _i32([win] * n)} if win else {}
+        want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens,
+                                          qsl, 0.125, **masks)
+        assert rel_err(got, want) < TOL[torch.bfloat16]
+        assert torch.isfinite(lse).all() and lse.shape == (q.shape[1], q.shape[0])
+
+
+@needs_triton
+@pytest.mark.parametrize("hints", [True, False])
+@pytest.mark.parametrize("window,sinks", [
+    (16, [4, 4, 2, 8, 0, 3]),       # sinks differ per row, one without
+    (5, [16, 1, 33, 20, 7, 2]),     # sinks longer than the window, and than a sequence
+    (40, [4, 4, 4, 4, 4, 4]),       # a window longer than some sequences
+    (1, [3, 0, 2, 1, 64, 5]),       # the band is the query's own key
+])
+def test_sink_window_through_flash(flash_ref, hints, window, sinks):
+    """``sparse_backend = "flash"``: a batch of whole prompts, a chunk over a cached prefix
+    and decode rows, all with one window, go through the band call plus the sink merge and
+    equal the float32 paged reference with the sink + window mask (output NaN-poisoned)."""
+    paged, q, qsl = _inputs(11 + window, SEQS)
+    n = len(SEQS)
+    masks = {"sink": _i32(sinks), "window": _i32([window] * n)}
+    out = torch.full_like(q, float("nan"))
+    kw = {"host_sink": sinks} if hints else {}
+    got, hits = ops.paged_attention(
+        q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl, 0.125, out=out,
+        prefill_config={"sparse_backend": "flash"}, host_window=[window] * n,
+        host_query_start_loc=qsl.tolist(), host_seq_lens=paged.seq_lens.tolist(), **masks, **kw)
+    assert got.data_ptr() == out.data_ptr() and hits is None
+    assert flash_ref == [{"causal": True, "window_size": [window - 1, 0]}]
+    want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens,
+                                      qsl, 0.125, **masks)
+    assert not torch.isnan(got).any()
+    assert rel_err(got, want) < TOL[torch.bfloat16]
+
+
+@needs_triton
+def test_sink_merge_gqa_shapes(flash_ref):
+    """Head size 128 and 8 q heads per KV head, blocks of 32, fp16; long enough that the sink
+    merge runs several token tiles per sequence."""
+    seqs = [(300, 300), (200, 90), (150, 1)]
+    paged, q, qsl = _inputs(3, seqs, hq=8, hkv=1, d=128, bs=32, dtype=torch.float16)
+    sinks, window = [32, 70, 5], 48
+    masks = {"sink": _i32(sinks), "window": _i32([window] * 3)}
+    got, _ = ops.paged_attention(
+        q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl, 0.09,
+        out=torch.full_like(q, float("nan")), prefill_config={"sparse_backend": "flash"},
+        host_window=[window] * 3, host_sink=sinks, host_query_start_loc=qsl.tolist(),
+        host_seq_lens=paged.seq_lens.tolist(), **masks)
+    want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens,
+                                      qsl, 0.09, **masks)
+    assert rel_err(got, want) < TOL[torch.float16]
+
+
+@needs_triton
+@pytest.mark.parametrize("seqs", [SEQS, [(40, 1), (33, 1), (129, 1)]])
+def test_dense_through_flash(flash_ref, seqs):
+    """``dense_backend = "flash"`` (a step with prefills) and decode ``backend = "flash"`` (a
+    decode batch): one causal call over the paged cache, written into the caller's buffer."""
+    paged, q, qsl = _inputs(21, seqs)
+    out = torch.full_like(q, float("nan"))
+    got, _ = ops.paged_attention(q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl,
+                                 0.125, out=out, prefill_config={"dense_backend": "flash"},
+                                 decode_config={"backend": "flash"})
+    assert got.data_ptr() == out.data_ptr()
+    assert flash_ref == [{"causal": True}]
+    want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens,
+                                      qsl, 0.125)
+    assert rel_err(got, want) < TOL[torch.bfloat16]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["windows differ", "no host windows", "full row", "gap",
+                                  "calibration", "not chosen"])
+def test_flash_not_taken(flash_ref, case):
+    """Rows FlashAttention's single window cannot express, compressed KV, calibration, or a
+    table that does not name "flash": our Triton kernels run, with the same result."""
+    seqs = [(70, 70), (100, 37), (33, 1)]
+    paged, q, qsl = _inputs(31, seqs)
+    n = len(seqs)
+    sinks, windows = [4, 4, 2], [16, 16, 16]
+    cfg = {"sparse_backend": "flash", "block_m": 16, "block_n": 16}
+    masks: dict = {"sink": _i32(sinks), "window": _i32(windows)}
+    kw: dict = {"host_window": windows}
+    calib = None
+    if case == "windows differ":
+        windows = [16, 8, 16]
+        masks["window"], kw["host_window"] = _i32(windows), windows
+    elif case == "no host windows":
+        kw = {}
+    elif case == "full row":
+        windows = [16, 0, 16]
+        masks["window"], kw["host_window"] = _i32(windows), windows
+    elif case == "gap":
+        masks.update(kept_end=_i32([0, 40, 0]), gap_end=_i32([0, 50, 0]))
+    elif case == "calibration":
+        gen = torch.Generator().manual_seed(1)
+        calib = ops.Calibration(q_ref=q[qsl[1:].long() - 1].clone(),
+                                o_e=torch.randn(n, 8, 64, generator=gen),
+                                lse_e=torch.randn(n, 8, generator=gen),
+                                enabled=torch.tensor([True, False, True]), tau=0.5)
+    else:
+        cfg = {"block_m": 16, "block_n": 16}
+    got, _ = ops.paged_attention(q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl,
+                                 0.125, out=torch.full_like(q, float("nan")),
+                                 prefill_config=cfg, decode_config={"block_n": 16},
+                                 calibration=calib, **masks, **kw)
+    assert flash_ref == []
+    want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens,
+                                      qsl, 0.125, calibration=calib, **masks)
+    assert rel_err(got, want) < TOL[torch.bfloat16]
