@@ -1057,8 +1057,12 @@ def main():
         skip.add("flex")
         log(f"smoke run on the CPU, triton {triton.__version__}")
     else:
+        try:
+            cudnn = torch.backends.cudnn.version()
+        except RuntimeError as e:  # torch refuses the cuDNN runtime it finds
+            cudnn = f"unusable ({str(e)[:90]})"
         log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
-            f"{triton.__version__}, cuDNN {torch.backends.cudnn.version()}, SMs "
+            f"{triton.__version__}, cuDNN {cudnn}, SMs "
             f"{torch.cuda.get_device_properties(0).multi_processor_count}; cuDNN attention "
             f"used by ours: {sdpa_prefill.cudnn_attention_ok(torch.device('cuda'))}")
         FLUSH = torch.empty(256 << 20, dtype=torch.int8, device="cuda")

@@ -72,9 +72,12 @@ def cudnn_attention_ok(device: torch.device) -> bool:
 
 @functools.lru_cache(maxsize=8)
 def _cudnn_ok(index: int) -> bool:
-    return (torch.backends.cudnn.is_available()
-            and (torch.backends.cudnn.version() or 0) >= MIN_CUDNN_VERSION
-            and torch.cuda.get_device_capability(index)[0] in (9, 10))
+    try:
+        version = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else 0
+    except RuntimeError:  # a runtime torch refuses (older than the one it was built with)
+        return False
+    return (version or 0) >= MIN_CUDNN_VERSION and torch.cuda.get_device_capability(index)[0] in (
+        9, 10)
 
 
 def _math_lse(q, k, v, causal: bool, scale: float):
