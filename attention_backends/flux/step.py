@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from attention_backends.flux.request_state import BatchRow, FluxRegistry
@@ -82,7 +83,11 @@ def build_routing_step(num_rows: int, query_start_loc: Sequence[int],
     time it is seen (from ``extra_args["flux"]``) and marks the requests whose prompt completes.
 
     ``none_when_full``: return None, after that bookkeeping, when every row runs full attention
-    at every layer (no sparse decision, no request to route): the step needs no routing."""
+    at every layer (no sparse decision, no request to route): the step needs no routing.
+
+    Given the registry (``registry.version``), a row's part depends on its tokens only through
+    whether its request is still to be routed and whether its prompt completes in the step
+    (``vllm_glue.metadata`` reuses a step on that basis)."""
     qsl = query_start_loc
     req_ids: list[str | None] = []
     # Python lists, turned into tensors once at the end: per-element tensor writes cost
@@ -92,13 +97,16 @@ def build_routing_step(num_rows: int, query_start_loc: Sequence[int],
     known: list[tuple[int, torch.Tensor]] = []  # rows whose per-layer decisions are fixed
     route_rows: list[RouteRow] = []
     prompt_done: list[bool] = []
+    states = registry.states
     for i in range(num_rows):
         r = rows[i] if i < len(rows) else None
         if r is None:
             req_ids.append(None)
             prompt_done.append(False)
             continue
-        st = registry.resolve(r.req_id, r.extra_args, r.prompt_len, num_layers)
+        st = states.get(r.req_id)
+        if st is None:
+            st = registry.resolve(r.req_id, r.extra_args, r.prompt_len, num_layers)
         req_ids.append(r.req_id)
         q_len = qsl[i + 1] - qsl[i]
         done = r.num_computed < r.prompt_len <= r.num_computed + q_len
@@ -121,11 +129,16 @@ def build_routing_step(num_rows: int, query_start_loc: Sequence[int],
     if not route_rows and _LAST is not None and _LAST[0] == key:
         sparse, sink, window = _LAST[1]
     else:
-        sparse = torch.zeros(num_layers, num_rows, dtype=torch.bool)
-        if known:
-            sparse[:, [i for i, _ in known]] = torch.stack([col for _, col in known], 1)
-        sink = torch.tensor(sink_l, dtype=torch.int32)
-        window = torch.tensor(window_l, dtype=torch.int32)
+        # one stack of the columns, then a transposed copy: a few microseconds, where an
+        # indexed assignment into a zero tensor costs twice that
+        cols = [torch.zeros(num_layers, dtype=torch.bool)] * num_rows
+        for i, col in known:
+            cols[i] = col
+        sparse = (torch.stack(cols).T.contiguous() if num_rows
+                  else torch.zeros(num_layers, 0, dtype=torch.bool))
+        # through numpy: torch.tensor(list) costs three times as much
+        sink = torch.from_numpy(np.array(sink_l, dtype=np.int32))
+        window = torch.from_numpy(np.array(window_l, dtype=np.int32))
         # the decision tensors are held with the key, so their ids stay unique while cached
         _LAST = (key, (sparse, sink, window), [col for _, col in known]) if not route_rows \
             else None

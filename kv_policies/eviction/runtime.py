@@ -64,6 +64,9 @@ class KVPolicyRuntime:
         # what the request fixed, and the step metadata asks for it every step.
         self._plans: dict[str, tuple[int, int, dict, PolicyOptions | None,
                                      EvictionPlan | None]] = {}
+        # Changes whenever a cached plan is added, replaced or dropped: a step's metadata built
+        # at one version holds for the same rows at that version.
+        self.plan_version = 0
         # layer -> (batch key, its ops.Calibration, the summaries it was built from)
         self._calib_cache: dict[int, tuple] = {}
 
@@ -79,13 +82,21 @@ class KVPolicyRuntime:
         """The request's validated options (``plan.checked_options``), computed once."""
         return self._cached(req_id, kv_policy, prompt_len, block_size)[3]
 
+    def planned(self, req_id: str, kv_policy: dict, prompt_len: int,
+                block_size: int) -> tuple[EvictionPlan | None, PolicyOptions | None]:
+        """``(plan_for(...), options_for(...))`` in one look-up."""
+        cached = self._cached(req_id, kv_policy, prompt_len, block_size)
+        return cached[4], cached[3]
+
     def _cached(self, req_id: str, kv_policy: dict, prompt_len: int, block_size: int):
         cached = self._plans.get(req_id)
-        if cached is None or cached[:3] != (prompt_len, block_size, kv_policy):
+        if cached is None or cached[0] != prompt_len or cached[1] != block_size \
+                or cached[2] != kv_policy:
             opts = checked_options(kv_policy)
             cached = (prompt_len, block_size, kv_policy, opts,
                       plan_for_options(opts, prompt_len, block_size))
             self._plans[req_id] = cached
+            self.plan_version += 1
         return cached
 
     def compress_layer(self, req_id: str, layer_idx: int, plan: EvictionPlan,
@@ -197,7 +208,8 @@ class KVPolicyRuntime:
 
     def release(self, req_id: str) -> None:
         """Drop a finished, aborted or preempted request's state (a no-op if it has none)."""
-        self._plans.pop(req_id, None)
+        if self._plans.pop(req_id, None) is not None:
+            self.plan_version += 1
         if req_id in self._states:
             self._calib_cache.clear()
         if self._states.pop(req_id, None) is not None:
