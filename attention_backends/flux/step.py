@@ -43,9 +43,17 @@ class RoutingStep:
     num_layers: int
     prompt_done: list[bool] = field(default_factory=list)  # prompt completes in this step
     _device_windows: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _any_sparse: list[bool] | None = field(default=None, repr=False)
+    _device_layers: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None,
+                                                                           repr=False)
 
     def any_sparse(self, layer: int) -> bool:
-        return bool(self.sparse[layer].any())
+        if self.route_rows:  # decisions still to come during the forward
+            return bool(self.sparse[layer].any())
+        # every decision is known: one reduction for the step (and the steps sharing it)
+        if self._any_sparse is None:
+            self._any_sparse = self.sparse.any(1).tolist()
+        return self._any_sparse[layer]
 
     def layer_window(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sink, window)`` int32 on ``device`` for this layer: window 0 (= full) on FA rows."""
@@ -56,7 +64,10 @@ class RoutingStep:
                 self._device_windows = tuple(
                     to_device(torch.where(self.sparse, t[None], torch.zeros_like(t)[None]),
                               device) for t in (self.sink, self.window))
-            return self._device_windows[0][layer], self._device_windows[1][layer]
+                # each layer's views at once, rather than two new views per layer and step
+                self._device_layers = list(zip(self._device_windows[0].unbind(0),
+                                               self._device_windows[1].unbind(0), strict=True))
+            return self._device_layers[layer]
         # Rows routed in this step get their decision layer by layer during the forward.
         w = torch.where(self.sparse[layer], self.window, torch.zeros_like(self.window))
         s = torch.where(self.sparse[layer], self.sink, torch.zeros_like(self.sink))

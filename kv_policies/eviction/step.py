@@ -46,7 +46,8 @@ class EvictionStep:
 
     @property
     def has_plans(self) -> bool:
-        return any(p is not None for p in self.plans)
+        # kept_end is set exactly when a row has a plan (build_eviction_step); asked per layer
+        return self.kept_end is not None or any(p is not None for p in self.plans)
 
     @property
     def active(self) -> bool:

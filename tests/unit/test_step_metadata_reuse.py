@@ -83,6 +83,11 @@ def assert_same(a, b) -> None:
     assert ra.sink.dtype == rb.sink.dtype == torch.int32
     assert [vars(r) for r in ra.route_rows] == [vars(r) for r in rb.route_rows]
     assert ra.prompt_done == rb.prompt_done
+    for layer in range(LAYERS):  # what the attention reads per layer (kept on shared steps)
+        assert ra.any_sparse(layer) == rb.any_sparse(layer) == bool(ra.sparse[layer].any())
+        for x, y in zip(ra.layer_window(layer, torch.device("cpu")),
+                        rb.layer_window(layer, torch.device("cpu")), strict=True):
+            assert torch.equal(x, y)
     ea, eb = a.eviction, b.eviction
     assert ea.plans == eb.plans and ea.policies == eb.policies
     assert (ea.kept_end is None) == (eb.kept_end is None)
