@@ -65,6 +65,9 @@ class FluxRegistry:
         # Requests created since the last ``take_routing_reports`` that run some layer sparse
         # (or may: ``auto``), with the model's layer count: their routing is reported once.
         self._unreported: dict[str, int] = {}
+        # Changes whenever a request's state is created, released or gets a routing decision:
+        # a step's metadata built at one version holds for the same rows at that version.
+        self.version = 0
 
     # -- routers --------------------------------------------------------------------------
     def set_routers(self, routers: dict[int, FluxRouter], spec: RouterSpec) -> None:
@@ -113,6 +116,7 @@ class FluxRegistry:
             sparse = None
         st = FluxRequestState(req_id, mode, int(sink), int(window), prompt_len, sparse)
         self.states[req_id] = st
+        self.version += 1
         if mode != "full":
             self._unreported[req_id] = num_layers
         return st
@@ -146,11 +150,13 @@ class FluxRegistry:
             st.sparse = torch.zeros(num_layers, dtype=torch.bool)
         st.sparse[layer] = sparse
         st.routed_layers.add(layer)
+        self.version += 1
         if len(st.routed_layers) == num_layers:
             _trace(st)
 
     def release(self, req_id: str) -> FluxRequestState | None:
         self._unreported.pop(req_id, None)
+        self.version += 1
         return self.states.pop(req_id, None)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from attention_backends.flux.request_state import BatchRow, FluxRegistry
@@ -42,9 +43,17 @@ class RoutingStep:
     num_layers: int
     prompt_done: list[bool] = field(default_factory=list)  # prompt completes in this step
     _device_windows: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _any_sparse: list[bool] | None = field(default=None, repr=False)
+    _device_layers: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None,
+                                                                           repr=False)
 
     def any_sparse(self, layer: int) -> bool:
-        return bool(self.sparse[layer].any())
+        if self.route_rows:  # decisions still to come during the forward
+            return bool(self.sparse[layer].any())
+        # every decision is known: one reduction for the step (and the steps sharing it)
+        if self._any_sparse is None:
+            self._any_sparse = self.sparse.any(1).tolist()
+        return self._any_sparse[layer]
 
     def layer_window(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sink, window)`` int32 on ``device`` for this layer: window 0 (= full) on FA rows."""
@@ -55,7 +64,10 @@ class RoutingStep:
                 self._device_windows = tuple(
                     to_device(torch.where(self.sparse, t[None], torch.zeros_like(t)[None]),
                               device) for t in (self.sink, self.window))
-            return self._device_windows[0][layer], self._device_windows[1][layer]
+                # each layer's views at once, rather than two new views per layer and step
+                self._device_layers = list(zip(self._device_windows[0].unbind(0),
+                                               self._device_windows[1].unbind(0), strict=True))
+            return self._device_layers[layer]
         # Rows routed in this step get their decision layer by layer during the forward.
         w = torch.where(self.sparse[layer], self.window, torch.zeros_like(self.window))
         s = torch.where(self.sparse[layer], self.sink, torch.zeros_like(self.sink))
@@ -82,7 +94,11 @@ def build_routing_step(num_rows: int, query_start_loc: Sequence[int],
     time it is seen (from ``extra_args["flux"]``) and marks the requests whose prompt completes.
 
     ``none_when_full``: return None, after that bookkeeping, when every row runs full attention
-    at every layer (no sparse decision, no request to route): the step needs no routing."""
+    at every layer (no sparse decision, no request to route): the step needs no routing.
+
+    Given the registry (``registry.version``), a row's part depends on its tokens only through
+    whether its request is still to be routed and whether its prompt completes in the step
+    (``vllm_glue.metadata`` reuses a step on that basis)."""
     qsl = query_start_loc
     req_ids: list[str | None] = []
     # Python lists, turned into tensors once at the end: per-element tensor writes cost
@@ -92,13 +108,16 @@ def build_routing_step(num_rows: int, query_start_loc: Sequence[int],
     known: list[tuple[int, torch.Tensor]] = []  # rows whose per-layer decisions are fixed
     route_rows: list[RouteRow] = []
     prompt_done: list[bool] = []
+    states = registry.states
     for i in range(num_rows):
         r = rows[i] if i < len(rows) else None
         if r is None:
             req_ids.append(None)
             prompt_done.append(False)
             continue
-        st = registry.resolve(r.req_id, r.extra_args, r.prompt_len, num_layers)
+        st = states.get(r.req_id)
+        if st is None:
+            st = registry.resolve(r.req_id, r.extra_args, r.prompt_len, num_layers)
         req_ids.append(r.req_id)
         q_len = qsl[i + 1] - qsl[i]
         done = r.num_computed < r.prompt_len <= r.num_computed + q_len
@@ -121,11 +140,16 @@ def build_routing_step(num_rows: int, query_start_loc: Sequence[int],
     if not route_rows and _LAST is not None and _LAST[0] == key:
         sparse, sink, window = _LAST[1]
     else:
-        sparse = torch.zeros(num_layers, num_rows, dtype=torch.bool)
-        if known:
-            sparse[:, [i for i, _ in known]] = torch.stack([col for _, col in known], 1)
-        sink = torch.tensor(sink_l, dtype=torch.int32)
-        window = torch.tensor(window_l, dtype=torch.int32)
+        # one stack of the columns, then a transposed copy: a few microseconds, where an
+        # indexed assignment into a zero tensor costs twice that
+        cols = [torch.zeros(num_layers, dtype=torch.bool)] * num_rows
+        for i, col in known:
+            cols[i] = col
+        sparse = (torch.stack(cols).T.contiguous() if num_rows
+                  else torch.zeros(num_layers, 0, dtype=torch.bool))
+        # through numpy: torch.tensor(list) costs three times as much
+        sink = torch.from_numpy(np.array(sink_l, dtype=np.int32))
+        window = torch.from_numpy(np.array(window_l, dtype=np.int32))
         # the decision tensors are held with the key, so their ids stay unique while cached
         _LAST = (key, (sparse, sink, window), [col for _, col in known]) if not route_rows \
             else None

@@ -63,6 +63,27 @@ def token_index(query_start_loc: Sequence[int], rows: Sequence[int]) -> torch.Te
     return torch.cat(spans) if spans else torch.zeros(0, dtype=torch.int64)
 
 
+def _head(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t[:n]``, without a new view when ``t`` has ``n`` rows (a view is a microsecond, and
+    each layer takes several)."""
+    return t if t.shape[0] == n else t[:n]
+
+
+# (the step's req_ids list, n, its first n ids with "" for padding): the same for every layer
+# of a step and for the decode steps sharing its RoutingStep
+_LIVE_IDS: tuple[list, int, tuple[str, ...]] | None = None
+
+
+def _live_ids(req_ids: list[str | None], n: int) -> tuple[str, ...]:
+    global _LIVE_IDS
+    kept = _LIVE_IDS
+    if kept is not None and kept[0] is req_ids and kept[1] == n:
+        return kept[2]
+    live = tuple(req_ids[r] or "" for r in range(n))
+    _LIVE_IDS = (req_ids, n, live)  # holds the list, so its id stays unique while kept
+    return live
+
+
 def attend(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale: float,
            output: torch.Tensor, rows: Sequence[int] | None = None,
            kv_layout: KVLayout | None = None, key: torch.Tensor | None = None,
@@ -84,23 +105,23 @@ def attend(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale: float,
     seq_lens, block_table = md.seq_lens, md.block_table
     n = seq_lens.shape[0]
     dev = query.device
-    q = query[:md.num_actual_tokens]
-    out = output[:md.num_actual_tokens]
-    qsl = md.query_start_loc[:n + 1]
+    q = _head(query, md.num_actual_tokens)
+    out = _head(output, md.num_actual_tokens)
+    qsl = _head(md.query_start_loc, n + 1)
     qsl_host = step.query_start_loc[:n + 1] if step is not None else None
     sink = window = kept_end = gap_end = calib = host_sink = host_window = None
     li = layer_index(layer)
     rt = None
-    live_ids: list[str] = []
+    live_ids: Sequence[str] = ()
     if step is not None:
         routing, eviction = step.routing, step.eviction
         if routing.any_sparse(li):
             sink, window = routing.layer_window(li, dev)
-            sink, window = sink[:n], window[:n]
+            sink, window = _head(sink, n), _head(window, n)
             if q.is_cuda and md.max_query_len > 1:  # a prefill: host copies for its dispatch
                 host_sink, host_window = (x[:n] for x in routing.layer_window_host(li))
         if eviction.kept_end is not None:
-            kept_end, gap_end = (t[:n] for t in eviction.bounds(dev))
+            kept_end, gap_end = (_head(t, n) for t in eviction.bounds(dev))
     tokens = None
     if rows is not None and len(rows) != n:
         # a sub-batch: its rows' tokens, lengths, blocks and per-row masks
@@ -118,12 +139,13 @@ def attend(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale: float,
     if step is not None and step.eviction.has_plans:
         rt = get_runtime()
         ids = step.routing.req_ids
-        live_ids = [ids[r] or "" for r in (rows if tokens is not None else range(n))]
+        live_ids = ([ids[r] or "" for r in rows] if tokens is not None
+                    else _live_ids(ids, n))
         if kept_end is not None:
             calib = rt.calibration_for(li, live_ids, dev)
     max_kv = step.max_kv_tokens[li] if step is not None and step.max_kv_tokens else None
     res, hits = ops.paged_attention(
-        q, kv_cache, block_table[:n], seq_lens, qsl, scale,
+        q, kv_cache, _head(block_table, n), seq_lens, qsl, scale,
         sink=sink, window=window, kept_end=kept_end, gap_end=gap_end, calibration=calib,
         out=out if tokens is None else None, max_query_len=md.max_query_len,
         max_seq_len=md.max_seq_len, max_kv_tokens=max_kv, kv_layout=kv_layout,

@@ -14,6 +14,7 @@ enough.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,9 @@ from kv_policies.eviction.step import EvictionStep, build_eviction_step
 
 @dataclass
 class StepMetadata:
+    # Both parts may be shared by consecutive steps of one batch (``build_step_metadata``):
+    # read-only, apart from ``RoutingStep.set_decisions`` on a step that routes rows (never
+    # shared).
     routing: RoutingStep
     eviction: EvictionStep
     # per layer, an upper bound on the keys any row sees (host ints): sizes the split-KV grid
@@ -47,38 +51,148 @@ def build_step_metadata(num_rows: int, query_start_loc_cpu: torch.Tensor,
 
     ``none_when_dense``: None when every row runs full attention at every layer and none reads
     or writes compressed KV in this step (the requests are still registered, for their
-    metrics)."""
+    metrics).
+
+    A step over the same requests as the step before, in the same order, reuses that step's
+    routing and eviction parts (and their device copies) when it would build equal ones
+    (``_StepReuse``): a run of decode steps of one batch builds them once."""
+    global _REUSE
+    runtime = runtime if runtime is not None else get_runtime()
     qsl = query_start_loc_cpu.tolist()
+    qsl_np = query_start_loc_cpu.numpy()
+    q_len = qsl_np[1:num_rows + 1] - qsl_np[:num_rows]
+    # the rows' request keys and computed tokens, or None with a padding row
+    head = rows[:num_rows]
+    row_keys: list[tuple] | None = None
+    computed: np.ndarray | None = None
+    if num_rows and len(head) == num_rows:
+        try:
+            row_keys = list(map(_ROW_KEY, head))
+            computed = np.fromiter(map(_COMPUTED, head), dtype=np.int64, count=num_rows)
+        except AttributeError:  # None: a padding row
+            row_keys = None
+    reuse = _REUSE
+    if row_keys is not None and reuse is not None and reuse.holds_for(
+            registry, runtime, (num_layers, block_size, none_when_dense), row_keys, computed,
+            q_len):
+        if reuse.parts is None:
+            return None
+        return StepMetadata(*reuse.parts, reuse.bounds.max_kv_tokens(computed + q_len, q_len),
+                            qsl)
+
     routing = build_routing_step(num_rows, qsl, rows, registry, num_layers,
                                  none_when_full=none_when_dense)
-    eviction = build_eviction_step(num_rows, qsl, rows, block_size,
-                                   runtime if runtime is not None else get_runtime())
-    if routing is None:
-        if not eviction.active:  # e.g. a planned request's prompt chunks before its last
-            return None
+    eviction = build_eviction_step(num_rows, qsl, rows, block_size, runtime)
+    step = bounds = None
+    if routing is None and eviction.active:  # a compressed row, nothing sparse
         routing = build_routing_step(num_rows, qsl, rows, registry, num_layers)
-    return StepMetadata(routing, eviction, _max_kv_tokens(rows, qsl, num_rows, routing, eviction),
-                        qsl)
+    if routing is not None:  # else: dense (e.g. a planned request's prompt before its last chunk)
+        if computed is None:
+            computed = np.fromiter((rows[i].num_computed if i < len(rows) and rows[i] is not None
+                                    else -1 for i in range(num_rows)),
+                                   dtype=np.int64, count=num_rows)
+            seq = np.where(computed >= 0, computed + q_len, 0)  # padding rows see nothing
+        else:
+            seq = computed + q_len
+        bounds = _KVBounds(routing, eviction)
+        step = StepMetadata(routing, eviction, bounds.max_kv_tokens(seq, q_len), qsl)
+    _REUSE = None
+    if row_keys is not None:
+        _REUSE = _StepReuse.after(step, bounds, registry, runtime,
+                                  (num_layers, block_size, none_when_dense), row_keys, computed,
+                                  q_len)
+    return step
 
 
-def _max_kv_tokens(rows: Sequence[BatchRow | None], qsl: list[int], num_rows: int,
-                   routing: RoutingStep, eviction: EvictionStep) -> list[int]:
-    """Per layer, the most keys any row can see: seq_len, or sink + window + q_len on sparse
-    rows, or kept + tail on compressed rows. Rows still to be routed count as full, so the bound
-    holds whatever the routers decide."""
-    # numpy on these few-element arrays: a microsecond an operation, torch's are ten
-    q_len = np.diff(np.asarray(qsl[:num_rows + 1], dtype=np.int64))
-    seq = np.fromiter((rows[i].num_computed if i < len(rows) and rows[i] is not None else -1
-                       for i in range(num_rows)), dtype=np.int64, count=num_rows)
-    seq = np.where(seq >= 0, seq + q_len, 0)
-    full = seq
-    if eviction.kept_end is not None:
-        kept_end, gap_end = eviction.kept_end.numpy(), eviction.gap_end.numpy()
-        full = np.where(kept_end > 0, np.minimum(seq, kept_end + seq - gap_end), seq)
-    sa = np.minimum(full, routing.sink.numpy() + routing.window.numpy().astype(np.int64) + q_len)
-    if not num_rows:
-        return [0] * routing.sparse.shape[0]
-    return np.where(routing.sparse.numpy(), sa[None], full[None]).max(1).tolist()
+class _KVBounds:
+    """What ``max_kv_tokens`` needs from a step's routing and eviction parts, as numpy."""
+
+    def __init__(self, routing: RoutingStep, eviction: EvictionStep) -> None:
+        self.sparse = routing.sparse.numpy()  # [L, R] bool
+        self.sink_window = routing.sink.numpy().astype(np.int64) + routing.window.numpy()
+        # keys a compressed row does not see: its gap [kept_end, gap_end)
+        self.gap = None
+        if eviction.kept_end is not None:
+            kept_end, gap_end = eviction.kept_end.numpy(), eviction.gap_end.numpy()
+            self.gap = np.where(kept_end > 0, np.maximum(gap_end - kept_end, 0),
+                                0).astype(np.int64)
+
+    def max_kv_tokens(self, seq: np.ndarray, q_len: np.ndarray) -> list[int]:
+        """Per layer, the most keys any row can see, from each row's ``seq`` (its sequence
+        length after this step; 0 on padding) and ``q_len`` ([R] int64 each): ``seq``, or at
+        most ``sink + window + q_len`` on sparse rows, less the gap on compressed rows. Rows
+        still to be routed count as full, so the bound holds whatever the routers decide.
+        Returns ``L`` host ints."""
+        # numpy on these few-element arrays: a microsecond an operation, torch's are ten
+        if not seq.shape[0]:
+            return [0] * self.sparse.shape[0]
+        # q_len may be int32 (the host query_start_loc's dtype): the sums below are int64
+        full = seq - self.gap if self.gap is not None else seq
+        sa = np.minimum(full, self.sink_window + q_len)
+        return np.maximum.reduce(np.where(self.sparse, sa, full), axis=1).tolist()
+
+
+_ROW_KEY = operator.attrgetter("req_id", "prompt_len", "extra_args")
+_COMPUTED = operator.attrgetter("num_computed")
+
+
+class _StepReuse:
+    """A step's routing and eviction parts, kept for the next steps of the same batch.
+
+    ``build_routing_step`` and ``build_eviction_step`` depend on a row's tokens only through
+    whether its prompt is done before the step and whether it completes in the step, given the
+    registry and the runtime's plans (their docstrings; ``registry.version`` and
+    ``runtime.plan_version`` say when those change). So a step whose rows are the same requests
+    in the same order (equal request ids, prompt lengths and ``extra_args``), each with its
+    prompt done or not as before, builds parts equal to the kept ones when neither step
+    completes a prompt or has a row still to be routed. Only ``max_kv_tokens`` and
+    ``query_start_loc`` are then the step's own."""
+
+    def __init__(self, parts: tuple[RoutingStep, EvictionStep] | None,
+                 bounds: _KVBounds | None, registry: FluxRegistry, runtime: KVPolicyRuntime,
+                 key: tuple, row_keys: list[tuple], prompt_len: np.ndarray,
+                 prefilling: np.ndarray) -> None:
+        self.parts, self.bounds, self.key, self.row_keys = parts, bounds, key, row_keys
+        # held, not just compared by id: a new registry could take a dropped one's id
+        self.registry, self.runtime = registry, runtime
+        self.prompt_len = prompt_len
+        self.prefilling = prefilling.tobytes()
+        self.any_prefilling = bool(np.count_nonzero(prefilling))
+
+    @classmethod
+    def after(cls, step: StepMetadata | None, bounds: _KVBounds | None,
+              registry: FluxRegistry, runtime: KVPolicyRuntime, config: tuple,
+              row_keys: list[tuple], computed: np.ndarray,
+              q_len: np.ndarray) -> _StepReuse | None:
+        """What the steps after ``step`` (just built from the rows ``row_keys`` / ``computed``,
+        no padding) may reuse, or None when they may not reuse it."""
+        states = registry.states
+        if any(states[k[0]].sparse is None for k in row_keys):  # a row still to be routed
+            return None
+        prompt_len = np.fromiter((k[1] for k in row_keys), dtype=np.int64,
+                                 count=len(row_keys))
+        prefilling = computed < prompt_len
+        if np.count_nonzero(prefilling & (computed + q_len >= prompt_len)):  # a prompt completes
+            return None
+        key = (registry.version, runtime.plan_version, *config)
+        return cls((step.routing, step.eviction) if step is not None else None, bounds,
+                   registry, runtime, key, row_keys, prompt_len, prefilling)
+
+    def holds_for(self, registry: FluxRegistry, runtime: KVPolicyRuntime, config: tuple,
+                  row_keys: list[tuple], computed: np.ndarray, q_len: np.ndarray) -> bool:
+        """Whether the step of these rows (no padding) builds parts equal to the kept ones."""
+        if registry is not self.registry or runtime is not self.runtime \
+                or self.key != (registry.version, runtime.plan_version, *config) \
+                or row_keys != self.row_keys:
+            return False
+        prefilling = computed < self.prompt_len
+        if not self.any_prefilling:
+            return not np.count_nonzero(prefilling)
+        return prefilling.tobytes() == self.prefilling and not np.count_nonzero(
+            prefilling & (computed + q_len >= self.prompt_len))  # no prompt completes
+
+
+_REUSE: _StepReuse | None = None
 
 
 _BATCH: list[BatchRow | None] | None = None

@@ -28,6 +28,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from attention_backends.kernels import ops
@@ -41,6 +42,9 @@ from kv_policies.eviction.registry import get_policy
 # Flush the on-device hit counters to Prometheus every this many record_hits calls, so decode
 # steps do not synchronise with the device once per layer just to count.
 _FLUSH_EVERY = 512
+# Sum the hit tensors of this many record_hits calls in one reduction (a layer's call on the
+# GPU would otherwise cost two small kernel launches: a sum and an add).
+_REDUCE_EVERY = 32
 
 
 @dataclass
@@ -59,13 +63,21 @@ class KVPolicyRuntime:
         self._states: dict[str, RequestKVState] = {}
         self._checks = 0
         self._hits: Tensor | None = None
+        self._pending_hits: list[Tensor] = []  # not yet summed into _hits
         self._hit_calls = 0
         # req_id -> (prompt_len, block_size, kv_policy, options, plan): a plan depends only on
         # what the request fixed, and the step metadata asks for it every step.
         self._plans: dict[str, tuple[int, int, dict, PolicyOptions | None,
                                      EvictionPlan | None]] = {}
-        # layer -> (batch key, its ops.Calibration, the summaries it was built from)
+        # Changes whenever a cached plan is added, replaced or dropped: a step's metadata built
+        # at one version holds for the same rows at that version.
+        self.plan_version = 0
+        # layer -> ((device, request ids, layer version), its ops.Calibration, the batch rows
+        # that have a summary): what calibration_for and record_hits need for a batch
         self._calib_cache: dict[int, tuple] = {}
+        # layer -> changes whenever compress_layer writes a summary of that layer (release
+        # clears the cache instead): a kept calibration holds while its version is unchanged
+        self._layer_versions: dict[int, int] = {}
 
     # ------------------------------------------------------------------ eviction
 
@@ -79,13 +91,21 @@ class KVPolicyRuntime:
         """The request's validated options (``plan.checked_options``), computed once."""
         return self._cached(req_id, kv_policy, prompt_len, block_size)[3]
 
+    def planned(self, req_id: str, kv_policy: dict, prompt_len: int,
+                block_size: int) -> tuple[EvictionPlan | None, PolicyOptions | None]:
+        """``(plan_for(...), options_for(...))`` in one look-up."""
+        cached = self._cached(req_id, kv_policy, prompt_len, block_size)
+        return cached[4], cached[3]
+
     def _cached(self, req_id: str, kv_policy: dict, prompt_len: int, block_size: int):
         cached = self._plans.get(req_id)
-        if cached is None or cached[:3] != (prompt_len, block_size, kv_policy):
+        if cached is None or cached[0] != prompt_len or cached[1] != block_size \
+                or cached[2] != kv_policy:
             opts = checked_options(kv_policy)
             cached = (prompt_len, block_size, kv_policy, opts,
                       plan_for_options(opts, prompt_len, block_size))
             self._plans[req_id] = cached
+            self.plan_version += 1
         return cached
 
     def compress_layer(self, req_id: str, layer_idx: int, plan: EvictionPlan,
@@ -128,6 +148,8 @@ class KVPolicyRuntime:
             self._states[req_id] = state
         # Must run before compaction overwrites the slots it reads.
         summary = impl.summarize_evicted(inputs, kept, q_chunk[q_end - 1])
+        # the request's state or summary of this layer changes: rebuild its calibration
+        self._layer_versions[layer_idx] = self._layer_versions.get(layer_idx, 0) + 1
         if summary is not None:
             state.layers[layer_idx] = summary
         ops.compact_kv(kv_cache, block_row, kept, kv_layout)
@@ -143,17 +165,17 @@ class KVPolicyRuntime:
         """Batched ``ops.Calibration`` for the requests of a batch, in batch order, or None
         (``calidrop.batched_calibration``).
 
-        Kept per layer while the batch's rows carry the same summaries (a run of decode steps
-        of the same requests): the layer's tensors are built once for the run, not once per
-        layer and step."""
-        rows = [self._layer_state(r, layer_idx) for r in req_ids]
-        key = (str(device), tuple(id(c) for c in rows))
+        Kept per layer while the batch's requests and their summaries of the layer are the
+        same (a run of decode steps of the same requests): the layer's tensors are built once
+        for the run, not once per layer and step, and a step looks no request up."""
+        key = (str(device), tuple(req_ids), self._layer_versions.get(layer_idx, 0))
         cached = self._calib_cache.get(layer_idx)
         if cached is not None and cached[0] == key:
             return cached[1]
+        rows = [self._layer_state(r, layer_idx) for r in req_ids]
         calib = batched_calibration(rows, device)
-        # the cached batch holds the summaries it was built from, so their ids stay unique
-        self._calib_cache[layer_idx] = (key, calib, rows)
+        self._calib_cache[layer_idx] = (key, calib, [i for i, c in enumerate(rows)
+                                                     if c is not None])
         return calib
 
     def record_hits(self, layer_idx: int, req_ids: Sequence[str], hits: Tensor | None,
@@ -162,29 +184,47 @@ class KVPolicyRuntime:
 
         ``hits [T, Hq]`` bool as returned by ``ops.paged_attention``; ``query_start_loc``
         (``[S+1]``, host-side preferred) maps tokens to requests (default: one token each).
-        Only calibrated requests' tokens count as checks.
+        Only calibrated requests' tokens count as checks. ``hits`` is read later (summed with
+        other calls' on the device, without a host sync): the caller must not write it again.
         """
         if hits is None:
             return
-        hq = int(hits.shape[1])
+        # the batch rows with a summary of this layer: kept by calibration_for for this batch
+        cached = self._calib_cache.get(layer_idx)
+        if cached is not None and cached[0][1:] == (tuple(req_ids),
+                                                    self._layer_versions.get(layer_idx, 0)):
+            calibrated = cached[2]
+        else:
+            calibrated = [i for i, r in enumerate(req_ids)
+                          if self._layer_state(r, layer_idx) is not None]
         if query_start_loc is None:
-            counts = [1] * len(req_ids)
+            tokens = len(calibrated)
         else:
             qsl = (query_start_loc.tolist() if isinstance(query_start_loc, Tensor)
-                   else list(query_start_loc))
-            counts = [int(qsl[i + 1]) - int(qsl[i]) for i in range(len(req_ids))]
-        self._checks += hq * sum(
-            c for r, c in zip(req_ids, counts, strict=True)
-            if self._layer_state(r, layer_idx) is not None)
-        total = hits.sum()
-        self._hits = total if self._hits is None else self._hits + total
+                   else query_start_loc)
+            tokens = sum(int(qsl[i + 1]) - int(qsl[i]) for i in calibrated)
+        hq = int(hits.shape[1])
+        self._checks += hq * tokens
+        if self._pending_hits and self._pending_hits[0].shape[1] != hq:
+            self._reduce_hits()  # one concatenation takes one width
+        self._pending_hits.append(hits)
+        if len(self._pending_hits) >= _REDUCE_EVERY:
+            self._reduce_hits()
         self._hit_calls += 1
         if self._hit_calls >= _FLUSH_EVERY:
             self.flush_metrics()
 
+    def _reduce_hits(self) -> None:
+        pending, self._pending_hits = self._pending_hits, []
+        if not pending:
+            return
+        total = torch.cat(pending).sum()
+        self._hits = total if self._hits is None else self._hits + total
+
     def flush_metrics(self) -> None:
         from kv_policies.eviction import metrics
 
+        self._reduce_hits()
         if self._checks:
             metrics.CALIBRATION_CHECKS.inc(self._checks)
         if self._hits is not None:
@@ -197,7 +237,8 @@ class KVPolicyRuntime:
 
     def release(self, req_id: str) -> None:
         """Drop a finished, aborted or preempted request's state (a no-op if it has none)."""
-        self._plans.pop(req_id, None)
+        if self._plans.pop(req_id, None) is not None:
+            self.plan_version += 1
         if req_id in self._states:
             self._calib_cache.clear()
         if self._states.pop(req_id, None) is not None:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from attention_backends.kernels.host import to_device
@@ -45,7 +46,8 @@ class EvictionStep:
 
     @property
     def has_plans(self) -> bool:
-        return any(p is not None for p in self.plans)
+        # kept_end is set exactly when a row has a plan (build_eviction_step); asked per layer
+        return self.kept_end is not None or any(p is not None for p in self.plans)
 
     @property
     def active(self) -> bool:
@@ -66,7 +68,11 @@ def build_eviction_step(num_rows: int, query_start_loc: Sequence[int],
                         rows: Sequence[StepRow | None], block_size: int | None,
                         runtime: KVPolicyRuntime) -> EvictionStep:
     """The step's eviction metadata. ``query_start_loc [num_rows + 1]`` host ints; ``rows`` in
-    batch order (None or missing: padding); ``block_size`` None: no eviction."""
+    batch order (None or missing: padding); ``block_size`` None: no eviction.
+
+    Given the runtime's plans (``runtime.plan_version``), a row's part depends on its tokens only
+    through whether its prompt is done before the step (``num_computed >= prompt_len``) and
+    whether it completes in the step (``vllm_glue.metadata`` reuses a step on that basis)."""
     qsl = query_start_loc
     plans: list[EvictionPlan | None] = [None] * num_rows
     policies: list[PolicyOptions | None] = [None] * num_rows
@@ -75,20 +81,22 @@ def build_eviction_step(num_rows: int, query_start_loc: Sequence[int],
     compress_rows: list[tuple[int, int, int, int]] = []
     for i in range(min(num_rows, len(rows)) if block_size else 0):
         r = rows[i]
-        policy = (r.extra_args or {}).get(EXTRA_ARGS_KEY) if r is not None else None
+        if r is None or not r.extra_args:
+            continue
+        policy = r.extra_args.get(EXTRA_ARGS_KEY)
         if not policy:
             continue
-        plan = runtime.plan_for(r.req_id, policy, r.prompt_len, block_size)
+        plan, options = runtime.planned(r.req_id, policy, r.prompt_len, block_size)
         if plan is None:
             continue
-        plans[i] = plan
-        policies[i] = runtime.options_for(r.req_id, policy, r.prompt_len, block_size)
+        plans[i], policies[i] = plan, options
         if r.num_computed >= r.prompt_len:
             kept_l[i], gap_l[i] = plan.kept_end, plan.gap_end
         elif r.prompt_len <= r.num_computed + qsl[i + 1] - qsl[i]:  # the prompt completes now
             compress_rows.append((i, qsl[i], qsl[i + 1], r.prompt_len - r.num_computed))
     if not any(p is not None for p in plans):
         return EvictionStep(plans, policies)
-    return EvictionStep(plans, policies, torch.tensor(kept_l, dtype=torch.int32),
-                        torch.tensor(gap_l, dtype=torch.int32), compress_rows,
+    # through numpy: torch.tensor(list) costs three times as much
+    return EvictionStep(plans, policies, torch.from_numpy(np.array(kept_l, dtype=np.int32)),
+                        torch.from_numpy(np.array(gap_l, dtype=np.int32)), compress_rows,
                         any_compressed=any(kept_l))

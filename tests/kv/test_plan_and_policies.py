@@ -307,3 +307,60 @@ def test_calibration_kept_while_the_batch_is_unchanged():
     rt.release("b")
     after = rt.calibration_for(0, ["b", "plain", "a"], "cpu")
     assert after is not swapped and after.enabled.tolist() == [False, False, True]
+
+
+def test_record_hits_counts_every_hit_across_deferred_sums():
+    """record_hits sums the hit tensors of many calls at once (one reduction, no host sync):
+    the counters still get every check and every hit, whatever the tokens per call, a change
+    of width, or a flush in the middle."""
+    from prometheus_client import REGISTRY
+
+    def counted(name: str) -> float:
+        return REGISTRY.get_sample_value(f"fluxserve:{name}_total") or 0.0
+
+    rt = KVPolicyRuntime()
+    pol = {"name": "calidrop", "budget": 8, "window": 2, "tau": 0.7}
+    kv, row = _paged(20)
+    rt.compress_layer("a", 0, eviction_plan(pol, 20, BS), pol, torch.randn(4, HQ, D), kv, row,
+                      0.25)
+    checks0, hits0 = counted("calibration_checks"), counted("calibration_hits")
+    gen = torch.Generator().manual_seed(0)
+    want_hits = want_checks = 0
+    for call in range(100):
+        t = 1 + call % 3  # tokens of "a" in the call; "plain" has one
+        width = HQ if call < 70 else 2 * HQ
+        hits = torch.rand(t + 1, width, generator=gen) < 0.4
+        rt.record_hits(0, ["a", "plain"], hits, [0, t, t + 1])
+        want_hits += int(hits.sum())
+        want_checks += width * t  # only "a" is calibrated at layer 0
+        if call == 50:
+            rt.flush_metrics()
+    rt.flush_metrics()
+    assert counted("calibration_checks") - checks0 == want_checks
+    assert counted("calibration_hits") - hits0 == want_hits
+
+
+def test_calibration_rebuilt_when_a_request_of_the_batch_is_compressed():
+    """The kept calibration of a batch is keyed on its requests and on the layer's summaries:
+    a request of the same batch compressed at that layer (its prompt completing in this step)
+    shows up at once, in the calibration and in the checks counted; other layers keep theirs."""
+    rt = KVPolicyRuntime()
+    pol = {"name": "calidrop", "budget": 8, "window": 2, "tau": 0.7}
+    for layer in (0, 1):
+        kv, row = _paged(20)
+        rt.compress_layer("a", layer, eviction_plan(pol, 20, BS), pol, torch.randn(4, HQ, D),
+                          kv, row, 0.25)
+    before = rt.calibration_for(0, ["a", "b"], "cpu")
+    other = rt.calibration_for(1, ["a", "b"], "cpu")
+    assert before.enabled.tolist() == [True, False]
+    rt.record_hits(0, ["a", "b"], torch.zeros(2, HQ, dtype=torch.bool))
+    assert rt._checks == HQ
+    kv, row = _paged(20)
+    rt.compress_layer("b", 0, eviction_plan(pol, 20, BS), pol, torch.randn(4, HQ, D), kv, row,
+                      0.25)
+    after = rt.calibration_for(0, ["a", "b"], "cpu")
+    assert after is not before and after.enabled.tolist() == [True, True]
+    assert torch.equal(after.q_ref[1], rt.state_of("b").layers[0].q_ref)
+    rt.record_hits(0, ["a", "b"], torch.zeros(2, HQ, dtype=torch.bool))
+    assert rt._checks == HQ + 2 * HQ
+    assert rt.calibration_for(1, ["a", "b"], "cpu") is other
