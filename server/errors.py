@@ -72,8 +72,22 @@ async def http_exception_handler(request: Request, exc: StarletteHTTPException) 
 
 async def request_validation_handler(request: Request, exc: RequestValidationError
                                      ) -> JSONResponse:
-    return await validation_exception_handler(
-        request, RequestValidationError(api_errors(exc.errors()), body=exc.body))
+    errors = exc.errors()
+    located = api_errors([e for e in errors if isinstance(e, dict)])
+    # a plain-string error (raised by hand, not by pydantic) has no location to rewrite
+    return await validation_exception_handler(request, RequestValidationError(
+        [*located, *(e for e in errors if not isinstance(e, dict))], body=exc.body))
+
+
+async def require_json_body(request: Request) -> None:
+    """Route dependency: the body must be declared ``application/json`` (415 otherwise, as
+    the request was not sent as JSON at all; a JSON body that does not parse is a 400)."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise HTTPException(
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+            f"Unsupported Media Type {media_type or '(none)'!r}: send the body as JSON with "
+            "'Content-Type: application/json'.")
 
 
 async def engine_error_handler(request: Request, exc: EngineDeadError | EngineGenerateError
