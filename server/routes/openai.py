@@ -24,7 +24,7 @@ from server.auth import require_api_key
 from server.config import ServerSettings
 from server.engine import EngineState
 from server.errors import error_payload, error_response, require_json_body
-from server.metrics import DISCONNECTED, REJECTED, REQUESTS
+from server.metrics import DISCONNECTED, REQUESTS
 from server.reward.engine import reward_model_cards
 from server.schemas import ChatRequest, CompletionsRequest, integral_floats_to_ints
 from server.structured_outputs import check_structured_outputs
@@ -168,7 +168,6 @@ async def _generate(body: ChatRequest | CompletionsRequest, raw_request: Request
             # vLLM's "EngineCore encountered an issue. See stack trace (above)" names no cause
             return error_response(HTTPStatus.SERVICE_UNAVAILABLE, engine.dead_message(),
                                   err_type="EngineDeadError")
-        REJECTED.labels(endpoint, str(result.error.code)).inc()
         return JSONResponse(result.model_dump(), status_code=result.error.code)
     REQUESTS.labels(endpoint, body.flux.mode, body.kv_policy.name).inc()
     echo_only = isinstance(body, CompletionsRequest) and body.echo_only

@@ -7,14 +7,13 @@ from fastapi.responses import JSONResponse, Response
 from vllm.entrypoints.serve.engine.protocol import UsageInfo
 from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 
+from server.admission import CLIENT_CLOSED_REQUEST
 from server.auth import require_api_key
 from server.errors import require_json_body
 from server.metrics import DISCONNECTED
 from server.reward import scoring
 from server.reward.schemas import RewardRequest, RewardResponse
 from server.routes.openai import ERROR_RESPONSES, require_ready
-
-CLIENT_CLOSED_REQUEST = 499
 
 router = APIRouter(dependencies=[Depends(require_api_key), Depends(require_ready)])
 

@@ -209,3 +209,30 @@ def test_wrongly_typed_fields_are_400_naming_the_field(app, client, ready, path,
 def test_fields_vllm_read_unchecked_are_located(client, ready, path, field, value):
     resp = client.post(path, json={**BASE_BODIES[path], field: value}, headers=AUTH)
     assert _openai_error(resp, 400)["param"] == f"body.{field}"
+
+
+def test_every_error_answer_of_a_generation_route_is_counted(client, ready):
+    """`fluxserve:requests_rejected_total` counts what any layer refused, not only the engine's
+    refusals (validation errors, wrong media type, auth and body size used to be missing)."""
+    from server.metrics import REJECTED
+
+    def count(endpoint: str, status: int) -> float:
+        return REJECTED.labels(endpoint, str(status))._value.get()
+
+    cases = [  # (path, endpoint label, status, request)
+        ("/v1/completions", "completions", 400,
+         {"json": {"model": "m", "prompt": "a", "max_tokens": -1}, "headers": AUTH}),
+        ("/v1/chat/completions", "chat", 400,
+         {"json": {"model": "m", "messages": None}, "headers": AUTH}),
+        ("/v1/chat/completions", "chat", 415,
+         {"content": b"{}", "headers": {"Authorization": f"Bearer {KEY}"}}),
+        ("/v1/reward", "reward", 401, {"json": {"items": []}}),
+        ("/v1/reward", "reward", 400, {"json": {"items": []}, "headers": AUTH}),
+    ]
+    for path, endpoint, status, request in cases:
+        before = count(endpoint, status)
+        _openai_error(client.post(path, **request), status)
+        assert count(endpoint, status) == before + 1, (path, status)
+    before = count("chat", 404)
+    client.get("/v1/models", headers=AUTH)  # not a generation route
+    assert count("chat", 404) == before
