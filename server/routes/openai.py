@@ -23,7 +23,12 @@ from server.accounting import ResponseUsage, collect_usage
 from server.auth import require_api_key
 from server.config import ServerSettings
 from server.engine import EngineState
-from server.errors import error_payload, error_response, require_json_body
+from server.errors import (
+    UnicodeJSONRoute,
+    error_payload,
+    error_response,
+    require_json_body,
+)
 from server.metrics import DISCONNECTED, REQUESTS
 from server.reward.engine import reward_model_cards
 from server.schemas import ChatRequest, CompletionsRequest, integral_floats_to_ints
@@ -40,7 +45,8 @@ async def require_ready(request: Request) -> None:
                             headers={"Retry-After": "5"})
 
 
-router = APIRouter(dependencies=[Depends(require_api_key), Depends(require_ready)])
+router = APIRouter(dependencies=[Depends(require_api_key), Depends(require_ready)],
+                   route_class=UnicodeJSONRoute)
 
 ERROR_RESPONSES = {
     code.value: {"model": ErrorResponse}

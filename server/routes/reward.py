@@ -9,13 +9,14 @@ from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 
 from server.admission import CLIENT_CLOSED_REQUEST
 from server.auth import require_api_key
-from server.errors import require_json_body
+from server.errors import UnicodeJSONRoute, require_json_body
 from server.metrics import DISCONNECTED
 from server.reward import scoring
 from server.reward.schemas import RewardRequest, RewardResponse
 from server.routes.openai import ERROR_RESPONSES, require_ready
 
-router = APIRouter(dependencies=[Depends(require_api_key), Depends(require_ready)])
+router = APIRouter(dependencies=[Depends(require_api_key), Depends(require_ready)],
+                   route_class=UnicodeJSONRoute)
 
 
 @router.post("/v1/reward", response_model=RewardResponse, responses=ERROR_RESPONSES,

@@ -236,3 +236,31 @@ def test_every_error_answer_of_a_generation_route_is_counted(client, ready):
     before = count("chat", 404)
     client.get("/v1/models", headers=AUTH)  # not a generation route
     assert count("chat", 404) == before
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions",
+     b'{"model": "m", "messages": [{"role": "user", "content": "a \\ud83d b"}]}'),
+    ("/v1/completions", b'{"model": "m", "prompt": ["ok", "\\udc00"]}'),
+    ("/v1/reward", b'{"items": [{"mode": "scalar", "candidates": ["a", "b"], '
+                   b'"messages": [{"role": "user", "content": "\\uDBFF"}]}]}'),
+    ("/v1/completions", b'{"model": "m", "prompt": "a", "\\ud800": 1}'),
+])
+def test_lone_surrogates_are_400_naming_where(client, ready, path, body):
+    error = _openai_error(client.post(path, content=body, headers=AUTH), 400)
+    assert "lone UTF-16 surrogate" in error["message"], error
+
+
+def test_paired_and_escaped_surrogates_are_text(client, ready, monkeypatch):
+    reached = []
+
+    async def no_generation(body, raw_request, endpoint, create):
+        reached.append(body.prompt)
+        return {}
+    monkeypatch.setattr("server.routes.openai._generate", no_generation)
+    monkeypatch.setattr(client.app.state, "openai_serving_completion",
+                        SimpleNamespace(create_completion=None), raising=False)
+    body = b'{"model": "m", "prompt": ["\\ud83d\\ude00", "\\\\ud800"]}'  # an emoji; text "\ud800"
+    resp = client.post("/v1/completions", content=body, headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    assert reached == [["\U0001F600", "\\ud800"]]
