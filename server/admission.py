@@ -21,6 +21,31 @@ from server.metrics import REJECTED
 LIMITED_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
                  "/v1/reward": "reward"}
 RETRY_AFTER_S = "1"
+CLIENT_CLOSED_REQUEST = 499  # counted as a disconnect, not a rejection
+
+
+class RejectionCounter:
+    """``fluxserve:requests_rejected_total{endpoint, status}``: every error status a generation
+    or reward route answers, whichever layer answered it (transport limit, auth, admission,
+    request validation, vLLM's serving layer). Outermost, so that it sees them all."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = LIMITED_PATHS.get(scope["path"]) if scope["type"] == "http" else None
+        if endpoint is None:
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if status >= 400 and status != CLIENT_CLOSED_REQUEST:
+                    REJECTED.labels(endpoint, str(status)).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
 
 
 class AdmissionControl:
@@ -95,6 +120,5 @@ class AdmissionControl:
 
     async def _reject(self, scope: Scope, send: Send, status: HTTPStatus, message: str,
                       err_type: str) -> None:
-        REJECTED.labels(LIMITED_PATHS[scope["path"]], str(status.value)).inc()
         await send_error(send, status, message, err_type=err_type,
                          headers=[("retry-after", RETRY_AFTER_S)])

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server import __version__
-from server.admission import AdmissionControl
+from server.admission import AdmissionControl, RejectionCounter
 from server.config import ServerSettings
 from server.engine import EngineState, start_engine, stop_engine
 from server.errors import install_error_handlers
@@ -54,10 +54,11 @@ def build_app(args: argparse.Namespace, settings: ServerSettings,
     # ({"error": {"message", "type", "param", "code"}}) with the right status.
     install_error_handlers(app)
     # The middleware added last runs first: the body limit applies to every route, admission to
-    # the generation routes only.
+    # the generation routes only, and the rejection counter sees every answer of those.
     app.add_middleware(AdmissionControl, max_in_flight=settings.max_in_flight_requests,
                        lifecycle=app.state.lifecycle)
     app.add_middleware(BodySizeLimit, max_bytes=settings.transport.max_request_body_bytes)
+    app.add_middleware(RejectionCounter)
     app.include_router(ops.router)
     app.include_router(openai.router)
     app.include_router(reward.router)

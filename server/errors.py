@@ -13,12 +13,15 @@ location ``kv_policy.snapkv.window`` of the policy union).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Coroutine, Iterable
 from http import HTTPStatus
+from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Send
 from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
@@ -72,8 +75,79 @@ async def http_exception_handler(request: Request, exc: StarletteHTTPException) 
 
 async def request_validation_handler(request: Request, exc: RequestValidationError
                                      ) -> JSONResponse:
-    return await validation_exception_handler(
-        request, RequestValidationError(api_errors(exc.errors()), body=exc.body))
+    errors = exc.errors()
+    located = api_errors([e for e in errors if isinstance(e, dict)])
+    # a plain-string error (raised by hand, not by pydantic) has no location to rewrite
+    return await validation_exception_handler(request, RequestValidationError(
+        [*located, *(e for e in errors if not isinstance(e, dict))], body=exc.body))
+
+
+# A JSON string escape of a UTF-16 surrogate; unpaired, Python's json module still decodes it
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate_at(value: Any) -> tuple | None:
+    """The location of the first string (key or value) in a decoded JSON value that holds a
+    lone surrogate, so is not Unicode text (it cannot be encoded, or tokenized); None if none."""
+    todo: list[tuple[tuple, Any]] = [((), value)]
+    while todo:
+        loc, node = todo.pop()
+        if isinstance(node, str):
+            if not node.isascii():
+                try:
+                    node.encode("utf-8")
+                except UnicodeEncodeError:
+                    return loc
+        elif isinstance(node, dict):
+            todo.extend(((*loc, key), key) for key in node)
+            todo.extend(((*loc, key), item) for key, item in node.items())
+        elif isinstance(node, list):
+            todo.extend(((*loc, i), item) for i, item in enumerate(node))
+    return None
+
+
+class UnicodeJSONRequest(Request):
+    """A request whose JSON body must be Unicode text: a string holding an unpaired
+    ``\\ud800``-``\\udfff`` escape is a JSON decode error (400 naming where it is), as in
+    pydantic's own JSON parser, instead of reaching the tokenizer (which failed with
+    "TextEncodeInput must be Union[...]")."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            value = json.loads(body)
+            escape = _SURROGATE_ESCAPE.search(body)
+            loc = _lone_surrogate_at(value) if escape else None
+            if loc is not None:
+                where = ".".join(str(part) for part in ("body", *loc))
+                raise json.JSONDecodeError(
+                    f"{where} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without "
+                    "its pair), which is not Unicode text", body.decode(), escape.start())
+            self._json = value
+        return self._json
+
+
+class UnicodeJSONRoute(APIRoute):
+    """Route class of the JSON-body routes: their handler reads a ``UnicodeJSONRequest``."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route_handler(request: Request) -> Response:
+            return await handler(UnicodeJSONRequest(request.scope, request.receive))
+
+        return route_handler
+
+
+async def require_json_body(request: Request) -> None:
+    """Route dependency: the body must be declared ``application/json`` (415 otherwise, as
+    the request was not sent as JSON at all; a JSON body that does not parse is a 400)."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise HTTPException(
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+            f"Unsupported Media Type {media_type or '(none)'!r}: send the body as JSON with "
+            "'Content-Type: application/json'.")
 
 
 async def engine_error_handler(request: Request, exc: EngineDeadError | EngineGenerateError

@@ -16,7 +16,8 @@ REQUESTS = Counter(
 )
 REJECTED = Counter(
     "fluxserve:requests_rejected_total",
-    "Generation requests the serving layer answered with an error, by endpoint and status.",
+    "Generation and reward requests answered with an error status, whichever layer answered "
+    "(body limit, auth, admission, validation, the engine), by endpoint and status.",
     ["endpoint", "status"],
 )
 DISCONNECTED = Counter(

@@ -13,10 +13,20 @@ grammars) stay where they are and answer 400 as well.
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Annotated, Any
 
 import vllm.envs as envs
-from pydantic import BaseModel, Field, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ModelWrapValidatorHandler,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import InitErrorDetails
 from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionRequest,
     ChatCompletionToolsParam,
@@ -93,7 +103,7 @@ NO_LOGPROB_TOKEN_IDS = _unset_or("logprob_token_ids",
 _EXACT_FLOAT_INT = 2**53
 
 
-def _integral_floats_to_ints(data: Any) -> Any:
+def integral_floats_to_ints(data: Any) -> Any:
     """Turn 5.0 into 5 throughout a request body, so that strict validation (which rejects
     `"5"` and `true` for an integer, as the schema does) still accepts 5.0, as the schema does.
     Iterative: a deeply nested body cannot exhaust the stack here."""
@@ -111,7 +121,7 @@ def _integral_floats_to_ints(data: Any) -> Any:
 
 
 def _prepare(data: Any) -> Any:
-    return _integral_floats_to_ints(_reject_removed_guided_fields(data))
+    return integral_floats_to_ints(_reject_removed_guided_fields(data))
 
 
 def _reject_removed_guided_fields(data: Any) -> Any:
@@ -122,6 +132,35 @@ def _reject_removed_guided_fields(data: Any) -> Any:
                     f"`{name}` is no longer supported (vLLM removed it); use {replacement}.",
                     parameter=name)
     return data
+
+
+@cache
+def _field_adapter(info: FieldInfo) -> TypeAdapter:
+    return TypeAdapter(Annotated[info.annotation, info])
+
+
+def _located_type_errors(cls: type[BaseModel], data: Any, exc: Exception) -> ValidationError:
+    """The validation errors of the body's fields checked one by one against their declared
+    types, for a body on which a before-validator of vLLM's request model raised ``exc`` (a
+    TypeError or AttributeError: vLLM reads raw fields there assuming their types, e.g. iterates
+    `messages` or calls `structured_outputs.get`). Falls back to one error on the body naming
+    ``exc`` when every field passes alone."""
+    errors: list[InitErrorDetails] = []
+    if isinstance(data, dict):
+        for name, value in data.items():
+            info = cls.model_fields.get(name)
+            if info is None:
+                continue
+            try:
+                _field_adapter(info).validate_python(value)
+            except ValidationError as field_exc:
+                errors.extend({"type": e["type"], "loc": (name, *e["loc"]), "input": e["input"],
+                               **({"ctx": e["ctx"]} if "ctx" in e else {})}
+                              for e in field_exc.errors())
+    if not errors:
+        errors.append({"type": "value_error", "loc": (), "input": data,
+                       "ctx": {"error": f"invalid request body: {exc}"}})
+    return ValidationError.from_exception_data(cls.__name__, errors)
 
 
 def with_extensions(params: SamplingParams, flux: FluxOptions | None,
@@ -162,6 +201,18 @@ class _Extensions(BaseModel):
     @classmethod
     def _prepare(cls, data: Any) -> Any:
         return _prepare(data)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _wrong_types_are_validation_errors(cls, data: Any,
+                                           handler: ModelWrapValidatorHandler) -> Any:
+        # Outermost (defined on the subclass): it wraps vLLM's before-validators, whose
+        # TypeError / AttributeError on a wrongly typed field would otherwise answer 400 with
+        # Python's message and no `param`, or 500.
+        try:
+            return handler(data)
+        except (TypeError, AttributeError, KeyError) as exc:
+            raise _located_type_errors(cls, data, exc) from None
 
     def to_sampling_params(self, *args: Any, **kwargs: Any) -> SamplingParams:
         return with_extensions(super().to_sampling_params(*args, **kwargs),  # type: ignore[misc]

@@ -29,7 +29,8 @@ class FluxOptions(BaseModel):
     (docs/request_options.md).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: `"128"` or `true` is not a token count (as in the request body around it)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     mode: FluxMode = "full"
     sparse_layers: list[Annotated[int, Field(ge=0, lt=MAX_LAYERS)]] | None = Field(

@@ -28,9 +28,10 @@ MAX_TOKENS_OPTION = 1 << 24
 class PolicyOptions(BaseModel):
     """The options of one policy: the ``kv_policy`` request field once its ``name`` picked the
     policy. Subclasses narrow ``name`` to a ``Literal`` of their policy's name and add their own
-    bounded fields; a field another policy has is refused (``extra="forbid"``)."""
+    bounded fields; a field another policy has is refused (``extra="forbid"``). Strict: `"0.5"`
+    is not a number and `true` is not a token count (as in the request body around it)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     name: str
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from vllm.entrypoints.serve.engine.protocol import UsageInfo
@@ -12,6 +12,7 @@ from vllm.entrypoints.serve.engine.protocol import UsageInfo
 from attention_backends.flux.options import FluxOptions
 from kv_policies.eviction.options import KVPolicyOptions
 from server.reward.prompts import MAX_JUDGE_CANDIDATES, JudgePrompt
+from server.schemas import integral_floats_to_ints
 
 RewardMode = Literal["scalar", "judge"]
 
@@ -23,6 +24,11 @@ DEFAULT_JUDGE_TOKENS = 1024
 assert MAX_CANDIDATES <= MAX_JUDGE_CANDIDATES
 
 
+# As the chat and completions bodies: no coercion (`"64"` is not a number, `"yes"` not a
+# boolean), except that an integer may be written 5.0 (`RewardRequest._integral_floats`).
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
 def _non_empty(text: str, what: str) -> str:
     if not text.strip():
         raise ValueError(f"{what} must not be empty")
@@ -32,7 +38,7 @@ def _non_empty(text: str, what: str) -> str:
 class RewardMessage(BaseModel):
     """One context message (OpenAI chat format, text content only)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     role: Literal["system", "user", "assistant"]
     content: str = Field(description="Message text; must not be empty.")
@@ -46,7 +52,7 @@ class RewardMessage(BaseModel):
 class RewardItem(BaseModel):
     """One context with the candidate responses to score or judge."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     messages: list[RewardMessage] = Field(
         min_length=1, max_length=MAX_MESSAGES,
@@ -104,10 +110,15 @@ class RewardItem(BaseModel):
 
 
 class RewardRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     items: list[RewardItem] = Field(min_length=1, max_length=MAX_ITEMS,
                                     description=f"1..{MAX_ITEMS} items, scored independently.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data: Any) -> Any:
+        return integral_floats_to_ints(data)
 
 
 class CandidateResult(BaseModel):

@@ -7,14 +7,15 @@ import asyncio
 import json
 from collections.abc import AsyncGenerator
 from http import HTTPStatus
+from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.tokenize.protocol import TokenizeRequest
-from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
+from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 
 from attention_backends.flux.options import FluxOptions
 from kv_policies.eviction.options import parse_kv_policy
@@ -22,10 +23,15 @@ from server.accounting import ResponseUsage, collect_usage
 from server.auth import require_api_key
 from server.config import ServerSettings
 from server.engine import EngineState
-from server.errors import error_payload, error_response
-from server.metrics import DISCONNECTED, REJECTED, REQUESTS
+from server.errors import (
+    UnicodeJSONRoute,
+    error_payload,
+    error_response,
+    require_json_body,
+)
+from server.metrics import DISCONNECTED, REQUESTS
 from server.reward.engine import reward_model_cards
-from server.schemas import ChatRequest, CompletionsRequest
+from server.schemas import ChatRequest, CompletionsRequest, integral_floats_to_ints
 from server.structured_outputs import check_structured_outputs
 
 
@@ -39,12 +45,13 @@ async def require_ready(request: Request) -> None:
                             headers={"Retry-After": "5"})
 
 
-router = APIRouter(dependencies=[Depends(require_api_key), Depends(require_ready)])
+router = APIRouter(dependencies=[Depends(require_api_key), Depends(require_ready)],
+                   route_class=UnicodeJSONRoute)
 
 ERROR_RESPONSES = {
     code.value: {"model": ErrorResponse}
     for code in (HTTPStatus.BAD_REQUEST, HTTPStatus.UNAUTHORIZED, HTTPStatus.NOT_FOUND,
-                 HTTPStatus.SERVICE_UNAVAILABLE)
+                 HTTPStatus.UNSUPPORTED_MEDIA_TYPE, HTTPStatus.SERVICE_UNAVAILABLE)
 }
 
 
@@ -63,9 +70,14 @@ def _invalid(loc: tuple, message: str, value: object) -> dict:
 _VLLM_OBJECT_XARGS = ("kv_transfer_params", "ec_transfer_params")
 
 
-def _parse_flux(raw: object) -> FluxOptions:
-    return (FluxOptions.model_validate_json(raw) if isinstance(raw, str | bytes)
-            else FluxOptions.model_validate(raw))
+_JSON = TypeAdapter(Any)
+
+
+def _xarg_value(raw: object) -> object:
+    """A `vllm_xargs` value: JSON text parsed (a `json_invalid` ValidationError otherwise), with
+    integral floats as integers as in the request body (`integral_floats_to_ints`)."""
+    return integral_floats_to_ints(_JSON.validate_json(raw)) if isinstance(raw, str | bytes) \
+        else raw
 
 
 def _options_from_xargs(body: ChatRequest | CompletionsRequest) -> tuple[list[dict], set[str]]:
@@ -81,7 +93,7 @@ def _options_from_xargs(body: ChatRequest | CompletionsRequest) -> tuple[list[di
         _invalid(("vllm_xargs", key), f"vllm_xargs.{key} is reserved: send the top-level "
                                       f"`{key}` object", xargs[key])
         for key in _VLLM_OBJECT_XARGS if key in xargs]
-    for key, parse in (("flux", _parse_flux), ("kv_policy", parse_kv_policy)):
+    for key, parse in (("flux", FluxOptions.model_validate), ("kv_policy", parse_kv_policy)):
         if key not in xargs:
             continue
         raw = xargs.pop(key)
@@ -91,7 +103,7 @@ def _options_from_xargs(body: ChatRequest | CompletionsRequest) -> tuple[list[di
                                         "send it once, as the top-level field", raw))
             continue
         try:
-            opts = parse(raw)
+            opts = parse(_xarg_value(raw))
         except ValidationError as exc:
             errors.extend({**e, "loc": ("body", *loc, *e["loc"])} for e in exc.errors())
             continue
@@ -162,7 +174,6 @@ async def _generate(body: ChatRequest | CompletionsRequest, raw_request: Request
             # vLLM's "EngineCore encountered an issue. See stack trace (above)" names no cause
             return error_response(HTTPStatus.SERVICE_UNAVAILABLE, engine.dead_message(),
                                   err_type="EngineDeadError")
-        REJECTED.labels(endpoint, str(result.error.code)).inc()
         return JSONResponse(result.model_dump(), status_code=result.error.code)
     REQUESTS.labels(endpoint, body.flux.mode, body.kv_policy.name).inc()
     echo_only = isinstance(body, CompletionsRequest) and body.echo_only
@@ -243,7 +254,7 @@ async def _count_disconnect(events: AsyncGenerator[str, None], endpoint: str,
 
 
 GENERATION_ROUTE = dict(
-    dependencies=[Depends(validate_json_request)],
+    dependencies=[Depends(require_json_body)],
     responses={HTTPStatus.OK.value: {"content": {"text/event-stream": {}}}, **ERROR_RESPONSES},
 )
 
@@ -273,7 +284,7 @@ async def list_models(raw_request: Request) -> JSONResponse:
     return JSONResponse(payload)
 
 
-@router.post("/tokenize", dependencies=[Depends(validate_json_request)],
+@router.post("/tokenize", dependencies=[Depends(require_json_body)],
              responses=ERROR_RESPONSES)
 @with_cancellation
 async def tokenize(body: TokenizeRequest, raw_request: Request) -> JSONResponse:

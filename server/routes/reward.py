@@ -5,21 +5,22 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from vllm.entrypoints.serve.engine.protocol import UsageInfo
-from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
+from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 
+from server.admission import CLIENT_CLOSED_REQUEST
 from server.auth import require_api_key
+from server.errors import UnicodeJSONRoute, require_json_body
 from server.metrics import DISCONNECTED
 from server.reward import scoring
 from server.reward.schemas import RewardRequest, RewardResponse
 from server.routes.openai import ERROR_RESPONSES, require_ready
 
-CLIENT_CLOSED_REQUEST = 499
-
-router = APIRouter(dependencies=[Depends(require_api_key), Depends(require_ready)])
+router = APIRouter(dependencies=[Depends(require_api_key), Depends(require_ready)],
+                   route_class=UnicodeJSONRoute)
 
 
 @router.post("/v1/reward", response_model=RewardResponse, responses=ERROR_RESPONSES,
-             dependencies=[Depends(validate_json_request)],
+             dependencies=[Depends(require_json_body)],
              summary="Score candidate responses to a context (LongRM scalar or judge)")
 async def create_reward(body: RewardRequest, raw_request: Request) -> Response:
     """Each item's candidates are scored by the reward model (`mode: scalar`) or compared by the

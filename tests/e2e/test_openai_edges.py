@@ -225,3 +225,28 @@ def test_openapi_document_agrees_with_validation(server):
     # ... and an integer written as 5.0 is an integer, as in JSON Schema
     r = _post(server, "/v1/chat/completions", {"messages": USER, "max_tokens": 2.0})
     assert r.status_code == 200, r.text
+
+
+# --- bodies vLLM's own checks used to trip on: located 400s, 415, counted, server unharmed -----
+
+def test_malformed_bodies_are_located_and_counted_and_the_server_still_serves(server):
+    def rejected(status: int) -> float:
+        return server.metric("fluxserve:requests_rejected_total", endpoint="chat",
+                             status=str(status))
+
+    before = {400: rejected(400), 415: rejected(415)}
+    # a 500 (AttributeError in vLLM's before-validator) that also reset the connection
+    _assert_400(_post(server, "/v1/chat/completions",
+                      {"messages": USER, "structured_outputs": "json"}), "structured_outputs")
+    _assert_400(_post(server, "/v1/chat/completions", {"messages": None}), "body.messages")
+    text = httpx.post(f"{server.base_url}/v1/chat/completions", content=json.dumps(
+        {"model": MODEL, "messages": USER}), timeout=60,
+        headers={**server.auth, "content-type": "text/plain"})
+    assert text.status_code == 415 and text.json()["error"]["code"] == 415, text.text
+    body = json.dumps({"model": MODEL, "messages": USER}).replace('"hi"', '"\\ud800"')
+    surrogate = httpx.post(f"{server.base_url}/v1/chat/completions", content=body, timeout=60,
+                           headers={**server.auth, "content-type": "application/json"})
+    assert "messages.0.content" in _assert_400(surrogate, "surrogate")["message"]
+    assert (rejected(400), rejected(415)) == (before[400] + 3, before[415] + 1)
+    reply = server.client().chat.completions.create(model=MODEL, messages=USER, max_tokens=2)
+    assert reply.choices[0].finish_reason == "length"

@@ -9,7 +9,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
-from server.admission import AdmissionControl
+from server.admission import AdmissionControl, RejectionCounter
 from server.lifecycle import Lifecycle
 from server.metrics import REJECTED
 
@@ -41,6 +41,7 @@ def _app(limit: int, gate: asyncio.Event, started: asyncio.Queue | None = None,
 
     app.add_middleware(AdmissionControl, max_in_flight=limit,
                        lifecycle=lifecycle or Lifecycle())
+    app.add_middleware(RejectionCounter)  # as server.app stacks them
     return app
 
 

@@ -3,6 +3,8 @@ error shape with the right status (no engine needed: the app runs without its li
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from fastapi.testclient import TestClient
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
@@ -131,3 +133,134 @@ def test_death_reason_reads_the_engine_core_exit_status(procs, reason):
     assert not state.alive
     assert state.failure().startswith(reason)
     assert reason in state.dead_message()
+
+
+@pytest.fixture()
+def ready(app):
+    """Past the readiness check, to the body's validation (no engine runs here)."""
+    app.state.engine.ready = True
+    yield
+    app.state.engine.ready = False
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/reward",
+                                  "/tokenize"])
+@pytest.mark.parametrize("content_type", ["text/plain", None, "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+def test_a_body_not_sent_as_json_is_415(client, ready, path, content_type):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    if content_type:
+        headers["content-type"] = content_type
+    error = _openai_error(client.post(path, content=b'{"model": "m"}', headers=headers), 415)
+    assert "application/json" in error["message"]
+
+
+def test_json_with_a_charset_is_json(client, ready):
+    body = b'{"model": "m", "prompt": "a", "max_tokens": -1}'
+    resp = client.post("/v1/completions", content=body,
+                       headers={**AUTH, "content-type": "application/json; charset=utf-8"})
+    assert _openai_error(resp, 400)["param"] == "body.max_tokens"
+
+
+# Every field of both request models sent with each JSON type: vLLM's own before-validators read
+# raw fields assuming their types (`messages` iterated, `structured_outputs.get`), which gave a
+# 500 (AttributeError) or a 400 with Python's message and no `param` (TypeError).
+WRONG_TYPES = [None, 1, "s", [], {}, [1], [None], True]
+BASE_BODIES = {"/v1/chat/completions": {"model": "m", "max_tokens": 1,
+                                        "messages": [{"role": "user", "content": "a"}]},
+               "/v1/completions": {"model": "m", "prompt": "a", "max_tokens": 1}}
+
+
+def _fields(path: str) -> list[str]:
+    from server.schemas import ChatRequest, CompletionsRequest
+    cls = ChatRequest if path == "/v1/chat/completions" else CompletionsRequest
+    return sorted(cls.model_fields)
+
+
+@pytest.mark.parametrize("path", list(BASE_BODIES))
+def test_wrongly_typed_fields_are_400_naming_the_field(app, client, ready, path, monkeypatch):
+    # the route itself is not under test (it needs an engine): a body that validates reaches it
+    reached = []
+
+    async def no_generation(body, raw_request, endpoint, create):
+        reached.append(endpoint)
+        return {}
+    monkeypatch.setattr("server.routes.openai._generate", no_generation)
+    for serving in ("openai_serving_chat", "openai_serving_completion"):
+        monkeypatch.setattr(app.state, serving, SimpleNamespace(
+            create_chat_completion=None, create_completion=None), raising=False)
+    for field in _fields(path):
+        for value in WRONG_TYPES:
+            resp = client.post(path, json={**BASE_BODIES[path], field: value}, headers=AUTH)
+            assert resp.status_code in (200, 400), (field, value, resp.text)
+            assert (resp.status_code == 200) == bool(reached), (field, value, resp.text)
+            reached.clear()
+            if resp.status_code == 400:
+                error = _openai_error(resp, 400)
+                assert "object is not" not in error["message"], (field, value, error)
+                assert "has no attribute" not in error["message"], (field, value, error)
+
+
+@pytest.mark.parametrize("path,field,value", [
+    ("/v1/chat/completions", "messages", None), ("/v1/chat/completions", "messages", 1),
+    ("/v1/chat/completions", "structured_outputs", "s"),
+    ("/v1/completions", "structured_outputs", []),
+])
+def test_fields_vllm_read_unchecked_are_located(client, ready, path, field, value):
+    resp = client.post(path, json={**BASE_BODIES[path], field: value}, headers=AUTH)
+    assert _openai_error(resp, 400)["param"] == f"body.{field}"
+
+
+def test_every_error_answer_of_a_generation_route_is_counted(client, ready):
+    """`fluxserve:requests_rejected_total` counts what any layer refused, not only the engine's
+    refusals (validation errors, wrong media type, auth and body size used to be missing)."""
+    from server.metrics import REJECTED
+
+    def count(endpoint: str, status: int) -> float:
+        return REJECTED.labels(endpoint, str(status))._value.get()
+
+    cases = [  # (path, endpoint label, status, request)
+        ("/v1/completions", "completions", 400,
+         {"json": {"model": "m", "prompt": "a", "max_tokens": -1}, "headers": AUTH}),
+        ("/v1/chat/completions", "chat", 400,
+         {"json": {"model": "m", "messages": None}, "headers": AUTH}),
+        ("/v1/chat/completions", "chat", 415,
+         {"content": b"{}", "headers": {"Authorization": f"Bearer {KEY}"}}),
+        ("/v1/reward", "reward", 401, {"json": {"items": []}}),
+        ("/v1/reward", "reward", 400, {"json": {"items": []}, "headers": AUTH}),
+    ]
+    for path, endpoint, status, request in cases:
+        before = count(endpoint, status)
+        _openai_error(client.post(path, **request), status)
+        assert count(endpoint, status) == before + 1, (path, status)
+    before = count("chat", 404)
+    client.get("/v1/models", headers=AUTH)  # not a generation route
+    assert count("chat", 404) == before
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions",
+     b'{"model": "m", "messages": [{"role": "user", "content": "a \\ud83d b"}]}'),
+    ("/v1/completions", b'{"model": "m", "prompt": ["ok", "\\udc00"]}'),
+    ("/v1/reward", b'{"items": [{"mode": "scalar", "candidates": ["a", "b"], '
+                   b'"messages": [{"role": "user", "content": "\\uDBFF"}]}]}'),
+    ("/v1/completions", b'{"model": "m", "prompt": "a", "\\ud800": 1}'),
+])
+def test_lone_surrogates_are_400_naming_where(client, ready, path, body):
+    error = _openai_error(client.post(path, content=body, headers=AUTH), 400)
+    assert "lone UTF-16 surrogate" in error["message"], error
+
+
+def test_paired_and_escaped_surrogates_are_text(client, ready, monkeypatch):
+    reached = []
+
+    async def no_generation(body, raw_request, endpoint, create):
+        reached.append(body.prompt)
+        return {}
+    monkeypatch.setattr("server.routes.openai._generate", no_generation)
+    monkeypatch.setattr(client.app.state, "openai_serving_completion",
+                        SimpleNamespace(create_completion=None), raising=False)
+    body = b'{"model": "m", "prompt": ["\\ud83d\\ude00", "\\\\ud800"]}'  # an emoji; text "\ud800"
+    resp = client.post("/v1/completions", content=body, headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    assert reached == [["\U0001F600", "\\ud800"]]

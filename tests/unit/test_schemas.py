@@ -191,3 +191,41 @@ def test_integral_floats_are_integers_as_in_json_schema():
     assert (req.n, req.stop_token_ids, req.max_completion_tokens) == (2, [7], 3)
     with pytest.raises(ValidationError):
         ChatRequest.model_validate({"model": "m", "messages": MESSAGES, "n": 2.5})
+
+
+@pytest.mark.parametrize("overrides", [
+    {"flux": {"mode": "sparse", "sink": "4"}}, {"flux": {"mode": "sparse", "window": True}},
+    {"flux": {"mode": "layers", "sparse_layers": ["1"]}},
+    {"kv_policy": {"name": "calidrop", "tau": "0.5"}},
+    {"kv_policy": {"name": "snapkv", "budget": "64"}},
+    {"kv_policy": {"name": "streaming", "sink": False}},
+])
+def test_no_type_coercion_in_the_extension_fields(overrides):
+    """The extension objects are as strict as the body around them."""
+    with pytest.raises(ValidationError):
+        ChatRequest(**{"model": "m", "messages": MESSAGES, **overrides})
+
+
+def test_integral_floats_are_integers_in_the_extension_fields():
+    req = ChatRequest.model_validate({
+        "model": "m", "messages": MESSAGES,
+        "flux": {"mode": "layers", "sparse_layers": [1.0], "sink": 4.0},
+        "kv_policy": {"name": "calidrop", "budget": 64.0, "tau": 1}})
+    assert (req.flux.sparse_layers, req.flux.sink, req.kv_policy.budget) == ([1], 4, 64)
+    assert req.kv_policy.tau == 1.0
+    with pytest.raises(ValidationError):
+        ChatRequest.model_validate({"model": "m", "messages": MESSAGES,
+                                    "kv_policy": {"name": "snapkv", "budget": 64.5}})
+
+
+@pytest.mark.parametrize("item", [
+    {"swap": "yes"}, {"max_tokens": "8"}, {"flux": {"mode": "sparse", "sink": "4"}},
+    {"messages": [{"role": "user", "content": 5}]}, {"candidates": ["a", 1]},
+])
+def test_no_type_coercion_in_reward_items(item):
+    from server.reward.schemas import RewardRequest
+    base = {"mode": "judge", "messages": MESSAGES, "candidates": ["a", "b"]}
+    assert RewardRequest.model_validate({"items": [{**base, "max_tokens": 8.0}]}).items[0] \
+        .max_tokens == 8
+    with pytest.raises(ValidationError):
+        RewardRequest.model_validate({"items": [{**base, **item}]})
