@@ -263,7 +263,8 @@ def test_shipped_tuned_table():
                 if k in cfg:
                     assert cfg[k] in (16, 32, 64, 128, 256)
             assert cfg.get("chunk_backend", "triton") in ("triton", "sdpa")
-            assert cfg.get("sparse_backend", "triton") in ("triton", "sdpa")
+            assert cfg.get("sparse_backend", "triton") in ("triton", "sdpa", "flash")
+            assert cfg.get("dense_backend", "sdpa") in ("triton", "sdpa", "flash")
             assert cfg.get("whole_impl", "cudnn") in WHOLE_IMPLS
             assert cfg.get("lse_impl", "cudnn") in LSE_IMPLS
             pa.tuned_config.cache_clear()
@@ -271,7 +272,10 @@ def test_shipped_tuned_table():
     for mode, classes in table.get("decode", {}).items():
         assert mode in ("compressed", "sparse", "dense")
         for size, cfg in classes.items():
-            assert set(cfg) <= set(pa.DEFAULT_DECODE) | {"num_splits"}, (mode, size, cfg)
+            assert set(cfg) <= set(pa.DEFAULT_DECODE) | {"num_splits", "backend"}, (mode, size,
+                                                                                   cfg)
+            assert cfg.get("backend", "triton") in ("triton", "flash")
+            assert mode != "compressed" or cfg.get("backend", "triton") == "triton"
             assert cfg["block_n"] in (16, 32, 64, 128) and cfg["waves"] >= 1
             assert pa.tuned_config("decode", mode, int(size)) == cfg
     pa.tuned_config.cache_clear()
