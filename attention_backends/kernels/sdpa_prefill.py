@@ -72,10 +72,18 @@ def cudnn_attention_ok(device: torch.device) -> bool:
 
 @functools.lru_cache(maxsize=8)
 def _cudnn_ok(index: int) -> bool:
-    try:
-        version = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else 0
-    except RuntimeError:  # a runtime torch refuses (older than the one it was built with)
+    if not torch.backends.cudnn.is_available():
         return False
+    try:
+        version = torch.backends.cudnn.version()
+    except RuntimeError:
+        # torch's Python check refuses a cuDNN runtime older than its build (once; later calls
+        # return the version), while its SDPA dispatcher still runs cuDNN's attention on it
+        # (seen on the H200 with torch 2.13 over cuDNN 9.19); the minimum below still applies
+        try:
+            version = torch.backends.cudnn.version()
+        except RuntimeError:
+            return False
     return (version or 0) >= MIN_CUDNN_VERSION and torch.cuda.get_device_capability(index)[0] in (
         9, 10)
 
