@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from attention_backends.kernels.intmath import cdiv, next_power_of_2
 from attention_backends.kernels.paged_attention import LOG2E, _mma
 
 FlashVarlen = Callable[..., object]
@@ -190,8 +191,8 @@ def sink_merge(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     num_seqs = seq_lens.shape[0]
     if t_total == 0 or num_seqs == 0 or max_sink <= 0:
         return
-    block_n = max(16, min(SINK_BLOCK_N, triton.next_power_of_2(max_sink)))
-    grid = (triton.cdiv(max_query_len, SINK_BLOCK_T), num_seqs, hq)
+    block_n = max(16, min(SINK_BLOCK_N, next_power_of_2(max_sink)))
+    grid = (cdiv(max_query_len, SINK_BLOCK_T), num_seqs, hq)
     _sink_merge_kernel[grid](
         q, kv_cache, block_table, seq_lens, query_start_loc, sink, out, lse,
         float(scale) * LOG2E, int(window), q.stride(0), q.stride(1), kv_cache.stride(0),

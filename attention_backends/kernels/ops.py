@@ -74,9 +74,33 @@ def _slot_major_only(kv_layout: KVLayout | None) -> None:
 
 
 def _as_i32(x: Tensor | None, device: torch.device) -> Tensor | None:
+    """``x`` as a contiguous int32 tensor on ``device``: ``x`` itself when it already is (the
+    usual case; the checks cost a fraction of the no-op ``to`` / ``contiguous`` calls)."""
     if x is None:
         return None
+    if x.dtype == torch.int32 and x.device == device and x.is_contiguous():
+        return x
     return x.to(device=device, dtype=torch.int32).contiguous()
+
+
+def _i32(x: Tensor) -> Tensor:
+    """``x`` as a contiguous int32 tensor (``x`` itself when it already is)."""
+    if x.dtype == torch.int32 and x.is_contiguous():
+        return x
+    return x.to(torch.int32).contiguous()
+
+
+# The Triton launcher module, imported on the first Triton call (this module must import
+# without Triton), then kept: an import statement costs about a microsecond per call.
+_TRITON_PAGED: list = []
+
+
+def _paged_attention_triton():
+    if not _TRITON_PAGED:
+        from attention_backends.kernels import paged_attention as triton_paged
+
+        _TRITON_PAGED.append(triton_paged)
+    return _TRITON_PAGED[0].paged_attention_triton
 
 
 def _dense_cpu(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
@@ -210,15 +234,14 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
         return _masked_cpu(q, kv_cache, block_table, seq_lens, query_start_loc, scale,
                            sink, window, kept_end, gap_end, calibration, out, kv_layout)
     _slot_major_only(kv_layout)
-    from attention_backends.kernels.paged_attention import paged_attention_triton
-
     dev = q.device
-    return paged_attention_triton(
-        q.contiguous() if q.stride(2) != 1 else q, kv_cache, block_table.to(torch.int32),
-        seq_lens.to(torch.int32).contiguous(), query_start_loc.to(torch.int32).contiguous(),
-        scale, _as_i32(sink, dev), _as_i32(window, dev), _as_i32(kept_end, dev),
-        _as_i32(gap_end, dev), calibration, out, max_query_len=max_query_len,
-        max_seq_len=max_seq_len, max_kv_tokens=max_kv_tokens, decode_config=decode_config,
+    return _paged_attention_triton()(
+        q.contiguous() if q.stride(2) != 1 else q, kv_cache,
+        block_table if block_table.dtype == torch.int32 else block_table.to(torch.int32),
+        _i32(seq_lens), _i32(query_start_loc), scale, _as_i32(sink, dev),
+        _as_i32(window, dev), _as_i32(kept_end, dev), _as_i32(gap_end, dev), calibration,
+        out, max_query_len=max_query_len, max_seq_len=max_seq_len,
+        max_kv_tokens=max_kv_tokens, decode_config=decode_config,
         prefill_config=prefill_config, host_query_start_loc=host_query_start_loc,
         host_seq_lens=host_seq_lens, new_kv=new_kv, host_sink=host_sink,
         host_window=host_window)

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from attention_backends.kernels.host import to_device
+from attention_backends.kernels.intmath import cdiv, next_power_of_2
 from attention_backends.kernels.sdpa_prefill import dense_prefill_sdpa, sparse_prefill_sdpa
 
 LOG2E = 1.4426950408889634
@@ -615,18 +616,30 @@ def write_kv_triton(key, value, kv_cache, slot_mapping) -> None:
     _write_kv_kernel[(n,)](
         key, value, kv_cache, slot_mapping, key.stride(0), key.stride(1), value.stride(0),
         value.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-        HKV=hkv, D=d, PAGE=page, BLOCK_H=triton.next_power_of_2(hkv), num_warps=4)
+        HKV=hkv, D=d, PAGE=page, BLOCK_H=next_power_of_2(hkv), num_warps=4)
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
+# ``flash_varlen`` imports this module, so it is imported on first use, then kept (an import
+# statement on every call costs about a microsecond).
+_FLASH_VARLEN: list = []
+
+
+def _flash_varlen():
+    """The ``flash_varlen`` module."""
+    if not _FLASH_VARLEN:
+        from attention_backends.kernels import flash_varlen
+
+        _FLASH_VARLEN.append(flash_varlen)
+    return _FLASH_VARLEN[0]
+
+
 def flash_varlen_ok(head_size: int) -> bool:
     """A FlashAttention varlen function is registered (``flash_varlen.register``) and the head
     size suits the sink-merge kernel (a power of two)."""
-    from attention_backends.kernels import flash_varlen
-
-    return flash_varlen.registered() is not None and head_size & (head_size - 1) == 0
+    return head_size & (head_size - 1) == 0 and _flash_varlen().registered() is not None
 
 
 @functools.lru_cache(maxsize=8)
@@ -704,11 +717,18 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor | None:
 SPLIT_CHUNK = 32
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as contiguous float32 (``t`` itself when it already is)."""
+    if t.dtype == torch.float32 and t.is_contiguous():
+        return t
+    return t.to(torch.float32).contiguous()
+
+
 def decode_splits(kv_tokens: int, block_n: int, waves: int, pairs: int, sms: int) -> int:
     """Splits per (sequence, KV head): ``pairs x splits`` close to (not over) ``waves x SMs``,
     and at least two KV tiles per split."""
-    tiles = triton.cdiv(kv_tokens, block_n)
-    n = min((waves * sms) // pairs, triton.cdiv(tiles, 2))
+    tiles = cdiv(kv_tokens, block_n)
+    n = min((waves * sms) // pairs, cdiv(tiles, 2))
     return max(1, min(MAX_SPLITS, n))
 
 
@@ -720,7 +740,7 @@ def _launch_decode(q, kv_cache, block_table, seq_lens, query_start_loc, sink, wi
     _, hkv, page, _ = kv_cache.shape
     g = hq // hkv
     dev = q.device
-    block_m = max(16, triton.next_power_of_2(max_q_dec * g))
+    block_m = max(16, next_power_of_2(max_q_dec * g))
     bn = dcfg["block_n"]
     num_splits = dcfg.get("num_splits")
     if num_splits is None:
@@ -784,16 +804,17 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
         # every row of a sequence with queries is written by exactly one of the two kernels
         hits_u8 = torch.empty(t_total, hq, dtype=torch.int8, device=dev)
         qref = calibration.q_ref.contiguous()
-        o_e = calibration.o_e.to(torch.float32).contiguous()
-        lse_e = calibration.lse_e.to(torch.float32).contiguous()
+        o_e, lse_e = _f32(calibration.o_e), _f32(calibration.lse_e)
         en = calibration.enabled
         en = en.view(torch.uint8) if en.dtype == torch.bool else en.to(torch.int32)
         en = en.contiguous()
         # one threshold per sequence; a fill, not a host copy, so CUDA graphs can capture it
-        if isinstance(calibration.tau, torch.Tensor):
-            tau = calibration.tau.to(device=dev, dtype=torch.float32).expand(num_seqs).contiguous()
-        else:
-            tau = torch.full((num_seqs,), float(calibration.tau), dtype=torch.float32, device=dev)
+        tau = calibration.tau
+        if not isinstance(tau, torch.Tensor):
+            tau = torch.full((num_seqs,), float(tau), dtype=torch.float32, device=dev)
+        elif not (tau.dtype == torch.float32 and tau.shape == (num_seqs,) and tau.device == dev
+                  and tau.is_contiguous()):
+            tau = tau.to(device=dev, dtype=torch.float32).expand(num_seqs).contiguous()
     else:
         hits_u8 = out  # unused
         qref = o_e = lse_e = en = tau = q
@@ -817,26 +838,28 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
     window = window if window is not None else (zeros if has_sw else seq_lens)
     kept_end = kept_end if kept_end is not None else (zeros if has_gap else seq_lens)
     gap_end = gap_end if gap_end is not None else (zeros if has_gap else seq_lens)
-    strides = (q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1),
-               kv_cache.stride(2), block_table.stride(0), out.stride(0), out.stride(1))
-    assert q.stride(2) == 1 and kv_cache.stride(3) == 1 and out.stride(2) == 1
-    assert block_table.stride(1) == 1
+    # one stride() call per tensor (a tuple), not one per dimension
+    q_st, kv_st, bt_st, out_st = q.stride(), kv_cache.stride(), block_table.stride(), out.stride()
+    strides = (q_st[0], q_st[1], kv_st[0], kv_st[1], kv_st[2], bt_st[0], out_st[0], out_st[1])
+    assert q_st[2] == 1 and kv_st[3] == 1 and out_st[2] == 1
+    assert bt_st[1] == 1
 
     q_thr = max(1, DECODE_MAX_ROWS // g)
+    prefill = max_query_len > q_thr  # some sequence goes to the prefill kernel (or SDPA)
     mode = "compressed" if has_gap else ("sparse" if has_sw else "dense")
     # defaults < the sweep's winners < the caller's settings (later keys override earlier ones)
     dcfg = {**DEFAULT_DECODE, **tuned_config("decode", mode, num_seqs),
             **(decode_config or {})}
-    pcfg = {**DEFAULT_PREFILL, **tuned_config("prefill", "sparse" if has_sw else "dense",
-                                              max_query_len), **(prefill_config or {})}
+    # (a decode step reads no prefill setting)
+    pcfg = ({**DEFAULT_PREFILL, **tuned_config("prefill", "sparse" if has_sw else "dense",
+                                               max_query_len), **(prefill_config or {})}
+            if prefill else {})
 
     # FlashAttention's varlen kernel (registered by the vLLM glue: ``flash_varlen``) where the
     # sweep found it faster (tuned "dense_backend" / "sparse_backend" / decode "backend" =
     # "flash"): a dense layer whole, a sink + window layer whose rows share one window
     if not (has_gap or has_calib) and flash_varlen_ok(d):
-        from attention_backends.kernels import flash_varlen
-
-        prefill = max_query_len > q_thr
+        flash_varlen = _flash_varlen()
         backend = (pcfg.get("sparse_backend" if has_sw else "dense_backend") if prefill
                    else dcfg.get("backend", "triton"))
         if backend == "flash":
@@ -854,9 +877,10 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
                 return out, None
 
     # decode kernel: sequences with 1 <= q_len <= q_thr (with the host lengths, a batch of
-    # prefills alone launches no empty decode grid)
+    # prefills alone launches no empty decode grid). A longest query of 1..q_thr tokens is
+    # such a sequence (a decode step: no scan of the lengths on every layer).
     has_decode = True
-    if host_query_start_loc is not None:
+    if host_query_start_loc is not None and not 0 < max_query_len <= q_thr:
         hq_l = list(host_query_start_loc)
         has_decode = any(0 < b - a <= q_thr for a, b in zip(hq_l[:-1], hq_l[1:], strict=True))
     if has_decode:
@@ -869,9 +893,9 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
     # work is plain causal attention, where torch's fused kernels beat ours (docs/benchmarks.md).
     # (The interpreter, UPCAST_DOT, keeps the Triton kernel unless a test asks for SDPA, so the
     # CPU tests exercise it.)
-    use_sdpa = pcfg["dense_backend"] == "sdpa" and (
+    use_sdpa = prefill and pcfg["dense_backend"] == "sdpa" and (
         not UPCAST_DOT or "dense_backend" in (prefill_config or {}))
-    dense_done = (max_query_len > q_thr and not (has_sw or has_gap or has_calib) and use_sdpa
+    dense_done = (prefill and not (has_sw or has_gap or has_calib) and use_sdpa
                   and dense_prefill_sdpa(q, kv_cache, block_table, seq_lens, query_start_loc,
                                          scale, out, q_thr, whole_batch=True,
                                          chunks=pcfg["chunk_backend"] == "sdpa",
@@ -883,8 +907,8 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
     # sink + window whole prompts through fused-attention pieces, where the sweep found them
     # faster than the Triton kernel (tuned "sparse_backend"); the others stay on Triton
     sparse_done: set[int] = set()
-    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if (max_query_len > q_thr and has_sw and not (has_gap or has_calib or capturing)
+    capturing = prefill and dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if (prefill and has_sw and not (has_gap or has_calib or capturing)
             and pcfg.get("sparse_backend", "triton") == "sdpa"
             and None not in (host_sink, host_window, host_query_start_loc, host_seq_lens)
             and (not UPCAST_DOT or "sparse_backend" in (prefill_config or {}))):
@@ -897,9 +921,9 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
         hq_l = list(host_query_start_loc)
         dense_done = all(s in sparse_done for s in range(num_seqs)
                          if hq_l[s + 1] - hq_l[s] > q_thr)
-    if max_query_len > q_thr and not dense_done:
+    if prefill and not dense_done:
         pack = bool(pcfg["pack_gqa"])
-        bm = max(pcfg["block_m"], triton.next_power_of_2(g)) if pack else pcfg["block_m"]
+        bm = max(pcfg["block_m"], next_power_of_2(g)) if pack else pcfg["block_m"]
         tok = bm // g if pack else bm
         if host_query_start_loc is not None and not capturing:
             # from the host lengths: one asynchronous copy instead of five small kernels
@@ -915,7 +939,7 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
                                 torch.zeros_like(q_lens))
             cu_tiles = torch.zeros(num_seqs + 1, dtype=torch.int32, device=dev)
             cu_tiles[1:] = torch.cumsum(tiles, 0)
-        grid_tiles = triton.cdiv(t_total, tok) + num_seqs
+        grid_tiles = cdiv(t_total, tok) + num_seqs
         steps = max(1, math.ceil(math.log2(num_seqs + 1)) + 1)
         _prefill_kernel[(hkv if pack else hq, grid_tiles)](
             q, kv_cache, block_table, seq_lens, query_start_loc, cu_tiles, sink, window,

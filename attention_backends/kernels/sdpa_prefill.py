@@ -31,6 +31,8 @@ from collections.abc import Sequence
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from attention_backends.kernels.intmath import cdiv
+
 _UNSUPPORTED: set[tuple] = set()
 
 
@@ -209,13 +211,11 @@ def _merge_band(out, o1, l1, o2, l2, n: int, w: int, r: int, use_triton: bool) -
     ``t`` is row ``t % W`` of ``o1`` and row ``R - 1 - t % W`` of ``o2`` (none if negative), in
     chunk ``t // W``. One Triton pass (``use_triton``), else torch ops."""
     if use_triton:
-        import triton
-
         from attention_backends.kernels.paged_attention import _merge_band_kernel
 
         h, d = out.shape[1], out.shape[2]
         block_t = 16
-        _merge_band_kernel[(triton.cdiv(n, block_t), h)](
+        _merge_band_kernel[(cdiv(n, block_t), h)](
             out, o1, o2, l1, l2, n, w, r, out.stride(0), out.stride(1), o1.stride(0),
             o1.stride(2), o1.stride(1), o2.stride(0), o2.stride(2), o2.stride(1), l1.stride(0),
             l1.stride(1), l1.stride(2), l2.stride(0), l2.stride(1), l2.stride(2), D=d,
@@ -336,13 +336,11 @@ def _merge(out: torch.Tensor, o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Te
     ``lse* [H, L]`` float32 natural log (both finite: every query sees a key of each part).
     One Triton pass (``use_triton``), else torch ops."""
     if use_triton:
-        import triton
-
         from attention_backends.kernels.paged_attention import _merge_kernel
 
         n, h, d = out.shape
         block_t = 16
-        _merge_kernel[(triton.cdiv(n, block_t), h)](
+        _merge_kernel[(cdiv(n, block_t), h)](
             out, o1, o2, lse1, lse2, n, out.stride(0), out.stride(1), o1.stride(0),
             o1.stride(1), o2.stride(0), o2.stride(1), lse1.stride(0), lse1.stride(1),
             lse2.stride(0), lse2.stride(1), D=d, BLOCK_T=block_t, num_warps=4)

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from attention_backends.kernels.intmath import cdiv, next_power_of_2
 from attention_backends.kernels.paged_attention import _mma, _num_sms
 from attention_backends.kernels.reference import max_pool_same
 
@@ -190,11 +191,11 @@ def snapkv_scores_triton(q_obs, kv_cache, block_row, prompt_len, scale, pool_ker
     g = hq // hkv
     dev = q_obs.device
     assert q_obs.stride(2) == 1
-    block_m = max(16, triton.next_power_of_2(w))
-    n_tiles = triton.cdiv(prompt_len, block_n)
-    nsplit = max(1, min(n_tiles, triton.cdiv(2 * _num_sms(dev), hq)))
-    per_split = triton.cdiv(n_tiles, nsplit)
-    nsplit = triton.cdiv(n_tiles, per_split)
+    block_m = max(16, next_power_of_2(w))
+    n_tiles = cdiv(prompt_len, block_n)
+    nsplit = max(1, min(n_tiles, cdiv(2 * _num_sms(dev), hq)))
+    per_split = cdiv(n_tiles, nsplit)
+    nsplit = cdiv(n_tiles, per_split)
     scale_log2 = float(scale) * LOG2E
     part = torch.empty(nsplit, hq, block_m, dtype=torch.float32, device=dev)
     _obs_lse_kernel[(hq, nsplit)](
@@ -232,16 +233,16 @@ def evicted_partial_triton(q_ref, kv_cache, block_row, kept_idx, prompt_len, sca
     q_ref = q_ref.contiguous()
     kept = torch.zeros(hkv, prompt_len, dtype=torch.int8, device=dev)
     kept.scatter_(1, kept_idx.to(torch.int64), 1)
-    n_tiles = triton.cdiv(prompt_len, block_n)
-    nsplit = max(1, min(n_tiles, triton.cdiv(2 * _num_sms(dev), hkv)))
-    per_split = triton.cdiv(n_tiles, nsplit)
-    nsplit = triton.cdiv(n_tiles, per_split)
+    n_tiles = cdiv(prompt_len, block_n)
+    nsplit = max(1, min(n_tiles, cdiv(2 * _num_sms(dev), hkv)))
+    per_split = cdiv(n_tiles, nsplit)
+    nsplit = cdiv(n_tiles, per_split)
     part_o = torch.empty(nsplit, hq, d, dtype=torch.float32, device=dev)
     part_lse = torch.empty(nsplit, hq, dtype=torch.float32, device=dev)
     _evicted_kernel[(hkv, nsplit)](
         q_ref, kv_cache, block_row, kept, part_o, part_lse, prompt_len, float(scale) * LOG2E,
         per_split, *_kv_strides(kv_cache),
-        HQ=hq, G=g, D=d, PAGE=page, BLOCK_M=max(16, triton.next_power_of_2(g)),
+        HQ=hq, G=g, D=d, PAGE=page, BLOCK_M=max(16, next_power_of_2(g)),
         BLOCK_N=block_n, num_warps=4, num_stages=3)
     return combine_partials(part_o, part_lse)
 
@@ -251,7 +252,7 @@ def compact_kv_triton(kv_cache, block_row, kept_idx, block_n: int = 32):
     page, d2 = kv_cache.shape[2], kv_cache.shape[3]
     idx = kept_idx.to(torch.int32).contiguous()
     tmp = torch.empty(hkv, budget, d2, dtype=kv_cache.dtype, device=kv_cache.device)
-    grid = (hkv, triton.cdiv(budget, block_n))
+    grid = (hkv, cdiv(budget, block_n))
     _gather_rows_kernel[grid](kv_cache, block_row, idx, tmp, budget, idx.stride(0),
                               *_kv_strides(kv_cache), D2=d2, PAGE=page, BLOCK_N=block_n,
                               num_warps=4)

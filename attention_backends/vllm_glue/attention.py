@@ -121,7 +121,8 @@ def attend(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale: float,
             if q.is_cuda and md.max_query_len > 1:  # a prefill: host copies for its dispatch
                 host_sink, host_window = (x[:n] for x in routing.layer_window_host(li))
         if eviction.kept_end is not None:
-            kept_end, gap_end = (_head(t, n) for t in eviction.bounds(dev))
+            kept_end, gap_end = eviction.bounds(dev)
+            kept_end, gap_end = _head(kept_end, n), _head(gap_end, n)
     tokens = None
     if rows is not None and len(rows) != n:
         # a sub-batch: its rows' tokens, lengths, blocks and per-row masks
@@ -144,18 +145,18 @@ def attend(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale: float,
         if kept_end is not None:
             calib = rt.calibration_for(li, live_ids, dev)
     max_kv = step.max_kv_tokens[li] if step is not None and step.max_kv_tokens else None
+    # host copies and this step's K/V describe the whole batch (GPU), not a sub-batch
+    whole = tokens is None
     res, hits = ops.paged_attention(
         q, kv_cache, _head(block_table, n), seq_lens, qsl, scale,
         sink=sink, window=window, kept_end=kept_end, gap_end=gap_end, calibration=calib,
-        out=out if tokens is None else None, max_query_len=md.max_query_len,
+        out=out if whole else None, max_query_len=md.max_query_len,
         max_seq_len=md.max_seq_len, max_kv_tokens=max_kv, kv_layout=kv_layout,
-        # host copies and this step's K/V describe the whole batch (GPU), not a sub-batch
-        **({} if tokens is not None else dict(
-            host_query_start_loc=getattr(md, "query_start_loc_cpu", None),
-            host_seq_lens=getattr(md, "seq_lens_cpu", None),
-            new_kv=(key, value) if key is not None and value is not None and q.is_cuda
-            else None,
-            host_sink=host_sink, host_window=host_window)))
+        host_query_start_loc=getattr(md, "query_start_loc_cpu", None) if whole else None,
+        host_seq_lens=getattr(md, "seq_lens_cpu", None) if whole else None,
+        new_kv=((key, value) if whole and key is not None and value is not None and q.is_cuda
+                else None),
+        host_sink=host_sink if whole else None, host_window=host_window if whole else None)
     if tokens is not None:
         out.index_copy_(0, tokens, res)
     if rt is not None and hits is not None:
