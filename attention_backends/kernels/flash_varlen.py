@@ -19,7 +19,8 @@ Two paths (``ops.paged_attention`` semantics, sink/window per row as int32 ``[S]
 
 - ``dense``: plain causal attention of every row, one call, written straight into the
   caller's ``out`` (no copy; the cuDNN path through torch SDPA cannot take an output buffer);
-- ``sink_window``: every row with the same window ``W > 0`` and its own sink: the band
+- ``sink_window``: rows with the same window ``W > 0`` and each its own sink (all rows of the
+  step, or its prefill rows when they are contiguous and share ``W``: ``prefill_range``): the band
   ``(p - W, p]`` in one call with FlashAttention's sliding window, then ``_sink_merge_kernel``
   (Triton) attends the sink keys that the band leaves out, ``j < min(sink, p - W + 1)``, and
   merges the two parts by log-sum-exp in place (the merge of Flash-Decoding /
@@ -83,6 +84,23 @@ def uniform_window(host_window: Sequence[int] | None, num_seqs: int) -> int | No
         return None
     (win,) = w
     return win if win > 0 else None
+
+
+def prefill_range(host_query_start_loc: Sequence[int], host_window: Sequence[int] | None,
+                  q_thr: int, num_seqs: int) -> tuple[int, int, int] | None:
+    """``(a, b, W)`` when the rows with more than ``q_thr`` queries (the prefills) are exactly
+    the rows ``a .. b - 1`` and share one window ``W > 0`` (the other rows, decodes or empty,
+    may have any window); else None. Such prefills run here on views of the batch while our
+    decode kernel takes the other rows: a sparse prompt chunk keeps FlashAttention when full
+    requests decode beside it."""
+    if host_window is None:
+        return None
+    qsl = list(host_query_start_loc)
+    rows = [s for s in range(num_seqs) if qsl[s + 1] - qsl[s] > q_thr]
+    if not rows or rows[-1] - rows[0] + 1 != len(rows):
+        return None
+    win = uniform_window(list(host_window)[rows[0]:rows[-1] + 1], len(rows))
+    return None if win is None else (rows[0], rows[-1] + 1, win)
 
 
 def sink_window(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,

@@ -857,7 +857,10 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
 
     # FlashAttention's varlen kernel (registered by the vLLM glue: ``flash_varlen``) where the
     # sweep found it faster (tuned "dense_backend" / "sparse_backend" / decode "backend" =
-    # "flash"): a dense layer whole, a sink + window layer whose rows share one window
+    # "flash"): a dense layer whole, a sink + window layer whose rows share one window, or else
+    # its prefill rows when they are contiguous and share one window (the decode kernel below
+    # takes the other rows)
+    flash_rows: range = range(0)
     if not (has_gap or has_calib) and flash_varlen_ok(d):
         flash_varlen = _flash_varlen()
         backend = (pcfg.get("sparse_backend" if has_sw else "dense_backend") if prefill
@@ -875,6 +878,19 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
                                          scale, out, sink, win, max_query_len, max_seq_len,
                                          max_sink=max_sink)
                 return out, None
+            rng = (flash_varlen.prefill_range(host_query_start_loc, host_window, q_thr, num_seqs)
+                   if prefill and host_query_start_loc is not None else None)
+            if rng is not None:
+                a, b, win = rng
+                hq_l = list(host_query_start_loc)
+                t0, t1 = hq_l[a], hq_l[b]
+                max_sink = (max(int(x) for x in list(host_sink)[a:b])
+                            if host_sink is not None else None)
+                flash_varlen.sink_window(
+                    q[t0:t1], kv_cache, block_table[a:b], seq_lens[a:b],
+                    query_start_loc[a:b + 1] - t0, scale, out[t0:t1], sink[a:b], win,
+                    max_query_len, max_seq_len, max_sink=max_sink)
+                flash_rows = range(a, b)
 
     # decode kernel: sequences with 1 <= q_len <= q_thr (with the host lengths, a batch of
     # prefills alone launches no empty decode grid). A longest query of 1..q_thr tokens is
@@ -906,7 +922,7 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
                   is not None)
     # sink + window whole prompts through fused-attention pieces, where the sweep found them
     # faster than the Triton kernel (tuned "sparse_backend"); the others stay on Triton
-    sparse_done: set[int] = set()
+    sparse_done: set[int] = set(flash_rows)
     capturing = prefill and dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if (prefill and has_sw and not (has_gap or has_calib or capturing)
             and pcfg.get("sparse_backend", "triton") == "sdpa"

@@ -170,3 +170,46 @@ def test_flash_not_taken(flash_ref, case):
     want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens,
                                       qsl, 0.125, calibration=calib, **masks)
     assert rel_err(got, want) < TOL[torch.bfloat16]
+
+
+@needs_triton
+@pytest.mark.parametrize("seqs,windows,taken", [
+    # decode rows around a contiguous run of prefills: full rows, other windows
+    ([(33, 1), (70, 70), (100, 37), (60, 2), (40, 1)], [0, 16, 16, 5, 0], True),
+    # one prefill among full decode rows
+    ([(33, 1), (129, 129), (40, 1)], [0, 24, 0], True),
+    # prefills not contiguous: our kernels
+    ([(70, 70), (33, 1), (100, 37)], [16, 0, 16], False),
+])
+def test_prefill_rows_through_flash(flash_ref, seqs, windows, taken):
+    """A sparse prompt chunk keeps FlashAttention when the step's other rows (decodes) are full
+    or have other windows: the prefill rows go there as views of the batch, the decode rows
+    through our decode kernel; the result equals the float32 paged reference."""
+    paged, q, qsl = _inputs(41 + len(seqs), seqs)
+    sinks = [3, 4, 2, 8, 1][:len(seqs)]
+    masks = {"sink": _i32(sinks), "window": _i32(windows)}
+    got, _ = ops.paged_attention(
+        q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl, 0.125,
+        out=torch.full_like(q, float("nan")),
+        prefill_config={"sparse_backend": "flash", "block_m": 16, "block_n": 16},
+        decode_config={"block_n": 16}, host_window=windows, host_sink=sinks,
+        host_query_start_loc=qsl.tolist(), host_seq_lens=paged.seq_lens.tolist(), **masks)
+    prefill_windows = {w for (_, ql), w in zip(seqs, windows, strict=True) if ql > 64 // 4}
+    assert flash_ref == ([{"causal": True, "window_size": [prefill_windows.pop() - 1, 0]}]
+                         if taken else [])
+    want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens,
+                                      qsl, 0.125, **masks)
+    assert not torch.isnan(got).any()
+    assert rel_err(got, want) < TOL[torch.bfloat16]
+
+
+def test_prefill_range():
+    from attention_backends.kernels.flash_varlen import prefill_range
+
+    qsl = [0, 1, 71, 108, 110, 111]  # q_lens 1, 70, 37, 2, 1
+    assert prefill_range(qsl, [0, 16, 16, 5, 0], 16, 5) == (1, 3, 16)
+    assert prefill_range(qsl, [0, 16, 8, 5, 0], 16, 5) is None  # windows differ
+    assert prefill_range(qsl, [0, 16, 0, 5, 0], 16, 5) is None  # a full prefill
+    assert prefill_range(qsl, None, 16, 5) is None
+    assert prefill_range([0, 70, 71, 108], [16, 0, 16], 16, 3) is None  # not contiguous
+    assert prefill_range([0, 1, 2], [16, 16], 16, 2) is None  # no prefill
