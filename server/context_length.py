@@ -17,7 +17,8 @@ explicit `max_tokens` past the context left was silently cut. fluxserve answers 
 The rule is applied where vLLM applies its own length check, after tokenization and truncation,
 to every prompt of the request (each of a list of prompts; the chat template's output), so text
 and token-id prompts, `n > 1` and `echo` are covered alike. Prompt scoring (`echo: true,
-max_tokens: 0`) needs no room after the prompt.
+max_tokens: 0`) needs one token of room too: vLLM scores the prompt by running one decoding
+step, whose token it drops (its engine refuses a prompt of `max_model_len` tokens then).
 """
 
 from __future__ import annotations
@@ -62,9 +63,10 @@ class ContextFit(TokenizeParams):
 
     @property
     def room_needed(self) -> int:
-        """Context tokens the completion needs after the prompt."""
+        """Context tokens the completion needs after the prompt: at least one, also for prompt
+        scoring (`max_tokens: 0`), which vLLM serves with one decoding step."""
         if self.output_param is not None:
-            return self.output_tokens
+            return max(1, self.output_tokens)
         return max(1, self.min_output_tokens)
 
     @property
@@ -102,7 +104,7 @@ class ContextFit(TokenizeParams):
         if limit is None or prompt_tokens + self.room_needed <= limit:
             return
         where = self.prompt_param
-        if self.output_param is not None and prompt_tokens < limit:
+        if self.output_param is not None and self.output_tokens and prompt_tokens < limit:
             asked = self.output_tokens
             raise VLLMValidationError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -118,8 +120,13 @@ class ContextFit(TokenizeParams):
                 f"min_tokens={self.min_output_tokens}. Please reduce the length of the {where} "
                 "or min_tokens.",
                 parameter="min_tokens", value=self.min_output_tokens)
-        needed = (f"{self.output_param}={self.output_tokens}" if self.output_param is not None
-                  else f"at least {self.room_needed} token{'s' if self.room_needed > 1 else ''}")
+        if self.output_param is None:
+            needed = f"at least {self.room_needed} token{'s' if self.room_needed > 1 else ''}"
+        elif self.output_tokens:
+            needed = f"{self.output_param}={self.output_tokens}"
+        else:
+            needed = (f"{self.output_param}=0 scores the prompt with one decoding step, which "
+                      "needs 1 token")
         raise VLLMValidationError(
             f"This model's maximum context length is {limit} tokens. However, the {where} has "
             f"{prompt_tokens} tokens, which leaves no room for the completion ({needed}). "

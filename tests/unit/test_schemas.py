@@ -299,10 +299,11 @@ def test_min_tokens_needs_its_room_too():
     assert _refused(_chat(min_tokens=3), 32).parameter == "messages"
 
 
-def test_prompt_scoring_needs_no_room_after_the_prompt():
+def test_prompt_scoring_needs_the_one_token_vllm_decodes():
     request_ = _completion(max_tokens=0, echo=True)
-    assert len(_fit(request_, 32)["prompt_token_ids"]) == 32
-    assert _refused(request_, 33).parameter == "prompt"
+    assert len(_fit(request_, 31)["prompt_token_ids"]) == 31
+    err = _refused(request_, 32)
+    assert err.parameter == "prompt" and "max_tokens=0 scores the prompt" in str(err)
 
 
 def test_truncation_to_fit_keeps_room_for_the_requested_completion():
