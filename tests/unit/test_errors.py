@@ -363,3 +363,25 @@ def test_vllm_xargs_json_errors_carry_no_documentation_url(app, client, ready, m
     error = _openai_error(resp, 400)
     assert error["param"] == "body.vllm_xargs.flux"
     assert "'url'" not in error["message"] and "errors.pydantic.dev" not in error["message"]
+
+
+def test_stream_error_events_without_param_are_located():
+    import asyncio
+    import json
+
+    from server.routes.openai import _count_disconnect
+    from server.schemas import CompletionsRequest
+
+    async def events():
+        yield 'data: {"choices": []}\n\n'
+        yield ('data: {"error": {"message": "Token id 5000 is out of vocabulary", '
+               '"type": "BadRequestError", "param": null, "code": 400}}\n\n')
+        yield "data: [DONE]\n\n"
+
+    async def collect():
+        return [e async for e in _count_disconnect(events(), "completions",
+                                                   SimpleNamespace(alive=True),
+                                                   CompletionsRequest)]
+    out = asyncio.run(collect())
+    assert out[0] == 'data: {"choices": []}\n\n' and out[2] == "data: [DONE]\n\n"
+    assert json.loads(out[1][len("data: "):])["error"]["param"] == "prompt"
