@@ -22,6 +22,7 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Send
 from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
@@ -33,6 +34,7 @@ from vllm.entrypoints.serve.exception_handling.utils import sanitize_message
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
 from kv_policies.eviction.options import api_errors
+from server.schemas import REQUEST_ID_MAX_LENGTH, REQUEST_ID_PATTERN
 
 
 def error_payload(status: int, message: str, *, err_type: str | None = None,
@@ -76,7 +78,10 @@ async def http_exception_handler(request: Request, exc: StarletteHTTPException) 
 async def request_validation_handler(request: Request, exc: RequestValidationError
                                      ) -> JSONResponse:
     errors = exc.errors()
-    located = api_errors([e for e in errors if isinstance(e, dict)])
+    # pydantic's documentation link says nothing about the request (FastAPI drops it from the
+    # body's own errors; errors of values validated by hand may still carry it)
+    located = api_errors([{k: v for k, v in e.items() if k != "url"}
+                          for e in errors if isinstance(e, dict)])
     # a plain-string error (raised by hand, not by pydantic) has no location to rewrite
     return await validation_exception_handler(request, RequestValidationError(
         [*located, *(e for e in errors if not isinstance(e, dict))], body=exc.body))
@@ -148,6 +153,52 @@ async def require_json_body(request: Request) -> None:
             HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
             f"Unsupported Media Type {media_type or '(none)'!r}: send the body as JSON with "
             "'Content-Type: application/json'.")
+
+
+# vLLM messages about a request field that do not begin with the field's name
+_VLLM_MESSAGE_FIELDS = (
+    (re.compile(r"^Token id -?\d+ is out of vocabulary"), ("prompt", "messages")),
+    (re.compile(r"specified as bad|^Too many bad words"), ("bad_words",)),
+)
+# "min_tokens must be ...", "`thinking_token_budget` must be ...": the field is the first word
+_LEADING_FIELD = re.compile(r"^`?([a-z_]+)`?[ =]")
+
+
+def locate_vllm_error(error: str | BaseException, request_model: type[BaseModel]
+                      ) -> str | None:
+    """The request field a vLLM 400 that names none (`param: null`) is about, or None.
+
+    ``error``: the exception, or its message as the error body has it; ``request_model``: the
+    request's model, whose fields the answer is one of. A chat template's refusal (raised from
+    a ``jinja2.TemplateError``) is about `messages`.
+    """
+    fields = request_model.model_fields
+    if isinstance(error, BaseException):
+        cause: BaseException | None = error
+        while cause is not None:
+            if any(cls.__name__ == "TemplateError" for cls in type(cause).__mro__):
+                return "messages" if "messages" in fields else None
+            cause = cause.__cause__ or cause.__context__
+        error = str(error.args[0]) if error.args else str(error)
+    for pattern, names in _VLLM_MESSAGE_FIELDS:
+        if pattern.search(error):
+            return next((name for name in names if name in fields), None)
+    match = _LEADING_FIELD.match(error)
+    if match and match.group(1) in fields:
+        return match.group(1)
+    return None
+
+
+async def require_valid_request_id_header(request: Request) -> None:
+    """Route dependency: an ``X-Request-Id`` header, which vLLM uses as the request id (over the
+    body's `request_id`) and echoes in the response `id`, obeys the body field's bounds (400)."""
+    value = request.headers.get("x-request-id")
+    if value is not None and not (len(value) <= REQUEST_ID_MAX_LENGTH
+                                  and re.match(REQUEST_ID_PATTERN, value)):
+        raise HTTPException(
+            HTTPStatus.BAD_REQUEST,
+            f"The X-Request-Id header must be 1 to {REQUEST_ID_MAX_LENGTH} visible ASCII "
+            f"characters (no spaces or control characters); got {len(value)} characters.")
 
 
 async def engine_error_handler(request: Request, exc: EngineDeadError | EngineGenerateError

@@ -14,31 +14,36 @@ grammars) stay where they are and answer 400 as well.
 from __future__ import annotations
 
 from functools import cache
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import vllm.envs as envs
 from pydantic import (
     BaseModel,
     Field,
     ModelWrapValidatorHandler,
+    PrivateAttr,
     TypeAdapter,
     ValidationError,
     model_validator,
 )
 from pydantic.fields import FieldInfo
 from pydantic_core import InitErrorDetails
+from vllm.config import ModelConfig
 from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionRequest,
     ChatCompletionToolsParam,
 )
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.exceptions import VLLMValidationError
+from vllm.renderers.params import TokenizeParams
 from vllm.sampling_params import SamplingParams
+from vllm.utils import random_uuid
 
 from attention_backends.flux.options import EXTRA_ARGS_KEY as FLUX_KEY
 from attention_backends.flux.options import FluxOptions
 from kv_policies.eviction.options import EXTRA_ARGS_KEY as KV_POLICY_KEY
 from kv_policies.eviction.options import KVPolicyOptions
+from server.context_length import ContextFit
 from server.messages import ChatMessage
 
 FLUX_DESCRIPTION = "fluxserve: per-request Flux layer routing (full / sparse / layers / auto)."
@@ -73,6 +78,15 @@ Stop = (NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=envs.VLLM_MA
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 JSONBytes = Annotated[bytes, Field(strict=False)]
 ThinkingTokenBudget = Annotated[int, Field(ge=-1, description="-1: unlimited")] | None
+_INT64_MAX = 2**63 - 1
+# 0 would keep no prompt token at all; -1 keeps what fits in the context with the completion
+TruncatePromptTokens = (Literal[-1] | Annotated[int, Field(ge=1, le=_INT64_MAX)] | None)
+# The request id is echoed in the response `id`, logged, and sent as a header: bounded, and
+# visible ASCII only (no whitespace or control characters to split a log line or a header).
+REQUEST_ID_MAX_LENGTH = 128
+REQUEST_ID_PATTERN = r"^[!-~]+$"
+RequestId = Annotated[str, Field(min_length=1, max_length=REQUEST_ID_MAX_LENGTH,
+                                 pattern=REQUEST_ID_PATTERN)]
 
 
 def _unset_or(name: str, schema: dict) -> dict:
@@ -194,8 +208,22 @@ class _Extensions(BaseModel):
     bad_words: list[NonEmptyStr] = Field(default_factory=list)
     allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
     thinking_token_budget: ThinkingTokenBudget = None
+    truncate_prompt_tokens: TruncatePromptTokens = Field(
+        default=None,
+        description="Keep only this many prompt tokens (>= 1; -1: as many as fit in the "
+                    "model's context with the requested completion).")
+    request_id: RequestId = Field(
+        default_factory=random_uuid,
+        description=f"Echoed in the response id; at most {REQUEST_ID_MAX_LENGTH} visible ASCII "
+                    "characters. A random id when not sent.")
     flux: FluxOptions | None = Field(default=None, description=FLUX_DESCRIPTION)
     kv_policy: KVPolicyOptions | None = Field(default=None, description=KV_POLICY_DESCRIPTION)
+
+    # whether the body set `max_tokens` (not null): /v1/completions fills in 16 otherwise
+    _max_tokens_sent: bool = PrivateAttr(default=False)
+
+    # the request's prompt field, as errors about the prompt name it
+    _PROMPT_PARAM = "prompt"
 
     @model_validator(mode="before")
     @classmethod
@@ -208,11 +236,46 @@ class _Extensions(BaseModel):
                                            handler: ModelWrapValidatorHandler) -> Any:
         # Outermost (defined on the subclass): it wraps vLLM's before-validators, whose
         # TypeError / AttributeError on a wrongly typed field would otherwise answer 400 with
-        # Python's message and no `param`, or 500.
+        # Python's message and no `param`, or 500. Whether `max_tokens` was sent is read before
+        # vLLM's before-validators, which fill in /v1/completions' default for a null one.
+        max_tokens_sent = isinstance(data, dict) and data.get("max_tokens") is not None
         try:
-            return handler(data)
+            model = handler(data)
         except (TypeError, AttributeError, KeyError) as exc:
             raise _located_type_errors(cls, data, exc) from None
+        model._max_tokens_sent = max_tokens_sent
+        model._check_min_tokens()
+        return model
+
+    @property
+    def output_limit(self) -> tuple[str, int] | None:
+        """The output limit the client sent, as (field, tokens); None when it sent none."""
+        raise NotImplementedError
+
+    @property
+    def max_output_tokens(self) -> tuple[str, int] | None:
+        """The most tokens the request may generate before the context is considered, as
+        (field, tokens): the limit sent, or the endpoint's default; None: no limit."""
+        return self.output_limit
+
+    def _check_min_tokens(self) -> None:
+        limit = self.max_output_tokens
+        if limit is not None and self.min_tokens > limit[1]:
+            name, tokens = limit
+            default = "" if self.output_limit else f" (the default when {name} is not sent)"
+            raise VLLMValidationError(
+                f"min_tokens={self.min_tokens} is more than {name}={tokens}{default}: the "
+                f"completion cannot be that long. Send min_tokens <= {name}.",
+                parameter="min_tokens", value=self.min_tokens)
+
+    def build_tok_params(self, model_config: ModelConfig) -> TokenizeParams:
+        """vLLM's tokenization parameters, which also check that each prompt leaves the
+        completion its room in the context (``server.context_length``)."""
+        limit = self.output_limit
+        return ContextFit.of(
+            super().build_tok_params(model_config),  # type: ignore[misc]
+            prompt_param=self._PROMPT_PARAM, output_param=limit and limit[0],
+            output_tokens=limit[1] if limit else 0, min_output_tokens=self.min_tokens)
 
     def to_sampling_params(self, *args: Any, **kwargs: Any) -> SamplingParams:
         return with_extensions(super().to_sampling_params(*args, **kwargs),  # type: ignore[misc]
@@ -231,6 +294,15 @@ class ChatRequest(_Extensions, ChatCompletionRequest):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     n: NumChoices | None = 1
     prompt_logprobs: NumLogprobs = None
+
+    _PROMPT_PARAM = "messages"
+
+    @property
+    def output_limit(self) -> tuple[str, int] | None:
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        max_tokens = self.__dict__["max_tokens"]  # not the attribute, which warns it is deprecated
+        return None if max_tokens is None else ("max_tokens", max_tokens)
 
     model_config = {
         "strict": True,  # no coercion ("5" -> 5, true -> 1): what the schema rejects, we reject
@@ -290,6 +362,14 @@ class CompletionsRequest(_Extensions, CompletionRequest):
             ],
         },
     }
+
+    @property
+    def output_limit(self) -> tuple[str, int] | None:
+        return ("max_tokens", self.max_tokens) if self._max_tokens_sent else None
+
+    @property
+    def max_output_tokens(self) -> tuple[str, int] | None:
+        return "max_tokens", self.max_tokens
 
     @property
     def echo_only(self) -> bool:

@@ -16,6 +16,7 @@ from pydantic import TypeAdapter, ValidationError
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.tokenize.protocol import TokenizeRequest
 from vllm.entrypoints.serve.utils.api_utils import with_cancellation
+from vllm.exceptions import VLLMValidationError
 
 from attention_backends.flux.options import FluxOptions
 from kv_policies.eviction.options import parse_kv_policy
@@ -27,7 +28,9 @@ from server.errors import (
     UnicodeJSONRoute,
     error_payload,
     error_response,
+    locate_vllm_error,
     require_json_body,
+    require_valid_request_id_header,
 )
 from server.metrics import DISCONNECTED, REQUESTS
 from server.reward.engine import reward_model_cards
@@ -105,7 +108,8 @@ def _options_from_xargs(body: ChatRequest | CompletionsRequest) -> tuple[list[di
         try:
             opts = parse(_xarg_value(raw))
         except ValidationError as exc:
-            errors.extend({**e, "loc": ("body", *loc, *e["loc"])} for e in exc.errors())
+            errors.extend({**e, "loc": ("body", *loc, *e["loc"])}
+                          for e in exc.errors(include_url=False))
             continue
         setattr(body, key, opts)
         moved.add(key)
@@ -148,10 +152,23 @@ def apply_policies(body: ChatRequest | CompletionsRequest, request: Request) -> 
                             "flux.mode='full', 'sparse' or 'layers'.")
 
 
+def check_prompt_token_ids(body: ChatRequest | CompletionsRequest, renderer) -> None:
+    """Token-id prompts must be in the served model's vocabulary (``renderer``: vLLM's, whose
+    ``validate_token_ids`` the engine applies too, but without naming the field, and only once
+    a stream has had its 200). Raises ``VLLMValidationError`` (400, `param`: `prompt`)."""
+    prompt = getattr(body, "prompt", None)
+    if not isinstance(prompt, list) or not prompt or isinstance(prompt[0], str):
+        return
+    for ids in prompt if isinstance(prompt[0], list) else [prompt]:
+        renderer.validate_token_ids(ids, parameter="prompt")
+
+
 async def _generate(body: ChatRequest | CompletionsRequest, raw_request: Request,
                     endpoint: str, create):
     """Run one generation request through vLLM's serving class and shape its response."""
     apply_policies(body, raw_request)
+    if isinstance(body, CompletionsRequest):
+        check_prompt_token_ids(body, raw_request.app.state.openai_serving_completion.renderer)
     # before admission: a streamed request must not get its 200 before the constraint is known
     # to be servable
     check_structured_outputs(body, raw_request.app.state.engine.client)
@@ -161,6 +178,10 @@ async def _generate(body: ChatRequest | CompletionsRequest, raw_request: Request
             result = await create(body, raw_request)
     except asyncio.CancelledError:  # with_cancellation: the client left before the reply
         DISCONNECTED.labels(endpoint, streamed).inc()
+        raise
+    except VLLMValidationError as exc:  # vLLM's request checks, some without their field
+        if exc.parameter is None:
+            exc.parameter = locate_vllm_error(exc, type(body))
         raise
     task = asyncio.current_task()
     if task is not None and task.cancelling():
@@ -174,6 +195,8 @@ async def _generate(body: ChatRequest | CompletionsRequest, raw_request: Request
             # vLLM's "EngineCore encountered an issue. See stack trace (above)" names no cause
             return error_response(HTTPStatus.SERVICE_UNAVAILABLE, engine.dead_message(),
                                   err_type="EngineDeadError")
+        if result.error.param is None and result.error.code == HTTPStatus.BAD_REQUEST:
+            result.error.param = locate_vllm_error(result.error.message, type(body))
         return JSONResponse(result.model_dump(), status_code=result.error.code)
     REQUESTS.labels(endpoint, body.flux.mode, body.kv_policy.name).inc()
     echo_only = isinstance(body, CompletionsRequest) and body.echo_only
@@ -186,7 +209,7 @@ async def _generate(body: ChatRequest | CompletionsRequest, raw_request: Request
     if echo_only:
         result = _echo_only_events(result)
     result = _accounting_events(result, usage)
-    return StreamingResponse(_count_disconnect(result, endpoint, engine),
+    return StreamingResponse(_count_disconnect(result, endpoint, engine, type(body)),
                              media_type="text/event-stream")
 
 
@@ -235,16 +258,24 @@ async def _echo_only_events(events: AsyncGenerator[str, None]) -> AsyncGenerator
 
 
 async def _count_disconnect(events: AsyncGenerator[str, None], endpoint: str,
-                            engine: EngineState) -> AsyncGenerator[str, None]:
-    """Pass vLLM's SSE events through, counting streams the client dropped, and naming the
-    cause in the error event of a stream the engine's death ended. The cancellation that reaches
-    vLLM's generator is what aborts the engine request."""
+                            engine: EngineState, request_model: type
+                            ) -> AsyncGenerator[str, None]:
+    """Pass vLLM's SSE events through, counting streams the client dropped, naming the cause in
+    the error event of a stream the engine's death ended, and the field in a request error the
+    engine found without naming it. The cancellation that reaches vLLM's generator is what
+    aborts the engine request."""
     try:
         async for event in events:
             if event.startswith('data: {"error"') and not engine.alive:
                 event = "data: " + json.dumps(error_payload(
                     HTTPStatus.SERVICE_UNAVAILABLE, engine.dead_message(),
                     err_type="EngineDeadError")) + "\n\n"
+            elif event.startswith('data: {"error"') and '"param":null' in event.replace(" ", ""):
+                payload = json.loads(event[len("data: "):])
+                error = payload["error"]
+                if error.get("code") == HTTPStatus.BAD_REQUEST:
+                    error["param"] = locate_vllm_error(error.get("message", ""), request_model)
+                    event = f"data: {json.dumps(payload)}\n\n"
             yield event
     except (asyncio.CancelledError, GeneratorExit):
         DISCONNECTED.labels(endpoint, "true").inc()
@@ -254,7 +285,7 @@ async def _count_disconnect(events: AsyncGenerator[str, None], endpoint: str,
 
 
 GENERATION_ROUTE = dict(
-    dependencies=[Depends(require_json_body)],
+    dependencies=[Depends(require_json_body), Depends(require_valid_request_id_header)],
     responses={HTTPStatus.OK.value: {"content": {"text/event-stream": {}}}, **ERROR_RESPONSES},
 )
 

@@ -250,3 +250,135 @@ def test_malformed_bodies_are_located_and_counted_and_the_server_still_serves(se
     assert (rejected(400), rejected(415)) == (before[400] + 3, before[415] + 1)
     reply = server.client().chat.completions.create(model=MODEL, messages=USER, max_tokens=2)
     assert reply.choices[0].finish_reason == "length"
+
+
+# --- the prompt and the completion share the context (the server runs --max-model-len 2048) ---
+
+CONTEXT = 2048
+
+
+def _ids(n: int) -> list[int]:
+    return [5 + i % 400 for i in range(n)]
+
+
+def _error(resp: httpx.Response, param: str) -> dict:
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param, error
+    return error
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_prompt_that_fills_the_context_names_the_prompt(server, stream):
+    """Was vLLM's "max_tokens must be at least 1, got 0" (param max_tokens)."""
+    for body in ({"max_tokens": 1}, {}):
+        error = _error(_post(server, "/v1/completions", {
+            "prompt": _ids(CONTEXT), "stream": stream, **body}), "prompt")
+        assert f"context length is {CONTEXT} tokens" in error["message"]
+        assert f"has {CONTEXT} tokens" in error["message"]
+    _error(_post(server, "/v1/completions", {"prompt": _ids(CONTEXT + 1), "max_tokens": 1}),
+           "prompt")
+
+
+@pytest.mark.parametrize("extra", [{}, {"n": 2}, {"echo": True}, {"stream": True}],
+                         ids=["plain", "n2", "echo", "stream"])
+def test_max_tokens_past_the_context_left_is_400(server, extra):
+    """Was a 200 with the completion silently cut to the context left."""
+    error = _error(_post(server, "/v1/completions", {
+        "prompt": _ids(CONTEXT - 1), "max_tokens": 2, **extra}), "max_tokens")
+    msg = error["message"]
+    assert f"context length is {CONTEXT} tokens" in msg and f"requested {CONTEXT + 1}" in msg
+    assert f"{CONTEXT - 1} in the prompt, 2 in max_tokens" in msg
+
+
+def test_what_fits_is_served_to_the_last_token(server):
+    for body in ({"max_tokens": 1}, {}):  # without max_tokens: the context left
+        r = _post(server, "/v1/completions", {"prompt": _ids(CONTEXT - 1), **body})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"] == {**r.json()["usage"], "prompt_tokens": CONTEXT - 1,
+                                     "completion_tokens": 1}
+    # prompt scoring: vLLM runs one decoding step (its engine refuses a prompt that fills the
+    # context then), so the longest prompt scored is one token short of the context
+    r = server.client().completions.create(model=MODEL, prompt=_ids(CONTEXT - 1), echo=True,
+                                           logprobs=0, max_tokens=0)
+    assert r.usage.prompt_tokens == CONTEXT - 1 and r.usage.completion_tokens == 0
+    assert "scores the prompt" in _error(_post(server, "/v1/completions", {
+        "prompt": _ids(CONTEXT), "echo": True, "max_tokens": 0}), "prompt")["message"]
+
+
+def test_text_and_chat_prompts_follow_the_same_rule(server):
+    text = "the quick brown fox jumps over the lazy dog " * 40
+    tokens = httpx.post(f"{server.base_url}/tokenize", json={"model": MODEL, "prompt": text},
+                        headers=server.auth, timeout=60).json()["count"]
+    assert _post(server, "/v1/completions", {
+        "prompt": text, "max_tokens": CONTEXT - tokens}).status_code == 200
+    _error(_post(server, "/v1/completions", {"prompt": [text, "short"],
+                                             "max_tokens": CONTEXT - tokens + 1}), "max_tokens")
+    messages = [{"role": "user", "content": text}]
+    chat_tokens = httpx.post(f"{server.base_url}/tokenize", headers=server.auth, timeout=60,
+                             json={"model": MODEL, "messages": messages}).json()["count"]
+    for field in ("max_tokens", "max_completion_tokens"):
+        error = _error(_post(server, "/v1/chat/completions", {
+            "messages": messages, field: CONTEXT - chat_tokens + 1}), field)
+        assert f"{chat_tokens} in the messages" in error["message"]
+    r = _post(server, "/v1/chat/completions", {"messages": messages,
+                                               "max_tokens": CONTEXT - chat_tokens})
+    assert r.status_code == 200, r.text
+
+
+def test_truncation_to_fit_keeps_room_for_the_completion(server):
+    r = _post(server, "/v1/completions", {"prompt": _ids(CONTEXT + 500), "max_tokens": 5,
+                                          "truncate_prompt_tokens": -1})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == CONTEXT - 5
+
+
+# --- vLLM's 400s name the field -------------------------------------------------------------
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 3, "min_tokens": 5}, "min_tokens"),
+    ("/v1/chat/completions", {"messages": USER, "max_completion_tokens": 3, "min_tokens": 5},
+     "min_tokens"),
+    ("/v1/completions", {"prompt": PROMPT, "truncate_prompt_tokens": 0},
+     "body.truncate_prompt_tokens"),
+    ("/v1/chat/completions", {"messages": USER, "truncate_prompt_tokens": -5},
+     "body.truncate_prompt_tokens"),
+    ("/v1/completions", {"prompt": PROMPT, "truncate_prompt_tokens": CONTEXT + 1},
+     "truncate_prompt_tokens"),
+    ("/v1/completions", {"prompt": [5, 10**9], "max_tokens": 2}, "prompt"),
+    ("/v1/completions", {"prompt": [[5, 6], [5, 10**9]], "max_tokens": 2, "stream": True},
+     "prompt"),
+    # the smoke-test model's template knows system, user and assistant only
+    ("/v1/chat/completions", {"messages": [*USER, {"role": "tool", "content": "42",
+                                                   "tool_call_id": "c1"}],
+                              "max_tokens": 2}, "messages"),
+    ("/v1/chat/completions", {"messages": USER, "request_id": "r" * 129}, "body.request_id"),
+    ("/v1/completions", {"prompt": PROMPT, "request_id": "two words"}, "body.request_id"),
+])
+def test_request_errors_name_the_field(server, path, body, param):
+    _error(_post(server, path, body), param)
+
+
+def test_request_ids_are_bounded_in_the_header_too(server):
+    r = httpx.post(f"{server.base_url}/v1/completions", timeout=60,
+                   json={"model": MODEL, "prompt": PROMPT, "max_tokens": 1},
+                   headers={**server.auth, "X-Request-Id": "x" * 300})
+    assert r.status_code == 400 and "X-Request-Id" in r.json()["error"]["message"], r.text
+    r = _post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 1,
+                                          "request_id": "trace-0123:abc"})
+    assert r.status_code == 200 and "trace-0123:abc" in r.json()["id"], r.text
+
+
+def test_a_negative_seed_is_a_seed(server):
+    def text(seed: int) -> str:
+        r = server.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=8,
+                                               temperature=1.0, seed=seed)
+        return r.choices[0].text
+    assert text(-7) == text(-7)
+
+
+def test_vllm_xargs_errors_read_like_other_validation_errors(server):
+    error = _error(_post(server, "/v1/chat/completions", {
+        "messages": USER, "max_tokens": 2, "vllm_xargs": {"kv_policy": "{not json"}}),
+        "body.vllm_xargs.kv_policy")
+    assert "url" not in error["message"] and "json_invalid" in error["message"]

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
+from vllm.exceptions import VLLMValidationError
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
 from server.app import build_app
@@ -264,3 +265,123 @@ def test_paired_and_escaped_surrogates_are_text(client, ready, monkeypatch):
     resp = client.post("/v1/completions", content=body, headers=AUTH)
     assert resp.status_code == 200, resp.text
     assert reached == [["\U0001F600", "\\ud800"]]
+
+
+# --- vLLM 400s that name no field: located -----------------------------------------------------
+
+@pytest.mark.parametrize("message, model, param", [
+    ("min_tokens must be less than or equal to max_tokens=4, got 9.", "chat", "min_tokens"),
+    ("min_p must be in [0, 1], got 2.", "completions", "min_p"),
+    ("`thinking_token_budget` must be a non-negative integer", "chat",
+     "thinking_token_budget"),
+    ("Token id 99999 is out of vocabulary", "completions", "prompt"),
+    ("Token id -3 is out of vocabulary", "chat", "messages"),
+    ("The model vocabulary size is 512, but the following tokens were specified as bad: [999]",
+     "chat", "bad_words"),
+    ("Too many bad words after tokenization: 9999. The max number is 128.", "chat",
+     "bad_words"),
+    ("Something else went wrong", "chat", None),
+    ("model_name must be set", "chat", None),  # a first word that is no request field
+])
+def test_vllm_messages_are_located(message, model, param):
+    from server.errors import locate_vllm_error
+    from server.schemas import ChatRequest, CompletionsRequest
+    cls = ChatRequest if model == "chat" else CompletionsRequest
+    assert locate_vllm_error(message, cls) == param
+    assert locate_vllm_error(VLLMValidationError(message), cls) == param
+
+
+def test_a_chat_template_refusal_is_about_messages():
+    import jinja2
+
+    from server.errors import locate_vllm_error
+    from server.schemas import ChatRequest, CompletionsRequest
+    try:
+        try:
+            raise jinja2.TemplateError("Conversation roles must alternate user/assistant")
+        except jinja2.TemplateError as cause:
+            raise VLLMValidationError(str(cause)) from cause
+    except VLLMValidationError as exc:
+        assert locate_vllm_error(exc, ChatRequest) == "messages"
+        assert locate_vllm_error(exc, CompletionsRequest) is None
+
+
+class _Renderer:
+    """vLLM's vocabulary check, on a 100-token vocabulary."""
+
+    def validate_token_ids(self, ids, *, parameter=None):
+        if min(ids) < 0 or max(ids) >= 100:
+            raise VLLMValidationError("Token id is out of vocabulary", parameter=parameter)
+
+
+@pytest.mark.parametrize("prompt, bad", [
+    ([1, 2, 99], False), ([1, 100], True), ([[1], [2, 100]], True), ([[1], [99]], False),
+    ("text", False), (["a", "b"], False),
+])
+def test_token_id_prompts_are_checked_against_the_vocabulary(prompt, bad):
+    from server.routes.openai import check_prompt_token_ids
+    from server.schemas import CompletionsRequest
+    body = CompletionsRequest(model="m", prompt=prompt)
+    if not bad:
+        check_prompt_token_ids(body, _Renderer())
+        return
+    with pytest.raises(VLLMValidationError) as err:
+        check_prompt_token_ids(body, _Renderer())
+    assert err.value.parameter == "prompt"
+
+
+@pytest.mark.parametrize("request_id", ["a" * 129, "a b", "caf\u00e9"])
+def test_an_unsafe_x_request_id_header_is_400(client, ready, request_id):
+    body = {"model": "m", "prompt": "a", "max_tokens": 1}
+    headers = {**AUTH, "X-Request-Id": request_id.encode()}
+    error = _openai_error(client.post("/v1/completions", json=body, headers=headers), 400)
+    assert "X-Request-Id" in error["message"]
+
+
+@pytest.mark.parametrize("path", list(BASE_BODIES))
+def test_an_unsafe_request_id_is_400_naming_it(client, ready, path):
+    resp = client.post(path, json={**BASE_BODIES[path], "request_id": "x" * 1000}, headers=AUTH)
+    error = _openai_error(resp, 400)
+    assert error["param"] == "body.request_id" and "128" in error["message"]
+
+
+def test_vllm_xargs_json_errors_carry_no_documentation_url(app, client, ready, monkeypatch):
+    from server.routes.openai import _options_from_xargs
+    from server.schemas import ChatRequest
+    body = ChatRequest(model="m", messages=[{"role": "user", "content": "a"}],
+                       vllm_xargs={"flux": "{not json", "kv_policy": '{"name": 1}'})
+    errors, _ = _options_from_xargs(body)
+    assert errors and all("url" not in e for e in errors)
+    # and none reaches an answer, whichever path raised it
+    monkeypatch.setattr(app.state.engine, "client", SimpleNamespace(
+        errored=False, model_config=SimpleNamespace(
+            max_model_len=64, hf_text_config=SimpleNamespace(num_hidden_layers=2))))
+    monkeypatch.setattr(app.state, "openai_serving_chat",
+                        SimpleNamespace(create_chat_completion=None), raising=False)
+    resp = client.post("/v1/chat/completions", headers=AUTH, json={
+        **BASE_BODIES["/v1/chat/completions"], "vllm_xargs": {"flux": "{not json"}})
+    error = _openai_error(resp, 400)
+    assert error["param"] == "body.vllm_xargs.flux"
+    assert "'url'" not in error["message"] and "errors.pydantic.dev" not in error["message"]
+
+
+def test_stream_error_events_without_param_are_located():
+    import asyncio
+    import json
+
+    from server.routes.openai import _count_disconnect
+    from server.schemas import CompletionsRequest
+
+    async def events():
+        yield 'data: {"choices": []}\n\n'
+        yield ('data: {"error": {"message": "Token id 5000 is out of vocabulary", '
+               '"type": "BadRequestError", "param": null, "code": 400}}\n\n')
+        yield "data: [DONE]\n\n"
+
+    async def collect():
+        return [e async for e in _count_disconnect(events(), "completions",
+                                                   SimpleNamespace(alive=True),
+                                                   CompletionsRequest)]
+    out = asyncio.run(collect())
+    assert out[0] == 'data: {"choices": []}\n\n' and out[2] == "data: [DONE]\n\n"
+    assert json.loads(out[1][len("data: "):])["error"]["param"] == "prompt"

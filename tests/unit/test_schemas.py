@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from pydantic import ValidationError
 from vllm.exceptions import VLLMValidationError
@@ -229,3 +231,146 @@ def test_no_type_coercion_in_reward_items(item):
         .max_tokens == 8
     with pytest.raises(ValidationError):
         RewardRequest.model_validate({"items": [{**base, **item}]})
+
+
+# --- limits that need the model: the prompt and the completion share the context ------------
+
+# what build_tok_params reads of the model config (at least /v1/completions' default max_tokens)
+CONTEXT = SimpleNamespace(max_model_len=32)
+
+
+def _fit(request, prompt_tokens: int) -> dict:
+    """The tokenized prompt after the request's checks (tokenizer-free: token ids)."""
+    return request.build_tok_params(CONTEXT).apply_post_tokenization(
+        None, {"prompt_token_ids": list(range(prompt_tokens))})
+
+
+def _refused(request, prompt_tokens: int) -> VLLMValidationError:
+    with pytest.raises(VLLMValidationError) as err:
+        _fit(request, prompt_tokens)
+    return err.value
+
+
+def _chat(**kw) -> ChatRequest:
+    return ChatRequest(model="m", messages=MESSAGES, **kw)
+
+
+def _completion(**kw) -> CompletionsRequest:
+    return CompletionsRequest(model="m", prompt=[1], **kw)
+
+
+@pytest.mark.parametrize("request_, param", [
+    (_completion(max_tokens=2), "max_tokens"), (_chat(max_tokens=2), "max_tokens"),
+    (_chat(max_completion_tokens=2), "max_completion_tokens"),
+    (_completion(max_tokens=2, n=3, echo=True), "max_tokens"),
+])
+def test_an_explicit_output_limit_past_the_context_left_is_refused(request_, param):
+    assert len(_fit(request_, 30)["prompt_token_ids"]) == 30  # 30 + 2 = 32 fits
+    err = _refused(request_, 31)
+    assert err.parameter == param
+    msg = str(err)
+    assert "maximum context length is 32 tokens" in msg and "requested 33 tokens" in msg
+    assert f"31 in the {'messages' if isinstance(request_, ChatRequest) else 'prompt'}" in msg
+    assert f"2 in {param}" in msg and "at most 1" in msg
+
+
+@pytest.mark.parametrize("request_, param", [
+    (_completion(max_tokens=1), "prompt"), (_completion(), "prompt"),
+    (_chat(max_tokens=1), "messages"), (_chat(), "messages"),
+])
+def test_a_prompt_that_fills_the_context_is_refused_naming_it(request_, param):
+    """Used to be vLLM's "max_tokens must be at least 1, got 0"."""
+    err = _refused(request_, 32)
+    assert err.parameter == param and "the " + param + " has 32 tokens" in str(err)
+    assert "leaves no room" in str(err)
+    assert _refused(request_, 33).parameter == param  # longer than the context: vLLM's message
+
+
+def test_without_a_limit_the_completion_gets_the_context_left():
+    # vLLM then clamps its max_tokens (16 on /v1/completions, the context on chat) to what is left
+    for request_ in (_completion(), _chat(), _completion(max_tokens=None)):
+        assert len(_fit(request_, 31)["prompt_token_ids"]) == 31
+
+
+def test_min_tokens_needs_its_room_too():
+    err = _refused(_chat(min_tokens=3), 30)
+    assert err.parameter == "min_tokens" and "leaves 2" in str(err)
+    _fit(_chat(min_tokens=2), 30)
+    assert _refused(_chat(min_tokens=3), 32).parameter == "messages"
+
+
+def test_prompt_scoring_needs_the_one_token_vllm_decodes():
+    request_ = _completion(max_tokens=0, echo=True)
+    assert len(_fit(request_, 31)["prompt_token_ids"]) == 31
+    err = _refused(request_, 32)
+    assert err.parameter == "prompt" and "max_tokens=0 scores the prompt" in str(err)
+
+
+def test_truncation_to_fit_keeps_room_for_the_requested_completion():
+    ids = _fit(_completion(max_tokens=3, truncate_prompt_tokens=-1), 40)["prompt_token_ids"]
+    assert ids == list(range(29))  # right truncation: no tokenizer to say otherwise
+    assert len(_fit(_chat(truncate_prompt_tokens=-1), 40)["prompt_token_ids"]) == 31
+    # an explicit truncation is kept as asked, and then checked like any prompt
+    assert _refused(_completion(max_tokens=3, truncate_prompt_tokens=30), 40).parameter == \
+        "max_tokens"
+
+
+def test_text_past_the_character_bound_names_the_prompt():
+    tokenizer = SimpleNamespace(max_chars_per_token=2)
+    params = _chat(max_tokens=1).build_tok_params(CONTEXT)
+    with pytest.raises(VLLMValidationError) as err:
+        params.apply_pre_tokenization(tokenizer, {"prompt": "x" * 65})
+    assert err.value.parameter == "messages"  # vLLM's own check said `input_text`
+
+
+@pytest.mark.parametrize("make, overrides, limit", [
+    (_chat, {"min_tokens": 5, "max_tokens": 3}, "max_tokens=3"),
+    (_completion, {"min_tokens": 5, "max_tokens": 3}, "max_tokens=3"),
+    (_chat, {"min_tokens": 5, "max_completion_tokens": 3}, "max_completion_tokens=3"),
+    (_completion, {"min_tokens": 17}, "max_tokens=16 (the default"),
+    (_completion, {"min_tokens": 1, "max_tokens": 0, "echo": True}, "max_tokens=0"),
+])
+def test_min_tokens_past_max_tokens_names_min_tokens(make, overrides, limit):
+    """Was vLLM's "min_tokens must be less than or equal to max_tokens" with `param: null`."""
+    with pytest.raises(VLLMValidationError) as err:
+        make(**overrides)
+    assert err.value.parameter == "min_tokens" and limit in str(err.value)
+    assert _chat(min_tokens=17).min_tokens == 17  # chat's default limit is the context left
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5])
+def test_truncate_prompt_tokens_keeps_at_least_one_token(value):
+    for make in (_chat, _completion):
+        with pytest.raises(ValidationError) as err:
+            make(truncate_prompt_tokens=value)
+        assert {e["loc"][0] for e in err.value.errors()} == {"truncate_prompt_tokens"}
+    assert _chat(truncate_prompt_tokens=-1).truncate_prompt_tokens == -1
+    assert _completion(truncate_prompt_tokens=1).truncate_prompt_tokens == 1
+
+
+@pytest.mark.parametrize("request_id", ["a" * 129, "", "a b", "a\nb", "é", "a\tb"])
+def test_request_id_is_bounded(request_id):
+    for make in (_chat, _completion):
+        with pytest.raises(ValidationError) as err:
+            make(request_id=request_id)
+        assert err.value.errors()[0]["loc"] == ("request_id",)
+
+
+def test_request_ids_of_common_shapes_are_accepted():
+    for request_id in ("a" * 128, "0f8c1e7e-3a5b-4c2d-9e1f-2b3c4d5e6f70", "req_01H:x/y.z+1=@"):
+        assert _completion(request_id=request_id).request_id == request_id
+    assert _chat().request_id  # a random one when not sent
+
+
+@pytest.mark.parametrize("seed, sampled", [(-1, None), (-2, -2), (-2**63, -2**63),
+                                           (2**63 - 1, 2**63 - 1), (0, 0)])
+def test_any_int64_seed_is_a_seed_and_minus_one_is_none(seed, sampled):
+    for make in (_chat, _completion):
+        params = make(seed=seed).to_sampling_params(4, {})
+        assert params.seed == sampled
+
+
+@pytest.mark.parametrize("seed", [2**63, -2**63 - 1])
+def test_seeds_past_int64_are_rejected(seed):
+    with pytest.raises(ValidationError):
+        _chat(seed=seed)
