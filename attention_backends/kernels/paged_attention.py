@@ -636,10 +636,15 @@ def _flash_varlen():
     return _FLASH_VARLEN[0]
 
 
-def flash_varlen_ok(head_size: int) -> bool:
-    """A FlashAttention varlen function is registered (``flash_varlen.register``) and the head
-    size suits the sink-merge kernel (a power of two)."""
-    return head_size & (head_size - 1) == 0 and _flash_varlen().registered() is not None
+FLASH_DTYPES = (torch.float16, torch.bfloat16)  # FlashAttention's 16-bit inputs
+
+
+def flash_varlen_ok(head_size: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """A FlashAttention varlen function is registered (``flash_varlen.register``), the head
+    size suits the sink-merge kernel (a power of two) and the dtype FlashAttention (16-bit:
+    a float32 model stays on our kernels)."""
+    return (head_size & (head_size - 1) == 0 and dtype in FLASH_DTYPES
+            and _flash_varlen().registered() is not None)
 
 
 @functools.lru_cache(maxsize=8)
@@ -861,7 +866,7 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
     # its prefill rows when they are contiguous and share one window (the decode kernel below
     # takes the other rows)
     flash_rows: range = range(0)
-    if not (has_gap or has_calib) and flash_varlen_ok(d):
+    if not (has_gap or has_calib) and flash_varlen_ok(d, q.dtype):
         flash_varlen = _flash_varlen()
         backend = (pcfg.get("sparse_backend" if has_sw else "dense_backend") if prefill
                    else dcfg.get("backend", "triton"))

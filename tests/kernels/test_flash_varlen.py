@@ -213,3 +213,22 @@ def test_prefill_range():
     assert prefill_range(qsl, None, 16, 5) is None
     assert prefill_range([0, 70, 71, 108], [16, 0, 16], 16, 3) is None  # not contiguous
     assert prefill_range([0, 1, 2], [16, 16], 16, 2) is None  # no prefill
+
+
+@needs_triton
+def test_float32_stays_on_our_kernels(flash_ref):
+    """FlashAttention takes 16-bit inputs: a float32 model's steps never go there, whatever the
+    table says."""
+    seqs = [(70, 70), (33, 1)]
+    paged, q, qsl = _inputs(51, seqs, dtype=torch.float32)
+    masks = {"sink": _i32([4, 4]), "window": _i32([16, 16])}
+    got, _ = ops.paged_attention(
+        q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl, 0.125,
+        prefill_config={"sparse_backend": "flash", "dense_backend": "flash", "block_m": 16,
+                        "block_n": 16}, decode_config={"block_n": 16},
+        host_window=[16, 16], host_sink=[4, 4], host_query_start_loc=qsl.tolist(),
+        host_seq_lens=paged.seq_lens.tolist(), **masks)
+    assert flash_ref == []
+    want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens,
+                                      qsl, 0.125, **masks)
+    assert rel_err(got, want) < TOL[torch.float32]

@@ -44,6 +44,8 @@ def test_flash_varlen_ok_follows_register():
         flash_varlen.register(lambda **kw: None)
         assert pa.flash_varlen_ok(128) and pa.flash_varlen_ok(64)
         assert not pa.flash_varlen_ok(96)  # the sink-merge kernel takes powers of two
+        assert pa.flash_varlen_ok(128, torch.float16)
+        assert not pa.flash_varlen_ok(128, torch.float32)  # FlashAttention takes 16-bit inputs
         flash_varlen.register(None)
         assert not pa.flash_varlen_ok(128)
     finally:
