@@ -295,7 +295,7 @@ def test_sink_window_property(flash_ref, monkeypatch, case):
         decode_config={"backend": "flash", "block_n": 16}, host_window=windows,
         host_sink=sinks, host_query_start_loc=qsl.tolist(),
         host_seq_lens=paged.seq_lens.tolist(), **masks)
-    if len(set(windows)) == 1 and q.shape[0]:  # (a step of padding rows launches nothing)
+    if len(set(windows)) == 1 and windows[0] > 0 and q.shape[0]:  # (padding alone: no launch)
         assert flash_ref == [{"causal": True, "window_size": [windows[0] - 1, 0]}]
     want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens,
                                       qsl, 0.125, **masks)
@@ -375,3 +375,27 @@ def test_sink_window_lse_of_empty_rows_not_read(flash_ref):
                                       qsl, 0.125, **masks)
     assert not torch.isnan(got).any()
     assert rel_err(got, want) < TOL[torch.bfloat16]
+
+
+@needs_triton
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(case=_sparse_batches())
+def test_dense_property(flash_ref, case):
+    """A dense layer's step (whole prompts, chunks over a cached prefix, decodes, padding rows)
+    goes to FlashAttention in one causal call and equals the float32 paged reference."""
+    note(repr(case))
+    flash_ref.clear()
+    rows = case["rows"]
+    paged, q, qsl = _inputs(case["seed"], rows, hq=case["hq"], hkv=case["hkv"], d=case["d"],
+                            bs=case["bs"], dtype=case["dtype"])
+    out = torch.full_like(q, float("nan"))
+    got, _ = ops.paged_attention(
+        q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl, 0.125, out=out,
+        prefill_config={"dense_backend": "flash"}, decode_config={"backend": "flash"},
+        host_query_start_loc=qsl.tolist(), host_seq_lens=paged.seq_lens.tolist())
+    assert flash_ref == ([{"causal": True}] if q.shape[0] else [])
+    want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens,
+                                      qsl, 0.125)
+    assert not torch.isnan(got).any()
+    assert rel_err(got, want) < TOL[case["dtype"]]
