@@ -179,7 +179,7 @@ def _sink_merge_kernel(q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, sink_ptr, o
                 l_i = l_i * alpha + tl.sum(p, 1)
                 acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v)
                 m_i = m_new
-            lb = tl.load(lse_ptr + h * stride_lh + tok * stride_lt, mask=row_ok,
+            lb = tl.load(lse_ptr + h.to(tl.int64) * stride_lh + tok * stride_lt, mask=row_ok,
                          other=0.0) * 1.4426950408889634  # log2(e)
             ob = tl.load(out_ptr + tok[:, None] * stride_ot + h * stride_oh + d[None, :],
                          mask=row_ok[:, None], other=0.0).to(tl.float32)

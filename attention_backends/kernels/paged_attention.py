@@ -639,11 +639,15 @@ def _flash_varlen():
 FLASH_DTYPES = (torch.float16, torch.bfloat16)  # FlashAttention's 16-bit inputs
 
 
-def flash_varlen_ok(head_size: int, dtype: torch.dtype = torch.bfloat16) -> bool:
-    """A FlashAttention varlen function is registered (``flash_varlen.register``), the head
-    size suits the sink-merge kernel (a power of two) and the dtype FlashAttention (16-bit:
-    a float32 model stays on our kernels)."""
-    return (head_size & (head_size - 1) == 0 and dtype in FLASH_DTYPES
+def flash_varlen_ok(head_size: int, dtype: torch.dtype = torch.bfloat16, block_size: int = 16,
+                    kv_dtype: torch.dtype | None = None) -> bool:
+    """A FlashAttention varlen function is registered (``flash_varlen.register``) and can take
+    the step: a head size that suits the sink-merge kernel (a power of two, 16 for its dot
+    products) and FlashAttention (at most 256), one 16-bit dtype for q, the KV cache
+    (``kv_dtype``, None: q's) and the output (a float32 model stays on our kernels), and
+    blocks of a multiple of 16 slots (vLLM's FlashAttention block sizes)."""
+    return (16 <= head_size <= 256 and head_size & (head_size - 1) == 0
+            and dtype in FLASH_DTYPES and kv_dtype in (None, dtype) and block_size % 16 == 0
             and _flash_varlen().registered() is not None)
 
 
@@ -866,7 +870,8 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
     # its prefill rows when they are contiguous and share one window (the decode kernel below
     # takes the other rows)
     flash_rows: range = range(0)
-    if not (has_gap or has_calib) and flash_varlen_ok(d, q.dtype):
+    if (not (has_gap or has_calib) and out.dtype == q.dtype
+            and flash_varlen_ok(d, q.dtype, page, kv_cache.dtype)):
         flash_varlen = _flash_varlen()
         backend = (pcfg.get("sparse_backend" if has_sw else "dense_backend") if prefill
                    else dcfg.get("backend", "triton"))

@@ -201,20 +201,38 @@ def flash_varlen_ref(*, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
     ``[num_blocks, block_size, Hkv, D]``, keys of sequence ``s`` its first ``seqused_k[s]``
     slots; query ``i`` of ``q_len`` sits at ``p = seqused_k - q_len + i`` (bottom-right) and
     sees ``j <= p`` (``causal``) and ``j >= p - window_size[0]`` (``window_size[0] >= 0``).
-    Writes ``out`` (q's dtype) and returns it, with ``lse [Hq, T]`` float32 (natural log,
-    ``-inf`` for a row without keys) when ``return_softmax_lse``."""
+    Writes ``out`` (q's dtype) and returns it, with ``lse [Hq, T]`` float32 (natural log;
+    ``+inf`` for a row without keys, as FlashAttention's kernels write it) when
+    ``return_softmax_lse``. Raises ``ValueError`` on inputs FlashAttention (2 and 3) refuses or
+    would read wrongly: dtypes other than one 16-bit type for q, k, v and out, head sizes not a
+    multiple of 8 or over 256, pages (blocks) not a multiple of 16 slots (vLLM's FlashAttention
+    block sizes), non-int32 metadata, and ``max_seqlen_q`` / ``max_seqlen_k`` below the real
+    lengths (FlashAttention sizes its grid by them)."""
     t_total, hq, d = q.shape
     hkv, page = k.shape[2], k.shape[1]
     g = hq // hkv
     left = window_size[0] if window_size is not None else -1
     if out is None:
         out = torch.empty_like(q)
-    lse_all = torch.full((hq, t_total), float("-inf"), dtype=torch.float32, device=q.device)
+    dtypes = {q.dtype, k.dtype, v.dtype, out.dtype}
+    if len(dtypes) != 1 or q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"FlashAttention takes one 16-bit dtype, got {dtypes}")
+    if d % 8 or d > 256 or page % 16 or hq % hkv:
+        raise ValueError(f"FlashAttention cannot take head size {d}, block size {page}, "
+                         f"{hq} q heads over {hkv} KV heads")
+    if any(t.dtype != torch.int32 for t in (cu_seqlens_q, seqused_k, block_table)):
+        raise ValueError("cu_seqlens_q, seqused_k and block_table must be int32")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("FlashAttention needs a contiguous last dimension")
+    lse_all = torch.full((hq, t_total), float("inf"), dtype=torch.float32, device=q.device)
     qsl = [int(x) for x in cu_seqlens_q.tolist()]
     for s, n_k in enumerate(int(x) for x in seqused_k.tolist()):
         t0, t1 = qsl[s], qsl[s + 1]
         if t1 <= t0:
             continue
+        if t1 - t0 > max_seqlen_q or n_k > max_seqlen_k:
+            raise ValueError(f"sequence {s}: {t1 - t0} queries over {n_k} keys exceed "
+                             f"max_seqlen_q {max_seqlen_q} / max_seqlen_k {max_seqlen_k}")
         slots = torch.arange(n_k, device=q.device)
         blocks = block_table[s, slots // page].long()
         ks = k[blocks, slots % page].to(torch.float32).permute(1, 0, 2)  # [Hkv, n_k, D]
@@ -229,7 +247,7 @@ def flash_varlen_ref(*, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
         sc = (qs @ ks.repeat_interleave(g, 0).transpose(1, 2)) * softmax_scale
         o, lse = masked_softmax_attention(sc, vis[None], vs.repeat_interleave(g, 0))
         out[t0:t1] = o.permute(1, 0, 2).to(out.dtype)
-        lse_all[:, t0:t1] = lse
+        lse_all[:, t0:t1] = torch.where(torch.isneginf(lse), float("inf"), lse)
     return (out, lse_all) if return_softmax_lse else out
 
 

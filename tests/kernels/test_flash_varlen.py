@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
 from kvcache_builder import TOL, build_paged_kv, needs_triton, rel_err
 
 from attention_backends.kernels import ops
@@ -232,3 +234,168 @@ def test_float32_stays_on_our_kernels(flash_ref):
     want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens,
                                       qsl, 0.125, **masks)
     assert rel_err(got, want) < TOL[torch.float32]
+
+
+# ------------------------------------------------------------------ properties over random batches
+
+_GROUPS = [(1, 1), (2, 1), (4, 1), (8, 1), (4, 2), (8, 2)]  # (Hq, Hkv): group sizes 1, 2, 4, 8
+
+
+@st.composite
+def _sparse_batches(draw):
+    """A small step: rows with a cached prefix (0 for whole prompts) and 0 (padding) to ~80
+    queries, per-row sinks (0, inside, past the window, past the sequence), one window for the
+    flash rows (1 up to past every sequence); ``mixed`` gives the decode rows other windows
+    (0 = full attention) so that only the prefill rows can go to FlashAttention."""
+    hq, hkv = draw(st.sampled_from(_GROUPS))
+    n = draw(st.integers(1, 4))
+    q_thr = max(1, 64 // (hq // hkv))
+    rows = []
+    for _ in range(n):
+        kind = draw(st.sampled_from(["prefill", "decode", "empty"]))
+        q_len = {"prefill": draw(st.integers(q_thr + 1, q_thr + 24)),
+                 "decode": draw(st.integers(1, min(q_thr, 4))), "empty": 0}[kind]
+        ctx = draw(st.integers(0 if kind != "decode" else 1, 40))
+        rows.append((ctx + q_len, q_len))
+    window = draw(st.integers(1, 90))
+    sinks = [draw(st.integers(0, 100)) for _ in range(n)]
+    mixed = draw(st.booleans())
+    windows = [window if not mixed or ql > q_thr else draw(st.sampled_from([0, 3, window + 1]))
+               for _, ql in rows]
+    return {"hq": hq, "hkv": hkv, "rows": rows, "sinks": sinks, "windows": windows,
+            "dtype": draw(st.sampled_from([torch.float16, torch.bfloat16])),
+            "d": draw(st.sampled_from([64, 128, 256])), "bs": draw(st.sampled_from([16, 32])),
+            "block_t": draw(st.sampled_from([16, 64])),
+            "seed": draw(st.integers(0, 2**16))}
+
+
+@needs_triton
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(case=_sparse_batches())
+def test_sink_window_property(flash_ref, monkeypatch, case):
+    """Any batch the dispatch sends to FlashAttention (uniform window: the whole step; else its
+    contiguous prefill rows) equals the float32 paged reference with the sink + window mask,
+    NaN-poisoned cache slots and output included; token tiles of 16 and 64 queries in the
+    sink merge (tiles straddling the band edge)."""
+    from attention_backends.kernels import flash_varlen
+
+    monkeypatch.setattr(flash_varlen, "SINK_BLOCK_T", case["block_t"])
+    note(repr(case))
+    flash_ref.clear()
+    rows = case["rows"]
+    paged, q, qsl = _inputs(case["seed"], rows, hq=case["hq"], hkv=case["hkv"], d=case["d"],
+                            bs=case["bs"], dtype=case["dtype"])
+    sinks, windows = case["sinks"], case["windows"]
+    masks = {"sink": _i32(sinks), "window": _i32(windows)}
+    got, _ = ops.paged_attention(
+        q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl, 0.125,
+        out=torch.full_like(q, float("nan")),
+        prefill_config={"sparse_backend": "flash", "block_m": 16, "block_n": 16},
+        decode_config={"backend": "flash", "block_n": 16}, host_window=windows,
+        host_sink=sinks, host_query_start_loc=qsl.tolist(),
+        host_seq_lens=paged.seq_lens.tolist(), **masks)
+    if len(set(windows)) == 1 and windows[0] > 0 and q.shape[0]:  # (padding alone: no launch)
+        assert flash_ref == [{"causal": True, "window_size": [windows[0] - 1, 0]}]
+    want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens,
+                                      qsl, 0.125, **masks)
+    assert not torch.isnan(got).any()
+    assert rel_err(got, want) < TOL[case["dtype"]]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["block size 8", "kv dtype", "out dtype"])
+def test_flash_refused_for_shapes_it_cannot_take(flash_ref, case):
+    """Blocks of 8 slots (vLLM's FlashAttention takes multiples of 16), a KV cache or output
+    buffer of another dtype than q: our kernels run (the stand-in raises, as FlashAttention
+    does, on all of these), with the reference's result."""
+    seqs = [(70, 70), (33, 1)]
+    paged, q, qsl = _inputs(61, seqs, bs=8 if case == "block size 8" else 16)
+    kv_cache = paged.kv_cache.to(torch.float16) if case == "kv dtype" else paged.kv_cache
+    out = torch.full_like(q, float("nan"), dtype=torch.float16 if case == "out dtype" else None)
+    sinks, windows = [4, 2], [16, 16]
+    masks = {"sink": _i32(sinks), "window": _i32(windows)}
+    for cfg_extra, m in (({"sparse_backend": "flash"}, masks),
+                         ({"dense_backend": "flash"}, {})):
+        flash_ref.clear()
+        got, _ = ops.paged_attention(
+            q, kv_cache, paged.block_table, paged.seq_lens, qsl, 0.125, out=out,
+            prefill_config={**cfg_extra, "block_m": 16, "block_n": 16},
+            decode_config={"backend": "flash", "block_n": 16},
+            host_window=windows if m else None, host_sink=sinks if m else None,
+            host_query_start_loc=qsl.tolist(), host_seq_lens=paged.seq_lens.tolist(), **m)
+        assert flash_ref == []
+        want, _ = ref.paged_attention_ref(q, kv_cache, paged.block_table, paged.seq_lens, qsl,
+                                          0.125, **m)
+        assert rel_err(got, want) < TOL[torch.bfloat16]
+
+
+def test_reference_refuses_what_flash_refuses():
+    """The stand-in holds FlashAttention's limits, so a dispatch that sends it something
+    FlashAttention cannot take fails here as it would on the GPU."""
+    paged, q, qsl = _inputs(7, [(40, 40)], d=64, bs=16)
+    k, v = paged.kv_cache.transpose(1, 2).split(64, dim=-1)
+    kw = {"cu_seqlens_q": qsl, "max_seqlen_q": 40, "seqused_k": paged.seq_lens,
+          "max_seqlen_k": 40, "softmax_scale": 0.125, "causal": True,
+          "block_table": paged.block_table}
+    ref.flash_varlen_ref(q=q, k=k, v=v, **kw)
+    with pytest.raises(ValueError, match="16-bit"):
+        ref.flash_varlen_ref(q=q.float(), k=k.float(), v=v.float(), **kw)
+    with pytest.raises(ValueError, match="16-bit"):
+        ref.flash_varlen_ref(q=q, k=k.half(), v=v.half(), **kw)
+    with pytest.raises(ValueError, match="block size 8"):
+        ref.flash_varlen_ref(q=q, k=k[:, :8], v=v[:, :8], **kw)
+    with pytest.raises(ValueError, match="exceed"):
+        ref.flash_varlen_ref(q=q, k=k, v=v, **{**kw, "max_seqlen_q": 39})
+    with pytest.raises(ValueError, match="exceed"):
+        ref.flash_varlen_ref(q=q, k=k, v=v, **{**kw, "max_seqlen_k": 39})
+    q5 = torch.zeros(40, 8, 512, dtype=q.dtype)
+    kv5 = torch.zeros(k.shape[0], 16, 2, 512, dtype=q.dtype)
+    with pytest.raises(ValueError, match="head size 512"):
+        ref.flash_varlen_ref(q=q5, k=kv5, v=kv5, **kw)
+
+
+@needs_triton
+def test_sink_window_lse_of_empty_rows_not_read(flash_ref):
+    """FlashAttention writes ``lse = +inf`` for a row without keys (the stand-in does too); the
+    band always holds the query's own key, so the merge never meets one: a query at p = W - 1
+    (band from key 0), p = W (sink key 0 outside), p = sink + W - 1 (every sink key outside),
+    window 1, and a sink past the sequence."""
+    seqs = [(1, 1), (17, 17), (40, 40), (7, 1), (3, 2)]
+    paged, q, qsl = _inputs(71, seqs, hq=4, hkv=1)
+    sinks, window = [5, 1, 24, 50, 9], 16
+    masks = {"sink": _i32(sinks), "window": _i32([window] * 5)}
+    got, _ = ops.paged_attention(
+        q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl, 0.125,
+        out=torch.full_like(q, float("nan")), prefill_config={"sparse_backend": "flash"},
+        host_window=[window] * 5, host_sink=sinks, host_query_start_loc=qsl.tolist(),
+        host_seq_lens=paged.seq_lens.tolist(), **masks)
+    assert flash_ref
+    want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens,
+                                      qsl, 0.125, **masks)
+    assert not torch.isnan(got).any()
+    assert rel_err(got, want) < TOL[torch.bfloat16]
+
+
+@needs_triton
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(case=_sparse_batches())
+def test_dense_property(flash_ref, case):
+    """A dense layer's step (whole prompts, chunks over a cached prefix, decodes, padding rows)
+    goes to FlashAttention in one causal call and equals the float32 paged reference."""
+    note(repr(case))
+    flash_ref.clear()
+    rows = case["rows"]
+    paged, q, qsl = _inputs(case["seed"], rows, hq=case["hq"], hkv=case["hkv"], d=case["d"],
+                            bs=case["bs"], dtype=case["dtype"])
+    out = torch.full_like(q, float("nan"))
+    got, _ = ops.paged_attention(
+        q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl, 0.125, out=out,
+        prefill_config={"dense_backend": "flash"}, decode_config={"backend": "flash"},
+        host_query_start_loc=qsl.tolist(), host_seq_lens=paged.seq_lens.tolist())
+    assert flash_ref == ([{"causal": True}] if q.shape[0] else [])
+    want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens,
+                                      qsl, 0.125)
+    assert not torch.isnan(got).any()
+    assert rel_err(got, want) < TOL[case["dtype"]]

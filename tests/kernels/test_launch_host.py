@@ -46,6 +46,12 @@ def test_flash_varlen_ok_follows_register():
         assert not pa.flash_varlen_ok(96)  # the sink-merge kernel takes powers of two
         assert pa.flash_varlen_ok(128, torch.float16)
         assert not pa.flash_varlen_ok(128, torch.float32)  # FlashAttention takes 16-bit inputs
+        assert pa.flash_varlen_ok(256) and pa.flash_varlen_ok(16)
+        assert not pa.flash_varlen_ok(512)  # over FlashAttention's 256
+        assert not pa.flash_varlen_ok(8) and not pa.flash_varlen_ok(0)  # the merge's dots
+        assert pa.flash_varlen_ok(128, torch.bfloat16, 32, torch.bfloat16)
+        assert not pa.flash_varlen_ok(128, torch.bfloat16, 8)  # blocks: multiples of 16
+        assert not pa.flash_varlen_ok(128, torch.bfloat16, 16, torch.float16)  # one dtype
         flash_varlen.register(None)
         assert not pa.flash_varlen_ok(128)
     finally:
