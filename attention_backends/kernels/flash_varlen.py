@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from attention_backends.kernels.intmath import cdiv, next_power_of_2
-from attention_backends.kernels.paged_attention import LOG2E, _mma
+from attention_backends.kernels.paged_attention import LOG2E, _mma, _softmax_step
 
 FlashVarlen = Callable[..., object]
 _FLASH: list[FlashVarlen] = []
@@ -172,13 +172,7 @@ def _sink_merge_kernel(q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, sink_ptr, o
                             other=0.0)
                 sc = _mma(q, k) * scale_log2
                 sc = tl.where(j[None, :] < n_keys[:, None], sc, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(sc, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(sc - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v)
-                m_i = m_new
+                m_i, l_i, acc = _softmax_step(sc, v, m_i, l_i, acc)
             lb = tl.load(lse_ptr + h.to(tl.int64) * stride_lh + tok * stride_lt, mask=row_ok,
                          other=0.0) * 1.4426950408889634  # log2(e)
             ob = tl.load(out_ptr + tok[:, None] * stride_ot + h * stride_oh + d[None, :],

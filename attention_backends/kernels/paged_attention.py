@@ -135,6 +135,20 @@ def _load_kv_tile_full(kv_ptr, bt_row_ptr, kvh, n0, stride_kb, stride_kh, stride
 
 
 @triton.jit
+def _softmax_step(qk2, v, m_i, l_i, acc):
+    """One online-softmax step over a tile: ``qk2`` the tile's scores in the log2 domain, masked
+    keys ``-inf`` (a row with none visible so far keeps ``m = -inf``, ``l = 0``, ``acc = 0``).
+    Returns the new ``(m_i, l_i, acc)``."""
+    m_new = tl.maximum(m_i, tl.max(qk2, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk2 - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attend_tile(q, k, v, offs_n, jvalid, pos, m_i, l_i, acc, sink, window, scale_log2,
                  APPLY_MASK: tl.constexpr):
     qk = _mma(q, tl.trans(k))  # raw scores; the scale is folded into the exponent (FMA)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from attention_backends.kernels.intmath import cdiv, next_power_of_2
-from attention_backends.kernels.paged_attention import _mma, _num_sms
+from attention_backends.kernels.paged_attention import _mma, _num_sms, _softmax_step
 from attention_backends.kernels.reference import max_pool_same
 
 LOG2E = 1.4426950408889634
@@ -129,13 +129,7 @@ def _evicted_kernel(q_ptr, kv_ptr, row_ptr, kept_ptr, part_o_ptr, part_lse_ptr, 
                        D, PAGE, True)
         qk = _mma(q, tl.trans(k)) * scale_log2
         qk = tl.where(ev[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc)
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))

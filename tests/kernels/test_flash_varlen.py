@@ -29,6 +29,23 @@ def _inputs(seed, seqs, hq=8, hkv=2, d=64, bs=16, dtype=torch.bfloat16):
     return paged, q, qsl
 
 
+def _sparse_through_flash(paged, q, qsl, scale, sinks, windows, prefill_config=None,
+                          decode_config=None):
+    """``ops.paged_attention`` with the sink + window mask, ``sparse_backend = "flash"`` and
+    the host copies the glue passes, into a NaN-poisoned buffer; returns ``(got, want)``, want
+    the float32 paged reference."""
+    masks = {"sink": _i32(sinks), "window": _i32(windows)}
+    got, _ = ops.paged_attention(
+        q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl, scale,
+        out=torch.full_like(q, float("nan")),
+        prefill_config={"sparse_backend": "flash", **(prefill_config or {})},
+        decode_config=decode_config, host_window=windows, host_sink=sinks,
+        host_query_start_loc=qsl.tolist(), host_seq_lens=paged.seq_lens.tolist(), **masks)
+    want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens,
+                                      qsl, scale, **masks)
+    return got, want
+
+
 @pytest.fixture
 def flash_ref(monkeypatch):
     """FlashAttention's contract, registered as the vLLM glue registers the real kernel; calls
@@ -103,15 +120,7 @@ def test_sink_merge_gqa_shapes(flash_ref):
     merge runs several token tiles per sequence."""
     seqs = [(300, 300), (200, 90), (150, 1)]
     paged, q, qsl = _inputs(3, seqs, hq=8, hkv=1, d=128, bs=32, dtype=torch.float16)
-    sinks, window = [32, 70, 5], 48
-    masks = {"sink": _i32(sinks), "window": _i32([window] * 3)}
-    got, _ = ops.paged_attention(
-        q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl, 0.09,
-        out=torch.full_like(q, float("nan")), prefill_config={"sparse_backend": "flash"},
-        host_window=[window] * 3, host_sink=sinks, host_query_start_loc=qsl.tolist(),
-        host_seq_lens=paged.seq_lens.tolist(), **masks)
-    want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens,
-                                      qsl, 0.09, **masks)
+    got, want = _sparse_through_flash(paged, q, qsl, 0.09, [32, 70, 5], [48] * 3)
     assert rel_err(got, want) < TOL[torch.float16]
 
 
@@ -188,19 +197,11 @@ def test_prefill_rows_through_flash(flash_ref, seqs, windows, taken):
     or have other windows: the prefill rows go there as views of the batch, the decode rows
     through our decode kernel; the result equals the float32 paged reference."""
     paged, q, qsl = _inputs(41 + len(seqs), seqs)
-    sinks = [3, 4, 2, 8, 1][:len(seqs)]
-    masks = {"sink": _i32(sinks), "window": _i32(windows)}
-    got, _ = ops.paged_attention(
-        q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl, 0.125,
-        out=torch.full_like(q, float("nan")),
-        prefill_config={"sparse_backend": "flash", "block_m": 16, "block_n": 16},
-        decode_config={"block_n": 16}, host_window=windows, host_sink=sinks,
-        host_query_start_loc=qsl.tolist(), host_seq_lens=paged.seq_lens.tolist(), **masks)
+    got, want = _sparse_through_flash(paged, q, qsl, 0.125, [3, 4, 2, 8, 1][:len(seqs)],
+                                      windows, {"block_m": 16, "block_n": 16}, {"block_n": 16})
     prefill_windows = {w for (_, ql), w in zip(seqs, windows, strict=True) if ql > 64 // 4}
     assert flash_ref == ([{"causal": True, "window_size": [prefill_windows.pop() - 1, 0]}]
                          if taken else [])
-    want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens,
-                                      qsl, 0.125, **masks)
     assert not torch.isnan(got).any()
     assert rel_err(got, want) < TOL[torch.bfloat16]
 
@@ -286,19 +287,12 @@ def test_sink_window_property(flash_ref, monkeypatch, case):
     rows = case["rows"]
     paged, q, qsl = _inputs(case["seed"], rows, hq=case["hq"], hkv=case["hkv"], d=case["d"],
                             bs=case["bs"], dtype=case["dtype"])
-    sinks, windows = case["sinks"], case["windows"]
-    masks = {"sink": _i32(sinks), "window": _i32(windows)}
-    got, _ = ops.paged_attention(
-        q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl, 0.125,
-        out=torch.full_like(q, float("nan")),
-        prefill_config={"sparse_backend": "flash", "block_m": 16, "block_n": 16},
-        decode_config={"backend": "flash", "block_n": 16}, host_window=windows,
-        host_sink=sinks, host_query_start_loc=qsl.tolist(),
-        host_seq_lens=paged.seq_lens.tolist(), **masks)
+    windows = case["windows"]
+    got, want = _sparse_through_flash(paged, q, qsl, 0.125, case["sinks"], windows,
+                                      {"block_m": 16, "block_n": 16},
+                                      {"backend": "flash", "block_n": 16})
     if len(set(windows)) == 1 and windows[0] > 0 and q.shape[0]:  # (padding alone: no launch)
         assert flash_ref == [{"causal": True, "window_size": [windows[0] - 1, 0]}]
-    want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens,
-                                      qsl, 0.125, **masks)
     assert not torch.isnan(got).any()
     assert rel_err(got, want) < TOL[case["dtype"]]
 
@@ -363,16 +357,8 @@ def test_sink_window_lse_of_empty_rows_not_read(flash_ref):
     window 1, and a sink past the sequence."""
     seqs = [(1, 1), (17, 17), (40, 40), (7, 1), (3, 2)]
     paged, q, qsl = _inputs(71, seqs, hq=4, hkv=1)
-    sinks, window = [5, 1, 24, 50, 9], 16
-    masks = {"sink": _i32(sinks), "window": _i32([window] * 5)}
-    got, _ = ops.paged_attention(
-        q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl, 0.125,
-        out=torch.full_like(q, float("nan")), prefill_config={"sparse_backend": "flash"},
-        host_window=[window] * 5, host_sink=sinks, host_query_start_loc=qsl.tolist(),
-        host_seq_lens=paged.seq_lens.tolist(), **masks)
+    got, want = _sparse_through_flash(paged, q, qsl, 0.125, [5, 1, 24, 50, 9], [16] * 5)
     assert flash_ref
-    want, _ = ref.paged_attention_ref(q, paged.kv_cache, paged.block_table, paged.seq_lens,
-                                      qsl, 0.125, **masks)
     assert not torch.isnan(got).any()
     assert rel_err(got, want) < TOL[torch.bfloat16]
 
