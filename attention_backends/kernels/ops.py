@@ -187,7 +187,8 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
                     host_seq_lens: Sequence[int] | None = None,
                     new_kv: tuple[Tensor, Tensor] | None = None,
                     host_sink: Sequence[int] | None = None,
-                    host_window: Sequence[int] | None = None
+                    host_window: Sequence[int] | None = None,
+                    hits_out: Tensor | None = None
                     ) -> tuple[Tensor, Tensor | None]:
     """Varlen paged attention with sink/window/gap masks and optional calibration.
 
@@ -216,8 +217,12 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
     ``window``: with the other host copies they let sink + window whole prompts run on the fused
     attention kernels where the tuned table's ``sparse_backend`` says so).
 
+    ``hits_out``: with ``calibration``, the buffer the hits are written into (int8 ``[T, Hq]``,
+    contiguous; the returned hits are its bool view): a caller whose call a CUDA graph captures
+    reads them there after a replay.
+
     ``kv_layout``: where K/V lie in the cache (None: slot-major); raises ``ValueError`` for any
-    other layout on the Triton path.
+    other layout on the Triton path, and for a ``hits_out`` of another dtype or shape.
     """
     t_total, hq, d = q.shape
     hkv = kv_cache.shape[1]
@@ -227,12 +232,18 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
         raise ValueError(f"kv_cache last dim {kv_cache.shape[3]} != 2 * head_size {2 * d}")
     if out is not None and out.shape != q.shape:
         raise ValueError(f"out shape {tuple(out.shape)} != q shape {tuple(q.shape)}")
+    if hits_out is not None and (hits_out.dtype != torch.int8 or hits_out.shape != q.shape[:2]
+                                 or not hits_out.is_contiguous()):
+        raise ValueError(f"hits_out must be a contiguous int8 [{t_total}, {hq}] tensor, not "
+                         f"{hits_out.dtype} {tuple(hits_out.shape)}")
     if not _use_triton(q):
-        slot_major = kv_layout is None or kv_layout.is_slot_major
-        if slot_major and all(m is None for m in (sink, window, kept_end, gap_end, calibration)):
-            return _dense_cpu(q, kv_cache, block_table, seq_lens, query_start_loc, scale, out)
-        return _masked_cpu(q, kv_cache, block_table, seq_lens, query_start_loc, scale,
-                           sink, window, kept_end, gap_end, calibration, out, kv_layout)
+        out, hits = _paged_attention_cpu(q, kv_cache, block_table, seq_lens, query_start_loc,
+                                         scale, sink, window, kept_end, gap_end, calibration,
+                                         out, kv_layout)
+        if hits_out is not None and hits is not None:
+            hits_out.copy_(hits.view(torch.int8))
+            hits = hits_out.view(torch.bool)
+        return out, hits
     _slot_major_only(kv_layout)
     dev = q.device
     return _paged_attention_triton()(
@@ -244,7 +255,17 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: 
         max_kv_tokens=max_kv_tokens, decode_config=decode_config,
         prefill_config=prefill_config, host_query_start_loc=host_query_start_loc,
         host_seq_lens=host_seq_lens, new_kv=new_kv, host_sink=host_sink,
-        host_window=host_window)
+        host_window=host_window, hits_out=hits_out if calibration is not None else None)
+
+
+def _paged_attention_cpu(q, kv_cache, block_table, seq_lens, query_start_loc, scale, sink,
+                         window, kept_end, gap_end, calibration, out, kv_layout):
+    """``paged_attention`` on the CPU."""
+    slot_major = kv_layout is None or kv_layout.is_slot_major
+    if slot_major and all(m is None for m in (sink, window, kept_end, gap_end, calibration)):
+        return _dense_cpu(q, kv_cache, block_table, seq_lens, query_start_loc, scale, out)
+    return _masked_cpu(q, kv_cache, block_table, seq_lens, query_start_loc, scale,
+                       sink, window, kept_end, gap_end, calibration, out, kv_layout)
 
 
 def snapkv_scores(q_obs: Tensor, kv_cache: Tensor, block_row: Tensor, prompt_len: int,

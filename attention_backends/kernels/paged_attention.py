@@ -801,7 +801,7 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
                            window, kept_end, gap_end, calibration, out, *, max_query_len=None,
                            max_seq_len=None, max_kv_tokens=None, decode_config=None,
                            prefill_config=None, host_query_start_loc=None, host_seq_lens=None,
-                           new_kv=None, host_sink=None, host_window=None):
+                           new_kv=None, host_sink=None, host_window=None, hits_out=None):
     """Launch the decode and/or prefill kernels. Mask tensors: int32 [num_seqs] or None (0).
     sink and window come together (both or neither), so do kept_end and gap_end.
 
@@ -811,7 +811,8 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
     spare that dispatch a device sync, ``new_kv`` spares whole prompts their K/V gather. With
     ``sparse_backend = "sdpa"`` (and no gap or calibration in the batch), sink + window whole
     prompts go to the fused kernels too (``sparse_prefill_sdpa``; needs every host copy,
-    ``host_sink`` / ``host_window`` included); the Triton kernel takes the other prefills."""
+    ``host_sink`` / ``host_window`` included); the Triton kernel takes the other prefills.
+    ``hits_out``: int8 ``[T, Hq]``, where the calibration hits go (None: a new tensor)."""
     t_total, hq, d = q.shape
     _, hkv, page, d2 = kv_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -825,7 +826,8 @@ def paged_attention_triton(q, kv_cache, block_table, seq_lens, query_start_loc, 
     has_calib = calibration is not None
     if has_calib:
         # every row of a sequence with queries is written by exactly one of the two kernels
-        hits_u8 = torch.empty(t_total, hq, dtype=torch.int8, device=dev)
+        hits_u8 = (hits_out if hits_out is not None
+                   else torch.empty(t_total, hq, dtype=torch.int8, device=dev))
         qref = calibration.q_ref.contiguous()
         o_e, lse_e = _f32(calibration.o_e), _f32(calibration.lse_e)
         en = calibration.enabled

@@ -188,3 +188,26 @@ def run_attention(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale:
     attend(layer, query, kv_cache, md, scale, output, key=key, value=value)
     compress_completed(layer, query, kv_cache, md, scale)
     return output
+
+
+def attend_graph(layer, query: torch.Tensor, kv_cache: torch.Tensor, md, scale: float,
+                 output: torch.Tensor) -> torch.Tensor:
+    """One layer's attention in our FULL CUDA graph of a uniform decode batch (one query token
+    per row, padding rows with none), written into ``output``: a call with nothing of the step
+    but tensor addresses, so its capture replays right for every step of the batch size.
+
+    Every option is on, whatever the step's rows ask (``md.graph``'s views of the layer:
+    per-row ``sink``/``window``, ``kept_end``/``gap_end``, calibration and its hits buffer),
+    and the split count follows from the block table's width, not from the step's lengths.
+    ``query``/``output [T, Hq, D]`` with ``T`` the graph's rows; ``md`` as in ``attend``."""
+    n = md.seq_lens.shape[0]
+    if query.shape[0] != n:
+        raise RuntimeError(f"fluxserve: our FULL graphs take one query token per row, not "
+                           f"{query.shape[0]} tokens for {n} rows")
+    inputs = md.graph.layer(layer_index(layer), n)
+    ops.paged_attention(
+        query, kv_cache, md.block_table, md.seq_lens, md.query_start_loc, scale,
+        sink=inputs.sink, window=inputs.window, kept_end=inputs.kept_end,
+        gap_end=inputs.gap_end, calibration=inputs.calibration, out=output, max_query_len=1,
+        hits_out=inputs.hits)
+    return output

@@ -14,10 +14,14 @@ Two paths, chosen per step:
   bounds, so rows of every mode run in one launch: our Triton kernels, or vLLM's FlashAttention
   varlen function (registered here) where the tuned table says it is faster
   (``kernels.flash_varlen``: dense layers, sink + window layers whose rows share one window).
-  These steps never replay a full CUDA graph: the model runner hook (``vllm_private``) turns
-  FULL off for them (our attention then runs eagerly between piecewise graphs) and turns
-  graphs off altogether for a step that routes ``auto`` requests, whose router runs Python
-  inside the graph pieces.
+  These steps never replay one of vLLM's FULL CUDA graphs (captured with FlashAttention).
+  A uniform decode batch of at most ``graph_inputs.MAX_GRAPH_ROWS`` rows replays ours: a FULL
+  graph of the same size captured with our decode kernel, which reads the step's masks, gap
+  bounds and calibration from persistent buffers (``graph_inputs``; turned off with
+  ``additional_config={"flux_full_cuda_graphs": false}``). Other such steps run our attention
+  eagerly between piecewise graphs, and a step that routes ``auto`` requests runs without
+  graphs, since its router runs Python inside the graph pieces (the model runner hook,
+  ``vllm_private``).
 
 Needs vLLM's V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``): the hooks wrap it.
 """
@@ -40,13 +44,21 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from attention_backends.kernels import flash_varlen
-from attention_backends.vllm_glue.attention import run_attention
+from attention_backends.vllm_glue import graph_inputs
+from attention_backends.vllm_glue.attention import attend_graph, run_attention
 from attention_backends.vllm_glue.metadata import (
+    OUR_FULL,
     StepMetadata,
     check_graph_mode,
+    graph_kind,
     num_layers,
     step_metadata_for,
 )
+from kv_policies.eviction.runtime import get_runtime
+
+# ``additional_config`` key: False turns our FULL CUDA graphs off (decode steps with Flux or
+# KV-policy rows then run our attention eagerly between piecewise graphs)
+FULL_GRAPHS_KEY = "flux_full_cuda_graphs"
 
 
 @dataclass
@@ -65,6 +77,33 @@ class FluxGPUMetadata:
     seq_lens_cpu: list[int] | None = None
     # dense steps (``step`` None): vLLM's FlashAttention metadata, which runs the step
     flash: object | None = None
+    # steps replaying (or capturing) our FULL graph: the buffers the captured call reads
+    graph: graph_inputs.GraphInputs | None = None
+
+
+def _graph_inputs_for(vllm_config, kv_cache_spec, layers: int,
+                      device) -> graph_inputs.GraphInputs | None:
+    """The buffers of our FULL graphs, or None where vLLM captures no FULL decode graphs
+    (eager, piecewise-only, speculative decoding: decode batches of several tokens a row) or
+    ``additional_config`` turns them off."""
+    from vllm.config import CUDAGraphMode
+
+    extra = vllm_config.additional_config
+    if isinstance(extra, dict) and not extra.get(FULL_GRAPHS_KEY, True):
+        return None
+    cc = vllm_config.compilation_config
+    mode = cc.cudagraph_mode
+    if (vllm_config.model_config.enforce_eager or mode is None
+            or mode.decode_mode() != CUDAGraphMode.FULL
+            or vllm_config.speculative_config is not None):
+        return None
+    rows = min(graph_inputs.MAX_GRAPH_ROWS, vllm_config.scheduler_config.max_num_seqs,
+               cc.max_cudagraph_capture_size or 0)
+    if rows <= 0:
+        return None
+    hq = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+    return graph_inputs.GraphInputs(layers, rows, hq, kv_cache_spec.head_size,
+                                    vllm_config.model_config.dtype, device)
 
 
 class FluxGPUMetadataBuilder(AttentionMetadataBuilder[FluxGPUMetadata]):
@@ -80,6 +119,8 @@ class FluxGPUMetadataBuilder(AttentionMetadataBuilder[FluxGPUMetadata]):
         self.num_layers = num_layers(vllm_config)
         self.flash = FlashAttentionMetadataBuilder(kv_cache_spec, layer_names, vllm_config,
                                                    device)
+        self.graph = _graph_inputs_for(vllm_config, kv_cache_spec, self.num_layers, device)
+        graph_inputs.set_current(self.graph)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> FluxGPUMetadata:
@@ -87,6 +128,15 @@ class FluxGPUMetadataBuilder(AttentionMetadataBuilder[FluxGPUMetadata]):
         step = step_metadata_for(cm, self.vllm_config, none_when_dense=True,
                                  layers=self.num_layers)
         check_graph_mode(step)
+        if graph_kind() == OUR_FULL and self.graph is not None:
+            # our FULL graph (or its warm-up and capture, with no rows: step None): the step's
+            # values go to the buffers the captured call reads
+            self.graph.write_step(step, cm.num_reqs, get_runtime())
+            return FluxGPUMetadata(
+                num_actual_tokens=cm.num_actual_tokens, max_query_len=cm.max_query_len,
+                max_seq_len=cm.max_seq_len, query_start_loc=cm.query_start_loc,
+                seq_lens=cm.seq_lens, block_table=cm.block_table_tensor,
+                slot_mapping=cm.slot_mapping, step=step, graph=self.graph)
         if step is None:
             return FluxGPUMetadata(
                 num_actual_tokens=cm.num_actual_tokens, max_query_len=cm.max_query_len,
@@ -154,6 +204,8 @@ class FluxGPUAttentionImpl(AttentionImpl):
             raise NotImplementedError("fused output quantization")
         if attn_metadata is None:  # profiling run
             return output
+        if attn_metadata.graph is not None:  # our FULL graph: every row, every option on
+            return attend_graph(layer, query, kv_cache, attn_metadata, self.scale, output)
         if attn_metadata.step is None:  # a dense step: stock vLLM's attention
             return self.flash.forward(layer, query, key, value, kv_cache, attn_metadata.flash,
                                       output)

@@ -219,14 +219,18 @@ def step_metadata_for(cm, vllm_config, *, none_when_dense: bool = False,
                                none_when_dense=none_when_dense)
 
 
-# -- CUDA graph modes. A FULL graph replays the kernels it captured, which were dense ones (its
-# capture runs with no request rows): a step that needs our kernels must not replay one. And a
-# step that routes ``auto`` requests must run no graph at all, since the router runs Python
-# inside the graph pieces (``routing_hooks``). The model runner hook (``vllm_private``) asks
-# ``graph_constraint`` before vLLM picks the step's graph mode.
+# -- CUDA graph modes. vLLM's FULL graphs replay the kernels they captured, which were dense
+# ones (their capture runs with no request rows): a step that needs our kernels must not replay
+# one. Our own FULL graphs (``graph_inputs``: uniform decode batches, captured with our kernel
+# reading persistent buffers) may replay such a step, unless a row compresses its KV in it
+# (compression runs Python after the layer's attention). And a step that routes ``auto``
+# requests must run no graph at all, since the router runs Python inside the graph pieces
+# (``routing_hooks``). The model runner hook (``vllm_private``) asks ``graph_constraint``
+# before vLLM picks the step's graph mode.
 
 EAGER = "eager"  # no CUDA graph: an ``auto`` request is routed in this step
 NO_FULL = "no_full"  # piecewise graphs at most: our attention runs between the pieces
+OUR_FULL = "our_full"  # our FULL graph where the batch has one (uniform decode), else NO_FULL
 
 
 def graph_constraint(rows: Sequence[BatchRow | None], num_layers: int,
@@ -234,45 +238,59 @@ def graph_constraint(rows: Sequence[BatchRow | None], num_layers: int,
                      runtime: KVPolicyRuntime | None = None,
                      q_lens: Sequence[int] | None = None) -> str | None:
     """What the step whose rows are ``rows`` (batch order; None: padding) allows: ``EAGER``,
-    ``NO_FULL`` or None (any mode). A superset of the steps whose ``build_step_metadata`` is not
-    None: every row of a mode other than ``full`` (``auto`` routing still to come: ``EAGER``) or
-    with an eviction plan whose prompt is complete or completes in this step (``q_lens``: the
-    rows' scheduled tokens; None: any planned row counts). Requests without options cost a few
-    dict lookups each."""
+    ``NO_FULL``, ``OUR_FULL`` or None (any mode). Not None for a superset of the steps whose
+    ``build_step_metadata`` is not None: every row of a mode other than ``full`` (``auto``
+    routing still to come: ``EAGER``) or with an eviction plan whose prompt is complete or
+    completes in this step (``q_lens``: the rows' scheduled tokens; None: any planned row
+    counts, and counts as compressing). ``NO_FULL`` when a row compresses its KV in this step
+    (its prompt completes), else ``OUR_FULL``. Requests without options cost a few dict
+    lookups each."""
     registry = registry if registry is not None else get_registry()
     runtime = runtime if runtime is not None else get_runtime()
-    needs_ours = False
+    needs_ours = compresses = False
     for i, r in enumerate(rows):
         if r is None:
             continue
         st = registry.resolve(r.req_id, r.extra_args, r.prompt_len, num_layers)
         if st.sparse is None:
             return EAGER
-        if needs_ours:
-            continue
         if st.mode != "full":  # as build_routing_step: any non-full request keeps the metadata
             needs_ours = True
-            continue
         policy = (r.extra_args or {}).get(KV_KEY) if block_size else None
         if policy and runtime.plan_for(r.req_id, policy, r.prompt_len, block_size) is not None:
             q_len = q_lens[i] if q_lens is not None and i < len(q_lens) else None
-            needs_ours = q_len is None or r.num_computed + int(q_len) >= r.prompt_len
-    return NO_FULL if needs_ours else None
+            if q_len is None:
+                needs_ours = compresses = True
+            elif r.num_computed + int(q_len) >= r.prompt_len:
+                needs_ours = True
+                compresses = compresses or r.num_computed < r.prompt_len
+    if not needs_ours:
+        return None
+    return NO_FULL if compresses else OUR_FULL
 
 
-_FULL_GRAPH = False
+# the graph the step being built replays: None (piecewise or none), VLLM_FULL (vLLM's FULL
+# graph: dense kernels) or OUR_FULL (ours, also while it is warmed up and captured)
+VLLM_FULL = "vllm_full"
+_GRAPH: str | None = None
 
 
-def note_full_graph(full: bool) -> None:
-    """Record whether the step about to be built replays a FULL CUDA graph (the runner hook)."""
-    global _FULL_GRAPH
-    _FULL_GRAPH = full
+def note_graph(kind: str | None) -> None:
+    """Record which FULL graph the step about to be built replays (the runner hook): None,
+    ``VLLM_FULL`` or ``OUR_FULL``."""
+    global _GRAPH
+    _GRAPH = kind
+
+
+def graph_kind() -> str | None:
+    """What ``note_graph`` recorded for the step being built."""
+    return _GRAPH
 
 
 def check_graph_mode(step: StepMetadata | None) -> None:
-    """Raise ``RuntimeError`` if a step with our metadata is about to replay a FULL graph: its
-    captured dense kernels would ignore every mask and eviction bound (a bug of
+    """Raise ``RuntimeError`` if a step with our metadata is about to replay one of vLLM's FULL
+    graphs: its captured dense kernels would ignore every mask and eviction bound (a bug of
     ``graph_constraint``: fail the step rather than return wrong tokens)."""
-    if step is not None and _FULL_GRAPH:
+    if step is not None and _GRAPH == VLLM_FULL:
         raise RuntimeError("fluxserve: a step with Flux or KV-policy rows was dispatched to a "
                            "FULL CUDA graph; graph_constraint missed a row")

@@ -16,9 +16,16 @@ unchanged:
   builders (``metadata.publish_batch``).
 - ``GPUModelRunner._determine_batch_execution_and_padding`` (wrapped) and
   ``CudagraphDispatcher.dispatch`` (wrapped): the step's CUDA graph mode. A step with Flux or
-  KV-policy rows never replays a FULL graph (captured with dense kernels); one that routes
-  ``auto`` requests runs without graphs (``metadata.graph_constraint``). The rows it reads are
-  kept for the ``_build_attention_metadata`` hook of the same step.
+  KV-policy rows never replays one of vLLM's FULL graphs (captured with dense kernels): a
+  uniform decode batch replays our FULL graph of its size (``graph_inputs``), any other such
+  step piecewise graphs at most; one that routes ``auto`` requests runs without graphs
+  (``metadata.graph_constraint``). The rows it reads are kept for the
+  ``_build_attention_metadata`` hook of the same step.
+- ``CudagraphDispatcher.initialize_cudagraph_keys`` (wrapped) and
+  ``GPUModelRunner._warmup_and_capture`` (wrapped): our FULL graphs, one per uniform decode
+  size of vLLM's up to ``graph_inputs.MAX_GRAPH_ROWS``, keyed by ``OurBatchDescriptor``
+  (``our_descriptor_cls``) and captured by vLLM next to its own, with our metadata builder in
+  graph mode during their warm-up and capture.
 - ``GPUModelRunner.load_model`` / ``CPUModelRunner.load_model`` (wrapped): for a stock model
   started with a standalone router (``additional_config={"flux_router": PATH}``), load the
   router and install routing.
@@ -72,7 +79,7 @@ from attention_backends.flux.accounting import REPORT_KEY, ROUTING_REPORTS_ATTR,
 from attention_backends.flux.prefix_cache import request_cache_salt
 from attention_backends.flux.request_state import BatchRow, get_registry
 from attention_backends.flux.router import load_router_file
-from attention_backends.vllm_glue import metadata
+from attention_backends.vllm_glue import graph_inputs, metadata
 from attention_backends.vllm_glue.routing_hooks import attach_routers, install_routing
 from kv_policies.eviction.runtime import get_runtime as get_kv_runtime
 
@@ -131,7 +138,15 @@ PRIVATE_HOOKS: tuple[PrivateHook, ...] = (
     PrivateHook(_DISPATCHER, "CudagraphDispatcher", "dispatch",
                 ("self", "num_tokens", "uniform_decode", "has_lora", "num_active_loras",
                  "valid_modes", "invalid_modes"),
-                "wrapped: add FULL to invalid_modes while a step with our rows dispatches"),
+                "wrapped: a step with our rows replays our FULL graph of its size (uniform "
+                "decode) or none (FULL added to invalid_modes)"),
+    PrivateHook(_DISPATCHER, "CudagraphDispatcher", "initialize_cudagraph_keys",
+                ("self", "cudagraph_mode", "uniform_decode_query_len"),
+                "wrapped: add our FULL graphs' keys (uniform decode sizes up to "
+                "graph_inputs.MAX_GRAPH_ROWS)"),
+    PrivateHook(_GPU_RUNNER, "GPUModelRunner", "_warmup_and_capture",
+                ("self", "desc", "cudagraph_runtime_mode"),
+                "wrapped: mark the warm-up and capture of our FULL graphs"),
     PrivateHook(_GPU_RUNNER, "GPUModelRunner", "load_model", ("self", "load_dummy_weights"),
                 "wrapped: load a standalone Flux router"),
     PrivateHook(_CPU_RUNNER, "CPUModelRunner", "load_model", ("self", "load_dummy_weights"),
@@ -291,8 +306,30 @@ def _make_update_states(orig):
 
 # rows read by the graph-mode hook, for the metadata hook of the same step: (runner id, rows)
 _STEP_ROWS: tuple[int, list[BatchRow | None]] | None = None
-# set while a step with our rows dispatches its graph mode
-_NO_FULL = False
+# graph_constraint of the step dispatching its graph mode (NO_FULL / OUR_FULL: our rows)
+_NEED: str | None = None
+# set while vLLM warms up and captures one of our FULL graphs (``_warmup_and_capture``)
+_CAPTURING_OURS = False
+
+
+@functools.cache
+def our_descriptor_cls() -> type:
+    """``OurBatchDescriptor``: vLLM's ``BatchDescriptor`` of a uniform decode batch, as the key
+    of our FULL graph of that batch size (``graph_inputs``). A subclass with the same fields: it
+    equals no ``BatchDescriptor``, so both graphs of a size live side by side in vLLM's
+    dispatcher keys and graph wrappers."""
+    from vllm.forward_context import BatchDescriptor
+
+    @dataclass(frozen=True)
+    class OurBatchDescriptor(BatchDescriptor):
+        pass
+
+    return OurBatchDescriptor
+
+
+def _ours(desc):
+    fields = {f: getattr(desc, f) for f in desc.__dataclass_fields__}
+    return our_descriptor_cls()(**fields)
 
 
 def _step_rows(runner) -> list[BatchRow | None]:
@@ -320,10 +357,18 @@ def _graphs_on(runner) -> bool:
 
 def _make_determine_batch_execution(orig):
     def _determine_batch_execution_and_padding(self, *a, **kw):
-        global _NO_FULL, _STEP_ROWS
+        global _NEED, _STEP_ROWS
         if not _graphs_on(self):  # eager engines (and the CPU): nothing to decide
-            metadata.note_full_graph(False)
+            metadata.note_graph(None)
             return orig(self, *a, **kw)
+        if _CAPTURING_OURS:  # the dummy runs of our graph's warm-up and capture: no rows
+            _NEED = metadata.OUR_FULL
+            try:
+                out = orig(self, *a, **kw)
+            finally:
+                _NEED = None
+            metadata.note_graph(metadata.OUR_FULL)
+            return out
         rows = _batch_rows(self)
         _STEP_ROWS = (id(self), rows)
         q_lens = a[2] if len(a) > 2 else kw.get("num_scheduled_tokens_np")
@@ -334,24 +379,65 @@ def _make_determine_batch_execution(orig):
                                          q_lens=q_lens)
         if need == metadata.EAGER:
             kw["force_eager"] = True
-        _NO_FULL = need == metadata.NO_FULL
+        _NEED = need
         try:
             out = orig(self, *a, **kw)
         finally:
-            _NO_FULL = False
-        metadata.note_full_graph(getattr(out[0], "name", "") == "FULL")
+            _NEED = None
+        if isinstance(out[1], our_descriptor_cls()):
+            metadata.note_graph(metadata.OUR_FULL)
+        else:
+            full = getattr(out[0], "name", "") == "FULL"
+            metadata.note_graph(metadata.VLLM_FULL if full else None)
         return out
     return _determine_batch_execution_and_padding
 
 
 def _make_dispatch(orig):
     def dispatch(self, num_tokens, *a, **kw):
-        if _NO_FULL:
-            from vllm.config import CUDAGraphMode
+        if _NEED not in (metadata.NO_FULL, metadata.OUR_FULL):
+            return orig(self, num_tokens, *a, **kw)
+        from vllm.config import CUDAGraphMode
 
-            kw["invalid_modes"] = set(kw.get("invalid_modes") or ()) | {CUDAGraphMode.FULL}
+        if _NEED == metadata.OUR_FULL:
+            # a uniform decode batch with a FULL graph of its size: ours of that size, if any
+            mode, desc = orig(self, num_tokens, *a, **kw)
+            if mode == CUDAGraphMode.FULL and desc is not None and desc.uniform:
+                ours = _ours(desc)
+                if ours in self.cudagraph_keys[CUDAGraphMode.FULL]:
+                    return mode, ours
+        kw["invalid_modes"] = set(kw.get("invalid_modes") or ()) | {CUDAGraphMode.FULL}
         return orig(self, num_tokens, *a, **kw)
     return dispatch
+
+
+def _make_initialize_cudagraph_keys(orig):
+    def initialize_cudagraph_keys(self, cudagraph_mode, uniform_decode_query_len=1, *a, **kw):
+        out = orig(self, cudagraph_mode, uniform_decode_query_len, *a, **kw)
+        rows = graph_inputs.max_graph_rows()
+        if rows and uniform_decode_query_len == 1:
+            from vllm.config import CUDAGraphMode
+
+            full = self.cudagraph_keys[CUDAGraphMode.FULL]
+            for desc in list(full):
+                if (desc.uniform and not desc.has_lora and desc.num_reqs is not None
+                        and desc.num_reqs <= rows):
+                    full.add(_ours(desc))
+        return out
+    return initialize_cudagraph_keys
+
+
+def _make_warmup_and_capture(orig):
+    def _warmup_and_capture(self, desc, *a, **kw):
+        global _CAPTURING_OURS
+        if not isinstance(desc, our_descriptor_cls()):
+            return orig(self, desc, *a, **kw)
+        _CAPTURING_OURS = True
+        try:
+            return orig(self, desc, *a, **kw)
+        finally:
+            _CAPTURING_OURS = False
+    return _warmup_and_capture
 
 
 def _make_load_model(orig):
@@ -486,6 +572,9 @@ _WRAPS: tuple[tuple[str, str, str, Callable], ...] = (
     (_GPU_RUNNER, "GPUModelRunner", "_determine_batch_execution_and_padding",
      _make_determine_batch_execution),
     (_DISPATCHER, "CudagraphDispatcher", "dispatch", _make_dispatch),
+    (_DISPATCHER, "CudagraphDispatcher", "initialize_cudagraph_keys",
+     _make_initialize_cudagraph_keys),
+    (_GPU_RUNNER, "GPUModelRunner", "_warmup_and_capture", _make_warmup_and_capture),
     (_GPU_RUNNER, "GPUModelRunner", "load_model", _make_load_model),
     (_CPU_RUNNER, "CPUModelRunner", "load_model", _make_load_model),
     (_INPUT, "InputProcessor", "process_inputs", _make_process_inputs),

@@ -178,6 +178,25 @@ class KVPolicyRuntime:
                                                      if c is not None])
         return calib
 
+    def calibrated_rows(self, layer_idx: int, req_ids: Sequence[str]) -> int:
+        """How many of the batch's requests (``req_ids``, batch order) have a calibration
+        summary of the layer (host only: from ``calibration_for``'s cache when it holds)."""
+        cached = self._calib_cache.get(layer_idx)
+        if cached is not None and cached[0][1:] == (tuple(req_ids),
+                                                    self._layer_versions.get(layer_idx, 0)):
+            return len(cached[2])
+        return sum(self._layer_state(r, layer_idx) is not None for r in req_ids)
+
+    def record_hit_count(self, hits: Tensor, checks: int) -> None:
+        """Add ``hits`` (an int64 device scalar, read later without a host sync) calibration
+        hits out of ``checks`` (token, q head) checks: the hits of a decode step replayed from a
+        CUDA graph, summed over its layers on the device (``vllm_glue.graph_inputs``)."""
+        self._checks += checks
+        self._hits = hits if self._hits is None else self._hits + hits
+        self._hit_calls += 1
+        if self._hit_calls >= _FLUSH_EVERY:
+            self.flush_metrics()
+
     def record_hits(self, layer_idx: int, req_ids: Sequence[str], hits: Tensor | None,
                     query_start_loc: Sequence[int] | Tensor | None = None) -> None:
         """Count calibration checks and hits of one layer's attention call.

@@ -48,6 +48,7 @@ def _builder():
     b.vllm_config = SimpleNamespace(speculative_config=None)
     b.num_layers = 4
     b.flash = _Recorder()
+    b.graph = None
     return b
 
 
@@ -76,12 +77,12 @@ def test_a_step_with_our_rows_skips_flash_metadata(monkeypatch):
 
 def test_a_step_with_our_rows_on_a_full_graph_fails(monkeypatch):
     monkeypatch.setattr(backend_gpu, "step_metadata_for", lambda cm, cfg, **kw: object())
-    metadata.note_full_graph(True)
+    metadata.note_graph(metadata.VLLM_FULL)
     try:
         with pytest.raises(RuntimeError, match="FULL CUDA graph"):
             _builder().build(0, _cm())
     finally:
-        metadata.note_full_graph(False)
+        metadata.note_graph(None)
 
 
 @pytest.mark.parametrize("dense", [True, False])
@@ -137,3 +138,61 @@ def test_flash_varlen_registered_for_fa2_and_fa3(monkeypatch, version):
             assert fn is None
     finally:
         flash_varlen.register(None)
+
+
+def _config(eager=False, mode="FULL_AND_PIECEWISE", spec=None, extra=None, max_seqs=256,
+            max_capture=512):
+    from vllm.config import CUDAGraphMode
+
+    return SimpleNamespace(
+        additional_config=extra or {}, speculative_config=spec,
+        compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode[mode],
+                                           max_cudagraph_capture_size=max_capture),
+        model_config=SimpleNamespace(enforce_eager=eager, dtype=torch.bfloat16,
+                                     get_num_attention_heads=lambda pc: 4),
+        scheduler_config=SimpleNamespace(max_num_seqs=max_seqs), parallel_config=None)
+
+
+@pytest.mark.parametrize(("kw", "rows"), [
+    ({}, 64),
+    ({"max_seqs": 16}, 16),
+    ({"max_capture": 8}, 8),
+    ({"eager": True}, None),
+    ({"mode": "PIECEWISE"}, None),
+    ({"mode": "NONE"}, None),
+    ({"spec": object()}, None),
+    ({"extra": {backend_gpu.FULL_GRAPHS_KEY: False}}, None),
+])
+def test_our_full_graphs_where_vllm_captures_full_decode_graphs(kw, rows):
+    spec = SimpleNamespace(head_size=16)
+    gi = backend_gpu._graph_inputs_for(_config(**kw), spec, 2, "cpu")
+    if rows is None:
+        assert gi is None
+    else:
+        assert gi.max_rows == rows and gi.q_ref.shape == (2, rows, 4, 16)
+        assert gi.q_ref.dtype == torch.bfloat16
+
+
+def test_a_step_on_our_full_graph_writes_the_buffers(monkeypatch):
+    from attention_backends.vllm_glue import graph_inputs
+
+    gi = graph_inputs.GraphInputs(4, 8, 2, 8, torch.float32, "cpu")
+    written = []
+    monkeypatch.setattr(gi, "write_step", lambda step, n, rt: written.append((step, n)))
+    monkeypatch.setattr(backend_gpu, "step_metadata_for", lambda cm, cfg, **kw: None)
+    b = _builder()
+    b.graph = gi
+    metadata.note_graph(metadata.OUR_FULL)
+    try:
+        md = b.build(0, _cm())
+    finally:
+        metadata.note_graph(None)
+    assert md.graph is gi and md.flash is None and written == [(None, 2)]
+    assert b.flash.calls == []  # no FlashAttention metadata for our graph
+    impl = object.__new__(backend_gpu.FluxGPUAttentionImpl)
+    impl.flash, impl.scale = _Recorder(), 0.125
+    ran = []
+    monkeypatch.setattr(backend_gpu, "attend_graph", lambda *a: ran.append(a[3]) or a[5])
+    out = torch.zeros(4, 2, 8)
+    impl.forward(None, out, out, out, torch.zeros(1), md, out)
+    assert ran == [md] and impl.flash.calls == []

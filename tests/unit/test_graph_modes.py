@@ -36,9 +36,11 @@ OPTIONS = {
     "sparse+calidrop": {"flux": {"mode": "sparse"},
                         "kv_policy": {"name": "calidrop", "budget": 64, "window": 8}},
 }
-EXPECTED = {"none": None, "full": None, "sparse": metadata.NO_FULL, "layers": metadata.NO_FULL,
-            "layers-empty": metadata.NO_FULL, "auto": metadata.EAGER, "snapkv": metadata.NO_FULL,
-            "snapkv-short": None, "sparse+calidrop": metadata.NO_FULL}
+# (no q_lens: a planned row counts as compressing in the step)
+EXPECTED = {"none": None, "full": None, "sparse": metadata.OUR_FULL,
+            "layers": metadata.OUR_FULL, "layers-empty": metadata.OUR_FULL,
+            "auto": metadata.EAGER, "snapkv": metadata.NO_FULL, "snapkv-short": None,
+            "sparse+calidrop": metadata.NO_FULL}
 
 
 def _registry(router: bool = True) -> FluxRegistry:
@@ -65,7 +67,7 @@ def test_an_auto_request_once_routed_leaves_the_eager_mode():
     assert metadata.graph_constraint([row], LAYERS, BLOCK, reg, KVPolicyRuntime()) == "eager"
     for layer in range(LAYERS):  # what route_layer records during the routing step
         reg.record_decision(row.req_id, layer, layer == 2, LAYERS)
-    assert metadata.graph_constraint([row], LAYERS, BLOCK, reg, KVPolicyRuntime()) == "no_full"
+    assert metadata.graph_constraint([row], LAYERS, BLOCK, reg, KVPolicyRuntime()) == "our_full"
 
 
 def test_auto_without_a_router_runs_full_and_eviction_off_without_block_size():
@@ -80,9 +82,13 @@ def test_one_row_decides_for_the_batch_and_padding_is_skipped():
     assert metadata.graph_constraint(rows, LAYERS, BLOCK, _registry(),
                                      KVPolicyRuntime()) == "eager"
     assert metadata.graph_constraint(rows[:4], LAYERS, BLOCK, _registry(),
-                                     KVPolicyRuntime()) == "no_full"
+                                     KVPolicyRuntime()) == "our_full"
     assert metadata.graph_constraint(rows[:3], LAYERS, BLOCK, _registry(),
                                      KVPolicyRuntime()) is None
+    # a planned row compressing in the step keeps the whole batch off FULL graphs
+    assert metadata.graph_constraint([*rows[:4], _row("snapkv", 4)], LAYERS, BLOCK,
+                                     _registry(), KVPolicyRuntime(),
+                                     q_lens=[1, 0, 1, 1, 300]) == "no_full"
 
 
 @settings(max_examples=60, deadline=None)
@@ -102,16 +108,18 @@ def test_every_step_with_our_metadata_is_kept_off_full_graphs(spec):
     step = metadata.build_step_metadata(len(rows), qsl, rows, reg, LAYERS, BLOCK, rt,
                                         none_when_dense=True)
     if step is not None:
-        assert need in ("eager", "no_full")
+        assert need in ("eager", "no_full", "our_full")
     if step is not None and step.routing.route_rows:
         assert need == "eager"
+    if step is not None and step.eviction.compress_rows:  # compression runs Python: no FULL
+        assert need in ("eager", "no_full")
 
 
 @pytest.mark.parametrize(("computed", "q_len", "expected"), [
     (0, 128, None),  # a prompt chunk before the last: plain dense attention
     (128, 100, None),
     (128, 172, "no_full"),  # the prompt completes: this step compresses
-    (300, 1, "no_full"),  # decoding over compressed KV
+    (300, 1, "our_full"),  # decoding over compressed KV: our FULL graph
 ])
 def test_a_planned_request_needs_our_kernels_from_its_last_prompt_chunk(computed, q_len,
                                                                          expected):
@@ -126,14 +134,19 @@ def test_a_planned_request_needs_our_kernels_from_its_last_prompt_chunk(computed
 
 def test_check_graph_mode_fails_a_step_with_our_rows_on_a_full_graph():
     step = object()
-    metadata.note_full_graph(True)
+    metadata.note_graph(metadata.VLLM_FULL)
     try:
         metadata.check_graph_mode(None)  # dense: the captured kernels are right
         with pytest.raises(RuntimeError, match="FULL CUDA graph"):
             metadata.check_graph_mode(step)
     finally:
-        metadata.note_full_graph(False)
+        metadata.note_graph(None)
     metadata.check_graph_mode(step)
+    metadata.note_graph(metadata.OUR_FULL)  # ours: captured with our kernel
+    try:
+        metadata.check_graph_mode(step)
+    finally:
+        metadata.note_graph(None)
 
 
 # -- the runner and dispatcher hooks, on stand-ins
@@ -198,7 +211,7 @@ def clean_registry(monkeypatch):
     rt = KVPolicyRuntime()
     monkeypatch.setattr(metadata, "get_runtime", lambda: rt)
     yield reg
-    metadata.note_full_graph(False)
+    metadata.note_graph(None)
     vp._STEP_ROWS = None
 
 
@@ -212,16 +225,155 @@ def test_the_runner_hook_picks_the_mode(clean_registry, names, mode):
     runner, wrapped, d = _runner(names)
     got = wrapped(runner, 8, len(names))
     assert got[0].name == mode
-    assert metadata._FULL_GRAPH is (mode == "FULL")
+    assert metadata.graph_kind() == (metadata.VLLM_FULL if mode == "FULL" else None)
     # the rows it read are handed to the metadata hook of the same step, once
     assert [r.req_id for r in vp._step_rows(runner)] == runner.input_batch.req_ids
     assert vp._STEP_ROWS is None
     # the dispatcher's own flag is down again after the step
-    assert vp._NO_FULL is False
+    assert vp._NEED is None
 
 
 def test_without_graphs_the_hook_reads_nothing(clean_registry):
     runner, wrapped, d = _runner(["sparse"], graphs="NONE")
     runner.input_batch = None  # would fail if read
     wrapped(runner, 8, 1)
-    assert metadata._FULL_GRAPH is False and vp._STEP_ROWS is None
+    assert metadata.graph_kind() is None and vp._STEP_ROWS is None
+
+
+# -- our FULL graphs: their keys, their dispatch, their capture
+
+
+def _keys_dispatcher(sizes: list[int]):
+    """A stand-in of vLLM's dispatcher holding FULL uniform decode keys of ``sizes`` and the
+    piecewise keys, whose ``dispatch`` returns the FULL key of a uniform batch when FULL is
+    allowed and that key exists (vLLM's rule), else PIECEWISE."""
+    from vllm.config import CUDAGraphMode
+    from vllm.forward_context import BatchDescriptor
+
+    class D:
+        def __init__(self) -> None:
+            self.cudagraph_keys = {CUDAGraphMode.PIECEWISE: set(), CUDAGraphMode.FULL: set()}
+
+        def initialize_cudagraph_keys(self, cudagraph_mode, uniform_decode_query_len=1):
+            for n in sizes:
+                self.cudagraph_keys[CUDAGraphMode.FULL].add(
+                    BatchDescriptor(num_tokens=n, num_reqs=n, uniform=True))
+                self.cudagraph_keys[CUDAGraphMode.PIECEWISE].add(BatchDescriptor(num_tokens=n))
+
+        def dispatch(self, num_tokens, uniform_decode=False, has_lora=False,
+                     num_active_loras=0, valid_modes=None, invalid_modes=None):
+            desc = BatchDescriptor(num_tokens=num_tokens, num_reqs=num_tokens, uniform=True)
+            if (uniform_decode and not (invalid_modes and CUDAGraphMode.FULL in invalid_modes)
+                    and desc in self.cudagraph_keys[CUDAGraphMode.FULL]):
+                return CUDAGraphMode.FULL, desc
+            return CUDAGraphMode.PIECEWISE, BatchDescriptor(num_tokens=num_tokens)
+
+    D.initialize_cudagraph_keys = vp._make_initialize_cudagraph_keys(
+        D.initialize_cudagraph_keys)
+    D.dispatch = vp._make_dispatch(D.dispatch)
+    return D()
+
+
+@pytest.mark.parametrize("max_rows", [0, 4, 64])
+def test_our_keys_sit_next_to_vllms_up_to_the_buffers_rows(monkeypatch, max_rows):
+    from vllm.config import CUDAGraphMode
+
+    from attention_backends.vllm_glue import graph_inputs
+
+    monkeypatch.setattr(graph_inputs, "max_graph_rows", lambda: max_rows)
+    d = _keys_dispatcher([1, 2, 4, 8])
+    d.initialize_cudagraph_keys(CUDAGraphMode.FULL_AND_PIECEWISE, 1)
+    full = d.cudagraph_keys[CUDAGraphMode.FULL]
+    ours = sorted(k.num_reqs for k in full if isinstance(k, vp.our_descriptor_cls()))
+    assert ours == [n for n in (1, 2, 4, 8) if n <= max_rows]
+    assert sum(not isinstance(k, vp.our_descriptor_cls()) for k in full) == 4  # vLLM's kept
+    # an equal-field descriptor of vLLM's is a different key
+    vllm_key = next(k for k in full if not isinstance(k, vp.our_descriptor_cls()))
+    assert vp._ours(vllm_key) != vllm_key and vp._ours(vllm_key) == vp._ours(vllm_key)
+    # speculative decoding (several tokens a row): none of ours
+    d2 = _keys_dispatcher([1, 2])
+    d2.initialize_cudagraph_keys(CUDAGraphMode.FULL_AND_PIECEWISE, 2)
+    assert not any(isinstance(k, vp.our_descriptor_cls())
+                   for k in d2.cudagraph_keys[CUDAGraphMode.FULL])
+
+
+@pytest.mark.parametrize(("need", "num_tokens", "uniform", "expected"), [
+    (None, 4, True, "vllm"),  # no rows of ours: vLLM's FULL graph
+    ("our_full", 4, True, "ours"),  # a uniform decode batch with our graph of its size
+    ("our_full", 8, True, "PIECEWISE"),  # no graph of ours that large
+    ("our_full", 4, False, "PIECEWISE"),  # a mixed batch
+    ("no_full", 4, True, "PIECEWISE"),  # compressing in the step
+])
+def test_dispatch_of_a_step_with_our_rows(monkeypatch, need, num_tokens, uniform, expected):
+    from vllm.config import CUDAGraphMode
+
+    from attention_backends.vllm_glue import graph_inputs
+
+    monkeypatch.setattr(graph_inputs, "max_graph_rows", lambda: 4)
+    d = _keys_dispatcher([1, 2, 4, 8])
+    d.initialize_cudagraph_keys(CUDAGraphMode.FULL_AND_PIECEWISE, 1)
+    monkeypatch.setattr(vp, "_NEED", need)
+    mode, desc = d.dispatch(num_tokens, uniform_decode=uniform)
+    if expected == "PIECEWISE":
+        assert mode == CUDAGraphMode.PIECEWISE
+    else:
+        assert mode == CUDAGraphMode.FULL
+        assert isinstance(desc, vp.our_descriptor_cls()) is (expected == "ours")
+
+
+def test_a_uniform_decode_step_with_our_rows_replays_our_graph(clean_registry, monkeypatch):
+    """The runner hook records which FULL graph the step replays, for the metadata builder."""
+    from vllm.config import CUDAGraphMode
+
+    from attention_backends.vllm_glue import graph_inputs
+
+    monkeypatch.setattr(graph_inputs, "max_graph_rows", lambda: 8)
+    runner, wrapped, _ = _runner(["none", "sparse"])
+    d = _keys_dispatcher([2, 4])
+    d.initialize_cudagraph_keys(CUDAGraphMode.FULL_AND_PIECEWISE, 1)
+    runner.cudagraph_dispatcher = d
+
+    def orig(self, num_tokens, num_reqs, *a, force_eager=False, **kw):
+        mode, desc = self.cudagraph_dispatcher.dispatch(num_tokens, uniform_decode=True)
+        return mode, desc, False, None, None
+
+    wrapped = vp._make_determine_batch_execution(orig)
+    out = wrapped(runner, 2, 2)
+    assert isinstance(out[1], vp.our_descriptor_cls())
+    assert metadata.graph_kind() == metadata.OUR_FULL
+    runner.input_batch.req_ids = ["none-a", "none-b"]  # requests without options: vLLM's
+    runner.requests = {r: SimpleNamespace(num_prompt_tokens=300,
+                                          sampling_params=SimpleNamespace(extra_args=None))
+                       for r in runner.input_batch.req_ids}
+    out = wrapped(runner, 2, 2)
+    assert not isinstance(out[1], vp.our_descriptor_cls())
+    assert metadata.graph_kind() == metadata.VLLM_FULL
+
+
+def test_the_capture_of_our_graph_builds_in_graph_mode(clean_registry):
+    """While vLLM warms up and captures one of our graphs, every dummy run of it dispatches our
+    key and the builder is told to build graph inputs (no rows are read); vLLM's own captures
+    are left alone."""
+    from vllm.forward_context import BatchDescriptor
+
+    runner, _, _ = _runner(["sparse"])
+    runner.input_batch = None  # the capture reads no rows
+    seen = []
+
+    def determine(self, num_tokens, num_reqs, *a, **kw):
+        seen.append(vp._NEED)
+        return _Mode("FULL"), None, False, None, None
+
+    hook = vp._make_determine_batch_execution(determine)
+
+    def warmup_and_capture(self, desc, cudagraph_runtime_mode, **kw):
+        hook(self, desc.num_tokens, desc.num_reqs)
+        seen.append(metadata.graph_kind())
+
+    capture = vp._make_warmup_and_capture(warmup_and_capture)
+    capture(runner, vp._ours(BatchDescriptor(num_tokens=4, num_reqs=4, uniform=True)), "FULL")
+    assert seen == [metadata.OUR_FULL, metadata.OUR_FULL] and vp._CAPTURING_OURS is False
+    seen.clear()
+    runner.input_batch = SimpleNamespace(req_ids=[], num_computed_tokens_cpu=np.zeros(0))
+    capture(runner, BatchDescriptor(num_tokens=4, num_reqs=4, uniform=True), "FULL")
+    assert seen == [None, metadata.VLLM_FULL]
