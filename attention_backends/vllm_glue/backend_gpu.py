@@ -81,25 +81,33 @@ class FluxGPUMetadata:
     graph: graph_inputs.GraphInputs | None = None
 
 
-def _graph_inputs_for(vllm_config, kv_cache_spec, layers: int,
-                      device) -> graph_inputs.GraphInputs | None:
-    """The buffers of our FULL graphs, or None where vLLM captures no FULL decode graphs
-    (eager, piecewise-only, speculative decoding: decode batches of several tokens a row) or
-    ``additional_config`` turns them off."""
-    from vllm.config import CUDAGraphMode
-
+def our_graph_rows(vllm_config) -> int:
+    """The largest decode batch that replays our FULL CUDA graphs under this engine config: 0
+    where there are none (another attention backend than ours; eager engines, piecewise-only
+    graphs, speculative decoding with its decode batches of several tokens a row, or
+    ``additional_config`` turning them off), else the least of ``graph_inputs.MAX_GRAPH_ROWS``,
+    ``max_num_seqs`` and vLLM's largest capture size."""
     extra = vllm_config.additional_config
     if isinstance(extra, dict) and not extra.get(FULL_GRAPHS_KEY, True):
-        return None
+        return 0
+    backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+    if getattr(backend, "name", backend) != "CUSTOM":
+        return 0
     cc = vllm_config.compilation_config
     mode = cc.cudagraph_mode
     if (vllm_config.model_config.enforce_eager or mode is None
-            or mode.decode_mode() != CUDAGraphMode.FULL
+            or getattr(mode.decode_mode(), "name", None) != "FULL"
             or vllm_config.speculative_config is not None):
-        return None
-    rows = min(graph_inputs.MAX_GRAPH_ROWS, vllm_config.scheduler_config.max_num_seqs,
-               cc.max_cudagraph_capture_size or 0)
-    if rows <= 0:
+        return 0
+    return max(0, min(graph_inputs.MAX_GRAPH_ROWS, vllm_config.scheduler_config.max_num_seqs,
+                      cc.max_cudagraph_capture_size or 0))
+
+
+def _graph_inputs_for(vllm_config, kv_cache_spec, layers: int,
+                      device) -> graph_inputs.GraphInputs | None:
+    """The buffers of our FULL graphs (``our_graph_rows`` rows), or None where there are none."""
+    rows = our_graph_rows(vllm_config)
+    if not rows:
         return None
     hq = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
     return graph_inputs.GraphInputs(layers, rows, hq, kv_cache_spec.head_size,
@@ -120,7 +128,6 @@ class FluxGPUMetadataBuilder(AttentionMetadataBuilder[FluxGPUMetadata]):
         self.flash = FlashAttentionMetadataBuilder(kv_cache_spec, layer_names, vllm_config,
                                                    device)
         self.graph = _graph_inputs_for(vllm_config, kv_cache_spec, self.num_layers, device)
-        graph_inputs.set_current(self.graph)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> FluxGPUMetadata:

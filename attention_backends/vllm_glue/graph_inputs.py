@@ -181,22 +181,3 @@ class GraphInputs:
         runtime.record_hit_count(total, self._pending_checks)
         self._pending_rows = self._pending_checks = 0
 
-
-# The engine's buffers (one attention metadata builder per worker holds them), or None: our
-# FULL graphs are off (eager engines, CPU, speculative decoding, or turned off).
-_CURRENT: GraphInputs | None = None
-
-
-def set_current(inputs: GraphInputs | None) -> None:
-    """Make ``inputs`` the buffers our FULL graphs are captured with (the GPU builder)."""
-    global _CURRENT
-    _CURRENT = inputs
-
-
-def current() -> GraphInputs | None:
-    return _CURRENT
-
-
-def max_graph_rows() -> int:
-    """The largest decode batch our FULL graphs take (0: none are captured)."""
-    return _CURRENT.max_rows if _CURRENT is not None else 0

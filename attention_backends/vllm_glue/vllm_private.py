@@ -23,9 +23,9 @@ unchanged:
   ``_build_attention_metadata`` hook of the same step.
 - ``CudagraphDispatcher.initialize_cudagraph_keys`` (wrapped) and
   ``GPUModelRunner._warmup_and_capture`` (wrapped): our FULL graphs, one per uniform decode
-  size of vLLM's up to ``graph_inputs.MAX_GRAPH_ROWS``, keyed by ``OurBatchDescriptor``
-  (``our_descriptor_cls``) and captured by vLLM next to its own, with our metadata builder in
-  graph mode during their warm-up and capture.
+  size of vLLM's up to ``backend_gpu.our_graph_rows`` (our backend only), keyed by
+  ``OurBatchDescriptor`` (``our_descriptor_cls``) and captured by vLLM next to its own, with
+  our metadata builder in graph mode during their warm-up and capture.
 - ``GPUModelRunner.load_model`` / ``CPUModelRunner.load_model`` (wrapped): for a stock model
   started with a standalone router (``additional_config={"flux_router": PATH}``), load the
   router and install routing.
@@ -79,7 +79,7 @@ from attention_backends.flux.accounting import REPORT_KEY, ROUTING_REPORTS_ATTR,
 from attention_backends.flux.prefix_cache import request_cache_salt
 from attention_backends.flux.request_state import BatchRow, get_registry
 from attention_backends.flux.router import load_router_file
-from attention_backends.vllm_glue import graph_inputs, metadata
+from attention_backends.vllm_glue import metadata
 from attention_backends.vllm_glue.routing_hooks import attach_routers, install_routing
 from kv_policies.eviction.runtime import get_runtime as get_kv_runtime
 
@@ -414,8 +414,13 @@ def _make_dispatch(orig):
 def _make_initialize_cudagraph_keys(orig):
     def initialize_cudagraph_keys(self, cudagraph_mode, uniform_decode_query_len=1, *a, **kw):
         out = orig(self, cudagraph_mode, uniform_decode_query_len, *a, **kw)
-        rows = graph_inputs.max_graph_rows()
-        if rows and uniform_decode_query_len == 1:
+        if uniform_decode_query_len != 1 or cudagraph_mode.decode_mode() != type(
+                cudagraph_mode).FULL:
+            return out
+        from attention_backends.vllm_glue.backend_gpu import our_graph_rows
+
+        rows = our_graph_rows(self.vllm_config)  # what our metadata builder allocates
+        if rows:
             from vllm.config import CUDAGraphMode
 
             full = self.cudagraph_keys[CUDAGraphMode.FULL]

@@ -141,10 +141,12 @@ def test_flash_varlen_registered_for_fa2_and_fa3(monkeypatch, version):
 
 
 def _config(eager=False, mode="FULL_AND_PIECEWISE", spec=None, extra=None, max_seqs=256,
-            max_capture=512):
+            max_capture=512, backend="CUSTOM"):
     from vllm.config import CUDAGraphMode
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     return SimpleNamespace(
+        attention_config=SimpleNamespace(backend=AttentionBackendEnum[backend]),
         additional_config=extra or {}, speculative_config=spec,
         compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode[mode],
                                            max_cudagraph_capture_size=max_capture),
@@ -162,10 +164,12 @@ def _config(eager=False, mode="FULL_AND_PIECEWISE", spec=None, extra=None, max_s
     ({"mode": "NONE"}, None),
     ({"spec": object()}, None),
     ({"extra": {backend_gpu.FULL_GRAPHS_KEY: False}}, None),
+    ({"backend": "FLASH_ATTN"}, None),  # not ours
 ])
 def test_our_full_graphs_where_vllm_captures_full_decode_graphs(kw, rows):
     spec = SimpleNamespace(head_size=16)
     gi = backend_gpu._graph_inputs_for(_config(**kw), spec, 2, "cpu")
+    assert backend_gpu.our_graph_rows(_config(**kw)) == (rows or 0)
     if rows is None:
         assert gi is None
     else:

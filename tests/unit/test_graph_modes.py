@@ -252,6 +252,7 @@ def _keys_dispatcher(sizes: list[int]):
 
     class D:
         def __init__(self) -> None:
+            self.vllm_config = object()
             self.cudagraph_keys = {CUDAGraphMode.PIECEWISE: set(), CUDAGraphMode.FULL: set()}
 
         def initialize_cudagraph_keys(self, cudagraph_mode, uniform_decode_query_len=1):
@@ -278,9 +279,9 @@ def _keys_dispatcher(sizes: list[int]):
 def test_our_keys_sit_next_to_vllms_up_to_the_buffers_rows(monkeypatch, max_rows):
     from vllm.config import CUDAGraphMode
 
-    from attention_backends.vllm_glue import graph_inputs
+    from attention_backends.vllm_glue import backend_gpu
 
-    monkeypatch.setattr(graph_inputs, "max_graph_rows", lambda: max_rows)
+    monkeypatch.setattr(backend_gpu, "our_graph_rows", lambda cfg: max_rows)
     d = _keys_dispatcher([1, 2, 4, 8])
     d.initialize_cudagraph_keys(CUDAGraphMode.FULL_AND_PIECEWISE, 1)
     full = d.cudagraph_keys[CUDAGraphMode.FULL]
@@ -295,6 +296,11 @@ def test_our_keys_sit_next_to_vllms_up_to_the_buffers_rows(monkeypatch, max_rows
     d2.initialize_cudagraph_keys(CUDAGraphMode.FULL_AND_PIECEWISE, 2)
     assert not any(isinstance(k, vp.our_descriptor_cls())
                    for k in d2.cudagraph_keys[CUDAGraphMode.FULL])
+    # and none where vLLM captures no FULL decode graphs
+    d3 = _keys_dispatcher([1, 2])
+    d3.initialize_cudagraph_keys(CUDAGraphMode.PIECEWISE, 1)
+    assert not any(isinstance(k, vp.our_descriptor_cls())
+                   for k in d3.cudagraph_keys[CUDAGraphMode.FULL])
 
 
 @pytest.mark.parametrize(("need", "num_tokens", "uniform", "expected"), [
@@ -307,9 +313,9 @@ def test_our_keys_sit_next_to_vllms_up_to_the_buffers_rows(monkeypatch, max_rows
 def test_dispatch_of_a_step_with_our_rows(monkeypatch, need, num_tokens, uniform, expected):
     from vllm.config import CUDAGraphMode
 
-    from attention_backends.vllm_glue import graph_inputs
+    from attention_backends.vllm_glue import backend_gpu
 
-    monkeypatch.setattr(graph_inputs, "max_graph_rows", lambda: 4)
+    monkeypatch.setattr(backend_gpu, "our_graph_rows", lambda cfg: 4)
     d = _keys_dispatcher([1, 2, 4, 8])
     d.initialize_cudagraph_keys(CUDAGraphMode.FULL_AND_PIECEWISE, 1)
     monkeypatch.setattr(vp, "_NEED", need)
@@ -325,9 +331,9 @@ def test_a_uniform_decode_step_with_our_rows_replays_our_graph(clean_registry, m
     """The runner hook records which FULL graph the step replays, for the metadata builder."""
     from vllm.config import CUDAGraphMode
 
-    from attention_backends.vllm_glue import graph_inputs
+    from attention_backends.vllm_glue import backend_gpu
 
-    monkeypatch.setattr(graph_inputs, "max_graph_rows", lambda: 8)
+    monkeypatch.setattr(backend_gpu, "our_graph_rows", lambda cfg: 8)
     runner, wrapped, _ = _runner(["none", "sparse"])
     d = _keys_dispatcher([2, 4])
     d.initialize_cudagraph_keys(CUDAGraphMode.FULL_AND_PIECEWISE, 1)
