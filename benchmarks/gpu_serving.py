@@ -14,7 +14,9 @@ Llama-3.1-8B-shaped model (32 layers, hidden 4096, 32 q / 8 KV heads of 128, MLP
 - engines (``--engines``): ``stock`` (no plugin: ``VLLM_PLUGINS=none``, vLLM's default attention
   backend and model runner), ``flux`` (fluxserve as ``fluxserve serve`` configures it:
   ``attention_backend=CUSTOM``, V1 model runner, the KV-policy scheduler), ``flux-eager`` (the
-  same with ``enforce_eager``: the reference for CUDA-graph replay), ``flux-tp2`` (two GPUs).
+  same with ``enforce_eager``: the reference for CUDA-graph replay), ``flux-piecewise`` (the
+  same with our FULL decode graphs off: steps with our rows run our attention eagerly between
+  piecewise graphs), ``flux-tp2`` (two GPUs).
   Engines on different GPUs run at the same time.
 - each engine runs in-process (``LLMEngine`` with ``add_request``/``step``, no HTTP server), so
   the harness reads the scheduler directly: requests running, KV blocks free.
@@ -235,6 +237,9 @@ class Engine:
                   tensor_parallel_size=spec.get("tp", 1), enforce_eager=kind == "flux-eager")
         if self.flux and spec.get("router"):
             kw["additional_config"] = {"flux_router": spec["router"]}
+        if kind == "flux-piecewise":  # our attention eager between piecewise graphs
+            kw["additional_config"] = {**kw.get("additional_config", {}),
+                                       "flux_full_cuda_graphs": False}
         if spec["device"] == "cpu":
             kw["kv_cache_memory_bytes"] = 2 << 30
         else:
@@ -717,6 +722,9 @@ def summarize(results: dict) -> tuple[dict, list[str]]:
         for mode in CHECK_MODES:
             comps[f"flux graphs vs eager: {mode}"] = compare(by_mode(chk["flux-eager"], [mode]),
                                                              by_mode(chk["flux"], [mode]))
+    if chk.get("flux") and chk.get("flux-piecewise"):
+        comps["flux FULL vs piecewise graphs"] = compare(
+            by_mode(chk["flux-piecewise"], CHECK_MODES), by_mode(chk["flux"], CHECK_MODES))
     if chk.get("flux") and chk.get("flux-tp2"):
         comps["flux TP2 vs TP1"] = compare(by_mode(chk["flux"], CHECK_MODES),
                                            by_mode(chk["flux-tp2"], CHECK_MODES))

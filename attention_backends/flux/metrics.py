@@ -40,6 +40,18 @@ DECODE_SECONDS = Histogram(
 )
 REQUESTS = Counter("fluxserve:flux_requests", "Requests seen by the Flux backend, by mode.",
                    ["mode"])
+OPTION_STEPS = Counter(
+    "fluxserve:steps_with_options",
+    "Engine steps with Flux or KV-policy rows, by the CUDA graph they ran in: full (our FULL "
+    "graph of the decode batch), piecewise (our attention eager between vLLM's piecewise "
+    "graphs) or none (no graph: routing steps). Engines with CUDA graphs only.",
+    ["cuda_graph"])
+
+
+def observe_option_step(cuda_graph: str) -> None:
+    """Count a step with our rows by its graph: ``full``, ``piecewise`` or ``none``."""
+    if is_first_rank():
+        OPTION_STEPS.labels(cuda_graph).inc()
 
 
 def observe_router_step(seconds: float) -> None:

@@ -384,11 +384,14 @@ def _make_determine_batch_execution(orig):
             out = orig(self, *a, **kw)
         finally:
             _NEED = None
+        mode = getattr(out[0], "name", "")
         if isinstance(out[1], our_descriptor_cls()):
             metadata.note_graph(metadata.OUR_FULL)
         else:
-            full = getattr(out[0], "name", "") == "FULL"
-            metadata.note_graph(metadata.VLLM_FULL if full else None)
+            metadata.note_graph(metadata.VLLM_FULL if mode == "FULL" else None)
+        if need is not None:
+            metrics.observe_option_step("full" if mode == "FULL" else
+                                        "piecewise" if mode == "PIECEWISE" else "none")
         return out
     return _determine_batch_execution_and_padding
 

@@ -343,10 +343,17 @@ def test_a_uniform_decode_step_with_our_rows_replays_our_graph(clean_registry, m
         mode, desc = self.cudagraph_dispatcher.dispatch(num_tokens, uniform_decode=True)
         return mode, desc, False, None, None
 
+    from attention_backends.flux import metrics
+
+    def count(graph):
+        return metrics.OPTION_STEPS.labels(graph)._value.get()
+
+    before = count("full")
     wrapped = vp._make_determine_batch_execution(orig)
     out = wrapped(runner, 2, 2)
     assert isinstance(out[1], vp.our_descriptor_cls())
     assert metadata.graph_kind() == metadata.OUR_FULL
+    assert count("full") == before + 1  # fluxserve:steps_with_options_total{cuda_graph=full}
     runner.input_batch.req_ids = ["none-a", "none-b"]  # requests without options: vLLM's
     runner.requests = {r: SimpleNamespace(num_prompt_tokens=300,
                                           sampling_params=SimpleNamespace(extra_args=None))
@@ -354,6 +361,7 @@ def test_a_uniform_decode_step_with_our_rows_replays_our_graph(clean_registry, m
     out = wrapped(runner, 2, 2)
     assert not isinstance(out[1], vp.our_descriptor_cls())
     assert metadata.graph_kind() == metadata.VLLM_FULL
+    assert count("full") == before + 1  # steps without our rows are not counted
 
 
 def test_the_capture_of_our_graph_builds_in_graph_mode(clean_registry):
