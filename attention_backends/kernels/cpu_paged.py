@@ -58,7 +58,8 @@ def visible_ranges(p_lo: int, p_hi: int, sink: int, window: int, kept_end: int,
     return ranges
 
 
-def _blocks(ranges: list[tuple[int, int]], bs: int) -> list[int]:
+def blocks_of(ranges: list[tuple[int, int]], bs: int) -> list[int]:
+    """The logical blocks (ascending) holding a slot of ``ranges`` (ascending half-open)."""
     blocks: list[int] = []
     for lo, hi in ranges:
         for b in range(lo // bs, (hi - 1) // bs + 1):
@@ -124,12 +125,12 @@ def masked_paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq
         ctx = lens[s] - q_len
         if q_len == 1:
             ranges = visible_ranges(ctx, ctx + 1, sinks[s], windows[s], kept[s], gaps[s])
-            decode.append((s, _blocks(ranges, bs), ranges))
+            decode.append((s, blocks_of(ranges, bs), ranges))
             continue
         for c0 in range(0, q_len, Q_CHUNK):
             c1 = min(q_len, c0 + Q_CHUNK)
             ranges = visible_ranges(ctx + c0, ctx + c1, sinks[s], windows[s], kept[s], gaps[s])
-            k, v, slots = _gather(kv_cache, kv_layout, block_table[s], _blocks(ranges, bs),
+            k, v, slots = _gather(kv_cache, kv_layout, block_table[s], blocks_of(ranges, bs),
                                   ranges)
             pos = torch.arange(ctx + c0, ctx + c1, dtype=torch.int64)
             mask = visible_mask(pos, slots, sinks[s], windows[s], kept[s], gaps[s])
@@ -143,15 +144,21 @@ def masked_paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq
     return out
 
 
-def _decode(q: Tensor, kv_cache: Tensor, layout: KVLayout, block_table: Tensor, qsl: list[int],
-            lens: list[int], rows: list[tuple[int, list[int], list[tuple[int, int]]]],
-            masks: tuple[list[int], ...], scale: float, out: Tensor, calibration,
-            hits: Tensor | None) -> None:
-    """The decode rows at once: each row's blocks, then copies of its first block (masked) up
-    to the longest row's count, all gathered by one ``index_select``; float32 attention with
-    the log-sum-exp, which the calibrated rows merge with their evicted part."""
+def decode_partials(q_rows: Tensor, kv_cache: Tensor, layout: KVLayout, block_table: Tensor,
+                    rows: list[tuple[int, list[int], list[tuple[int, int]]]], scale: float,
+                    masks: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Decode attention of ``R = len(rows)`` queries over the slots of some ranges, with its
+    log-sum-exp: ``(o [R, Hq, D] float32, lse [R, Hq] float32)``, -inf and 0 where a row sees
+    nothing.
+
+    ``q_rows [R, Hq, D]``; ``rows[i] = (s, blocks, ranges)``: the sequence (row of
+    ``block_table``), the logical blocks holding its visible slots (ascending) and those slots
+    as ascending half-open ranges. ``masks[i]`` (optional, ``[len(blocks) * bs]`` bool) narrows
+    row ``i``'s visible slots further. The rows' blocks, then copies of each row's first block
+    (masked) up to the longest row's count, are gathered by one ``index_select``; other slots
+    of a gathered block are zeroed (a freed or stale slot may hold anything)."""
     hkv, bs, d = kv_cache.shape[1], kv_cache.shape[2], kv_cache.shape[3] // 2
-    hq = q.shape[1]
+    hq = q_rows.shape[1]
     r = len(rows)
     width = max(len(blocks) for _, blocks, _ in rows)
     logical = torch.tensor([blocks + [blocks[0]] * (width - len(blocks))
@@ -167,23 +174,48 @@ def _decode(q: Tensor, kv_cache: Tensor, layout: KVLayout, block_table: Tensor, 
     if not bool(inside.all()):
         k.masked_fill_(~inside[:, None, :, None], 0)
         v.masked_fill_(~inside[:, None, :, None], 0)
-    mask = torch.stack([
-        visible_mask(torch.tensor([lens[s] - 1]), slots[i], *(m[s] for m in masks))[0]
-        for i, (s, _, _) in enumerate(rows)]) & inside  # [R, N]
-    tokens = torch.tensor([qsl[s] for s, _, _ in rows], dtype=torch.int64)
-    q_rows = q.index_select(0, tokens)  # [R, Hq, D]
+    mask = inside
+    if masks is not None:
+        mask = mask & torch.stack([F.pad(m, (0, width * bs - m.numel())) for m in masks])
     scores = (q_rows.to(torch.float32).view(r, hkv, hq // hkv, d) @ k.transpose(-1, -2)) * scale
     o, lse = masked_softmax_attention(scores, mask[:, None, None, :], v)  # [R, Hkv, G, ...]
-    o, lse = o.reshape(r, hq, d), lse.reshape(r, hq)
-    if calibration is not None:
-        enabled = calibration.enabled.to(torch.bool)[sel]
-        if bool(enabled.any()):
-            tau = calibration.tau
-            tau = tau[sel].to(torch.float32) if isinstance(tau, Tensor) else torch.full(
-                (r,), float(tau))
-            hit = (cosine(q_rows, calibration.q_ref[sel]) >= tau[:, None]) & enabled[:, None]
-            merged = lse_merge(o, lse, calibration.o_e[sel].to(torch.float32),
-                               calibration.lse_e[sel].to(torch.float32))
-            o = torch.where(hit[..., None], merged, o)
-            hits.index_copy_(0, tokens, hit)
+    return o.reshape(r, hq, d), lse.reshape(r, hq)
+
+
+def calibration_hits(q_rows: Tensor, calibration, sel: Tensor) -> Tensor | None:
+    """``[R, Hq]`` bool: where CaliDrop merges its evicted part into decode queries ``q_rows``
+    of the sequences ``sel [R]`` (cosine to ``q_ref`` at least ``tau``, calibration enabled;
+    CaliDrop's test, docs/kv_policies.md); None when no row is calibrated."""
+    if calibration is None:
+        return None
+    enabled = calibration.enabled.to(torch.bool)[sel]
+    if not bool(enabled.any()):
+        return None
+    tau = calibration.tau
+    tau = tau[sel].to(torch.float32) if isinstance(tau, Tensor) else torch.full(
+        (sel.numel(),), float(tau))
+    return (cosine(q_rows, calibration.q_ref[sel]) >= tau[:, None]) & enabled[:, None]
+
+
+def _decode(q: Tensor, kv_cache: Tensor, layout: KVLayout, block_table: Tensor, qsl: list[int],
+            lens: list[int], rows: list[tuple[int, list[int], list[tuple[int, int]]]],
+            masks: tuple[list[int], ...], scale: float, out: Tensor, calibration,
+            hits: Tensor | None) -> None:
+    """The decode rows at once (``decode_partials`` over their visible slots), the calibrated
+    rows merged with their evicted part."""
+    bs = kv_cache.shape[2]
+    tokens = torch.tensor([qsl[s] for s, _, _ in rows], dtype=torch.int64)
+    q_rows = q.index_select(0, tokens)  # [R, Hq, D]
+    narrow = [visible_mask(torch.tensor([lens[s] - 1]),
+                           (torch.tensor(blocks)[:, None] * bs + torch.arange(bs)).flatten(),
+                           *(m[s] for m in masks))[0]
+              for s, blocks, _ in rows]
+    o, lse = decode_partials(q_rows, kv_cache, layout, block_table, rows, scale, narrow)
+    sel = torch.tensor([s for s, _, _ in rows], dtype=torch.int64)
+    hit = calibration_hits(q_rows, calibration, sel)
+    if hit is not None:
+        merged = lse_merge(o, lse, calibration.o_e[sel].to(torch.float32),
+                           calibration.lse_e[sel].to(torch.float32))
+        o = torch.where(hit[..., None], merged, o)
+        hits.index_copy_(0, tokens, hit)
     out.index_copy_(0, tokens, o.to(out.dtype))

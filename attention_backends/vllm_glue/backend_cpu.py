@@ -12,10 +12,13 @@ every K/V, in vLLM's ISA-specific layout (``do_kv_cache_update`` is vLLM's). Eac
   - sparse with a sink of whole blocks and a window of at least one block (the defaults):
     vLLM's kernel too, with its sliding window over virtual block tables
     (``kernels.sink_window``), so that its cost stops growing with the context;
-  - compressed rows (KV eviction), and sparse rows with other sinks or windows:
-    ``ops.paged_attention`` (``kernels.cpu_paged``), which reads vLLM's layout through the
-    ``KVLayout`` that ``kv_layout.probe`` finds by writing coded values through vLLM's own
-    writer.
+  - compressed rows (KV eviction) decoding one token, at layers where they are not sparse:
+    vLLM's kernel on the whole blocks they see, the few slots around the gap (and CaliDrop's
+    evicted part) merged in through the kernel's sink logit (``kernels.compressed_decode``);
+  - other compressed rows, and sparse rows with other sinks or windows:
+    ``ops.paged_attention`` (``kernels.cpu_paged``).
+  Our float32 parts read vLLM's layout through the ``KVLayout`` that ``kv_layout.probe`` finds
+  by writing coded values through vLLM's own writer.
   Then the rows whose prompt completes in this step are compressed
   (``attention.compress_completed``), in the same layout.
 
@@ -37,8 +40,15 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from attention_backends.kernels import kv_layout, sink_window
+from attention_backends.kernels import compressed_decode, kv_layout, sink_window
+from attention_backends.kernels.cpu_paged import (
+    blocks_of,
+    calibration_hits,
+    decode_partials,
+    visible_ranges,
+)
 from attention_backends.kernels.kv_layout import KVLayout
+from attention_backends.kernels.reference import lse_merge
 from attention_backends.vllm_glue.attention import (
     attend,
     compress_completed,
@@ -46,6 +56,9 @@ from attention_backends.vllm_glue.attention import (
     token_index,
 )
 from attention_backends.vllm_glue.metadata import StepMetadata, num_layers, step_metadata_for
+from kv_policies.eviction.runtime import get_runtime
+
+_ONE_QUERY = torch.tensor([0, 1], dtype=torch.int32)
 
 
 class RowSplit:
@@ -55,8 +68,9 @@ class RowSplit:
     compressed by an earlier step, or runs sparse attention at ``l`` and some query of the step
     cannot see every key (its sequence is longer than ``sink + window``). Such a sparse row is
     **windowed** (vLLM's kernel over a ``SinkWindowPlan``) when ``sink_window.can_plan`` takes
-    it; the others (compressed rows included) are **masked** (``ops.paged_attention``). Kernel
-    inputs are built once per distinct set of rows in a step.
+    it. A compressed row with one query that is not sparse at ``l`` is **compressed** (vLLM's
+    kernel on its bulk, ``compressed_decode``); the others are **masked**
+    (``ops.paged_attention``). Kernel inputs are built once per distinct set of rows in a step.
     """
 
     def __init__(self, step: StepMetadata, cm: CommonAttentionMetadata,
@@ -67,28 +81,68 @@ class RowSplit:
         routing, n = step.routing, cm.num_reqs
         self.seq_lens: list[int] = cm.seq_lens.tolist()
         self._sink, self._window = routing.sink.tolist(), routing.window.tolist()
-        kept = step.eviction.kept_end
-        self._compressed = [k > 0 for k in kept.tolist()] if kept is not None else [False] * n
+        ev = step.eviction
+        self._kept_end = ev.kept_end.tolist() if ev.kept_end is not None else [0] * n
+        self._gap_end = ev.gap_end.tolist() if ev.gap_end is not None else [0] * n
+        self._compressed = [k > 0 for k in self._kept_end]
         bs = builder.block_size
         self._plannable = [sink_window.can_plan(s, w, bs)
                            for s, w in zip(self._sink, self._window, strict=True)]
+        qsl = step.query_start_loc
+        self._one_query = [qsl[r + 1] - qsl[r] == 1 for r in range(n)]
         self._dense: dict[tuple[int, ...], tuple[CPUAttentionMetadata, torch.Tensor]] = {}
         self._windowed: dict[tuple[int, ...], list] = {}
+        self._plans: dict[int, tuple] = {}
 
-    def rows_at(self, layer: int) -> tuple[list[int], list[int], list[int]]:
-        """``(dense, windowed, masked)`` rows at ``layer``, each ascending."""
+    def rows_at(self, layer: int) -> tuple[list[int], list[int], list[int], list[int]]:
+        """``(dense, windowed, compressed, masked)`` rows at ``layer``, each ascending."""
         sparse = self.step.routing.sparse[layer].tolist()
-        dense, windowed, masked = [], [], []
+        dense, windowed, compressed, masked = [], [], [], []
         for r, seq_len in enumerate(self.seq_lens):
+            short = seq_len <= self._sink[r] + self._window[r]
             if self._compressed[r]:
-                masked.append(r)
-            elif not sparse[r] or seq_len <= self._sink[r] + self._window[r]:
+                (compressed if self._one_query[r] and (not sparse[r] or short)
+                 else masked).append(r)
+            elif not sparse[r] or short:
                 dense.append(r)
             elif self._plannable[r]:
                 windowed.append(r)
             else:
                 masked.append(r)
-        return dense, windowed, masked
+        return dense, windowed, compressed, masked
+
+    def visible(self, row: int) -> list[tuple[int, int]]:
+        """The slots a compressed row's decode query sees, as ascending half-open ranges."""
+        seq_len = self.seq_lens[row]
+        return visible_ranges(seq_len - 1, seq_len, 0, 0, self._kept_end[row],
+                              self._gap_end[row])
+
+    def compressed_plan(self, row: int, impl: CPUAttentionBackendImpl, isa: str,
+                        dtype: torch.dtype) -> tuple:
+        """``(plan, bulk block table [1, n] int32, bulk length [1] int32, kernel scheduler
+        metadata)`` of a compressed decode row (``compressed_decode.plan_compressed_decode``;
+        the last three None without a bulk), for the kernel with its heads duplicated."""
+        hit = self._plans.get(row)
+        if hit is not None:
+            return hit
+        plan = compressed_decode.plan_compressed_decode(
+            self.seq_lens[row], self._kept_end[row], self._gap_end[row],
+            self._builder.block_size)
+        table = md = lens = None
+        if plan.bulk_len:
+            lens = torch.tensor([plan.bulk_len], dtype=torch.int32)
+            logical = torch.tensor(plan.bulk_blocks, dtype=torch.int64)
+            table = self._cm.block_table_tensor[row].index_select(0, logical)[None]
+            table = table.to(torch.int32).contiguous()
+            md = vllm_ops.cpu_attn_get_scheduler_metadata(
+                num_reqs=1, num_heads=2 * impl.num_heads, num_kv_heads=impl.num_kv_heads,
+                head_dim=impl.head_size, seq_lens=lens,
+                dtype=dtype, query_start_loc=_ONE_QUERY, causal=True, sliding_window_size=-1,
+                isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+                kv_cache_dtype=impl.kv_cache_dtype)
+        hit = (plan, table, lens, md)
+        self._plans[row] = hit
+        return hit
 
     def dense(self, rows: list[int]) -> tuple[CPUAttentionMetadata, torch.Tensor]:
         """vLLM's metadata for the sub-batch of ``rows`` and its tokens' positions in the batch
@@ -195,8 +249,8 @@ class FluxCPUAttentionImpl(CPUAttentionBackendImpl):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization")
         split: RowSplit = md.split
-        dense, windowed, masked = split.rows_at(layer_index(layer))
-        if not windowed and not masked:
+        dense, windowed, compressed, masked = split.rows_at(layer_index(layer))
+        if not windowed and not compressed and not masked:
             super().forward(layer, query, key, value, kv_cache, md, output)
         elif dense:
             sub, tokens = split.dense(dense)
@@ -204,18 +258,79 @@ class FluxCPUAttentionImpl(CPUAttentionBackendImpl):
             super().forward(layer, query.index_select(0, tokens), key, value, kv_cache, sub,
                             sub_out)
             output.index_copy_(0, tokens, sub_out)
-        if windowed or masked or md.step.eviction.compress_rows:
+        if windowed or compressed or masked or md.step.eviction.compress_rows:
             self._check_supported()
         if windowed:
             self._windowed(layer, query, kv_cache, output,
                            split.windowed(windowed, self, layer.isa, query.dtype))
         layout = None
-        if masked or md.step.eviction.compress_rows:
+        if compressed or masked or md.step.eviction.compress_rows:
             layout = self.kv_layout(layer, kv_cache)
+        if compressed:
+            self._compressed_decode(layer, query, kv_cache, md, output, compressed, layout)
         if masked:
             attend(layer, query, kv_cache, md, self.scale, output, rows=masked, kv_layout=layout)
         compress_completed(layer, query, kv_cache, md, self.scale, kv_layout=layout)
         return output
+
+    def _compressed_decode(self, layer, query, kv_cache, md, output, rows: list[int],
+                           layout: KVLayout) -> None:
+        """Compressed rows decoding one token (``kernels.compressed_decode``): the slots around
+        the gap in float32 with their log-sum-exp, merged with CaliDrop's evicted part where it
+        applies, then vLLM's kernel on the bulk with that as its sink logit."""
+        split: RowSplit = md.split
+        li = layer_index(layer)
+        qsl = md.step.query_start_loc
+        tokens = torch.tensor([qsl[r] for r in rows], dtype=torch.int64)
+        q_rows = query.index_select(0, tokens)  # [R, Hq, D]
+        plans = [split.compressed_plan(r, self, layer.isa, query.dtype) for r in rows]
+        block_table = split._cm.block_table_tensor
+        o_x, lse_x = decode_partials(
+            q_rows, kv_cache, layout, block_table,
+            [(r, p[0].rest_blocks, p[0].rest_ranges) for r, p in zip(rows, plans, strict=True)],
+            self.scale)
+        rt = get_runtime()
+        ids = md.step.routing.req_ids
+        live = [ids[r] or "" for r in rows]
+        calib = rt.calibration_for(li, live, query.device) if md.step.eviction.has_plans else None
+        everyone = torch.arange(len(rows))
+        hit = calibration_hits(q_rows, calib, everyone)
+        if hit is not None:
+            o_e, lse_e = calib.o_e.to(torch.float32), calib.lse_e.to(torch.float32)
+            o_x = torch.where(hit[..., None], lse_merge(o_x, lse_x, o_e, lse_e), o_x)
+            lse_x = torch.where(hit, torch.logaddexp(lse_x, lse_e), lse_x)
+            rt.record_hits(li, live, hit)
+        result = o_x
+        nb, hkv, bs, _ = kv_cache.shape
+        key_cache, value_cache = kv_cache.view(nb, hkv, 2 * bs, -1).chunk(2, dim=2)
+        redo = []
+        for i, (plan, table, lens, scheduler_metadata) in enumerate(plans):
+            if not plan.bulk_len:
+                continue
+            out = q_rows.new_empty((1, 2 * q_rows.shape[1], q_rows.shape[2]))
+            vllm_ops.cpu_attention_with_kv_cache(
+                query=compressed_decode.duplicate_heads(q_rows[i:i + 1]), key_cache=key_cache,
+                value_cache=value_cache, output=out, query_start_loc=_ONE_QUERY,
+                seq_lens=lens, scale=self.scale, causal=True,
+                alibi_slopes=None, sliding_window=-1, block_table=table, softcap=0.0,
+                scheduler_metadata=scheduler_metadata,
+                s_aux=compressed_decode.sink_logits(lse_x[i]))
+            merged, ok = compressed_decode.merge_bulk(out[0], o_x[i])
+            result[i] = merged
+            if not bool(ok.all()):
+                redo.append(i)
+        if redo:  # the bulk's output is zero (w undefined): every visible slot in float32
+            o, lse = decode_partials(
+                q_rows[redo], kv_cache, layout, block_table,
+                [(rows[i], blocks_of(split.visible(rows[i]), bs), split.visible(rows[i]))
+                 for i in redo], self.scale)
+            if hit is not None:
+                sel = torch.tensor(redo)
+                o = torch.where(hit[sel][..., None],
+                                lse_merge(o, lse, calib.o_e[sel].float(), calib.lse_e[sel].float()),
+                                o)
+            result[redo] = o
+        output.index_copy_(0, tokens, result.to(output.dtype))
 
     def _windowed(self, layer, query, kv_cache, output, plans) -> None:
         """vLLM's kernel with its sliding window over each plan's virtual block tables."""

@@ -30,13 +30,13 @@ MAX_TOKENS = 16
 _rng = random.Random(7)
 PROMPTS = {  # 700 tokens: two prefill chunks
     name: [_rng.randrange(10, 2000) for _ in range(n)]
-    for name, n in (("dense", 300), ("sparse", 700), ("windowed", 600), ("calidrop", 400))}
+    for name, n in (("dense", 300), ("sparse", 700), ("windowed", 600), ("calidrop", 500))}
 BLOCK = 128  # vLLM's CPU default
 OPTIONS = {
     "dense": None,
     "sparse": {"flux": {"mode": "sparse", "sink": 4, "window": 24}},
     "windowed": {"flux": {"mode": "sparse", "sink": BLOCK, "window": 2 * BLOCK}},
-    "calidrop": {"kv_policy": {"name": "calidrop", "budget": 64, "window": 8}},
+    "calidrop": {"kv_policy": {"name": "calidrop", "budget": 192, "window": 8}},
 }
 SERVER_DEFAULTS = {"flux": {"mode": "full"}, "kv_policy": {"name": "none"}}
 
@@ -52,6 +52,7 @@ class Paths:
         self.steps: list[bool] = []  # per built metadata: did it carry a fluxserve step
         self.ours: list[list[int]] = []  # rows per call of our attention
         self.vllm_rows: list[tuple[int, int]] = []  # (rows, sliding window) per vLLM call
+        self.sink_calls: list[int] = []  # query heads per vLLM call with a sink logit
 
         build, attend = backend_cpu.step_metadata_for, backend_cpu.attend
         kernel = _custom_ops.cpu_attention_with_kv_cache
@@ -67,11 +68,18 @@ class Paths:
 
         def counted_kernel(*a, **kw):
             self.vllm_rows.append((int(kw["seq_lens"].shape[0]), kw["sliding_window"]))
+            if kw["s_aux"] is not None:
+                self.sink_calls.append(int(kw["query"].shape[1]))
             return kernel(*a, **kw)
 
         monkeypatch.setattr(backend_cpu, "step_metadata_for", step_metadata_for)
         monkeypatch.setattr(backend_cpu, "attend", counted_attend)
         monkeypatch.setattr(_custom_ops, "cpu_attention_with_kv_cache", counted_kernel)
+
+
+def llm_heads(llm) -> int:
+    return llm.llm_engine.model_config.get_num_attention_heads(
+        llm.llm_engine.vllm_config.parallel_config)
 
 
 def _generate(llm, names: list[str], options: list[dict | None],
@@ -101,11 +109,12 @@ def test_mixed_batch_rows_get_their_tokens_alone(llm, monkeypatch):
     mixed = _generate(llm, names, [OPTIONS[n] for n in names])
     for name, a, m in zip(names, alone, mixed, strict=True):
         assert m == a, name
-    # decode steps: the 4-token-sink row and the compressed one through ours, the dense one
-    # through vLLM's kernel as a one-row sub-batch, the windowed one through vLLM's kernel
-    # with the window sink + window
-    assert any(len(rows) == 2 for rows in paths.ours)
+    # decode steps: the 4-token-sink row through ours, the dense one through vLLM's kernel as
+    # a one-row sub-batch, the windowed one through vLLM's kernel with the window sink +
+    # window, the compressed one through vLLM's kernel with its heads doubled and a sink logit
+    assert [1] in paths.ours and not any(len(rows) > 1 for rows in paths.ours)
     assert (1, -1) in paths.vllm_rows and (1, 3 * BLOCK) in paths.vllm_rows
+    assert paths.sink_calls and set(paths.sink_calls) == {2 * llm_heads(llm)}
 
 
 def test_dense_output_matches_stock_vllm(llm, tmp_path):

@@ -1,0 +1,101 @@
+"""Decode of compressed rows (KV eviction) through a paged kernel that returns no log-sum-exp.
+
+A compressed row sees its kept slots ``[0, kept_end)`` and the slots ``[gap_end, seq_len)``
+after the gap (``kv_policies.eviction.plan.EvictionPlan``). The gap's two end blocks hold stale
+slots between visible ones, which a causal kernel cannot skip, and CaliDrop merges an evicted
+part ``(o_E, lse_E)`` into the result by log-sum-exp. vLLM's CPU kernel returns no
+log-sum-exp, but it takes one extra logit per query head (``s_aux``, learned attention sinks:
+a key of score ``s_aux`` and value 0), which is enough for one merge:
+
+- the kernel reads the **bulk**, whole blocks only: the kept region's full blocks, then the
+  blocks after the one holding ``gap_end`` (``bulk_blocks``: ``kept_end // bs`` blocks, then
+  up to ``seq_len``);
+- the rest, ``X``, is at most two blocks' worth of slots (the kept region's last partial block
+  and the live end of ``gap_end``'s block), computed in float32 with its log-sum-exp
+  (``cpu_paged.decode_partials``), and merged with CaliDrop's evicted part where the row's
+  calibration applies;
+- with ``s_aux = lse_X``, the kernel returns ``R = w * o_A``, where ``o_A`` is the bulk's
+  attention and ``w = exp(lse_A) / (exp(lse_A) + exp(lse_X))``, so the merged attention
+  ``w * o_A + (1 - w) * o_X`` (the split-KV combine of flash-decoding, and CaliDrop's merge
+  of the evicted part) is ``R + (1 - w) * o_X``. The kernel runs each query head twice
+  (``duplicate_heads``): once with ``s_aux = -inf`` (``o_A``), once with ``lse_X`` (``R``),
+  and ``w = <R, o_A> / <o_A, o_A>`` (``merge_bulk``).
+
+Both kernel outputs are rounded to the query dtype (bf16: 8 bits), so ``w`` carries a relative
+error of a few 1e-4 (averaged over the head dimension), well under the rounding of the output
+itself. A row whose ``o_A`` is zero (``w`` undefined) is the caller's to compute otherwise.
+No vLLM import: the plan is index arithmetic and the merge is torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class CompressedDecodePlan:
+    """How a compressed decode row splits between the kernel and ``decode_partials``.
+
+    ``bulk_blocks``: logical blocks the kernel reads, in order, ``bulk_len`` slots of them
+    (every slot visible; 0: no kernel call); ``rest_blocks`` / ``rest_ranges``: the logical
+    blocks and visible slot ranges (half-open, ascending) computed in float32.
+    """
+
+    bulk_blocks: list[int]
+    bulk_len: int
+    rest_blocks: list[int]
+    rest_ranges: list[tuple[int, int]]
+
+
+def plan_compressed_decode(seq_len: int, kept_end: int, gap_end: int,
+                           block_size: int) -> CompressedDecodePlan:
+    """The split of a decode query at slot ``seq_len - 1`` of a row compressed to
+    ``[0, kept_end) + [gap_end, seq_len)``. Raises ``ValueError`` unless
+    ``0 <= kept_end <= gap_end < seq_len``."""
+    if not 0 <= kept_end <= gap_end < seq_len:
+        raise ValueError(f"need 0 <= kept_end ({kept_end}) <= gap_end ({gap_end}) < seq_len "
+                         f"({seq_len})")
+    bs = block_size
+    kept_blocks = kept_end // bs
+    gap_block = gap_end // bs
+    after = (gap_block + 1) * bs  # first slot of the first block after gap_end's block
+    bulk = list(range(kept_blocks))
+    bulk_len = kept_blocks * bs
+    if seq_len > after:
+        bulk += range(gap_block + 1, (seq_len - 1) // bs + 1)
+        bulk_len += seq_len - after
+    ranges = []
+    if kept_end > kept_blocks * bs:
+        ranges.append((kept_blocks * bs, kept_end))
+    ranges.append((gap_end, min(seq_len, after)))
+    blocks = sorted({lo // bs for lo, _ in ranges})
+    return CompressedDecodePlan(bulk, bulk_len, blocks, ranges)
+
+
+def duplicate_heads(q: Tensor) -> Tensor:
+    """``q [T, Hq, D]`` as ``[T, 2 * Hq, D]``, each head twice in a row: head ``2h`` and
+    ``2h + 1`` are ``q[:, h]``, and both map to ``h``'s KV head under GQA (``2h // (2G) ==
+    h // G``)."""
+    return q.repeat_interleave(2, dim=1)
+
+
+def sink_logits(lse_x: Tensor) -> Tensor:
+    """The kernel's ``s_aux [2 * Hq]`` float32 for one row: ``-inf`` on even heads (plain
+    attention), ``lse_x [Hq]`` on odd ones."""
+    lse_x = lse_x.to(torch.float32)
+    return torch.stack([torch.full_like(lse_x, float("-inf")), lse_x], dim=1).flatten()
+
+
+def merge_bulk(kernel_out: Tensor, o_x: Tensor) -> tuple[Tensor, Tensor]:
+    """The merged attention ``[Hq, D]`` float32 from the kernel's output ``[2 * Hq, D]`` (heads
+    as ``duplicate_heads``, logits as ``sink_logits``) and ``o_x [Hq, D]``, and ``[Hq]`` bool:
+    the heads where ``w`` is defined (``o_A`` not zero); elsewhere the result is not valid."""
+    r = kernel_out.to(torch.float32).view(-1, 2, kernel_out.shape[-1])
+    o_a, scaled = r[:, 0], r[:, 1]
+    norm = (o_a * o_a).sum(-1)
+    ok = norm > 0
+    w = (scaled * o_a).sum(-1) / torch.where(ok, norm, torch.ones_like(norm))
+    return scaled + (1 - w)[:, None] * o_x.to(torch.float32), ok & torch.isfinite(w)

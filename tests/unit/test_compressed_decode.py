@@ -1,0 +1,147 @@
+"""Compressed decode rows through vLLM's CPU kernel (kernels.compressed_decode): the split into
+the kernel's bulk and the float32 rest covers exactly the visible slots, and the kernel with
+its heads doubled and the rest (merged with CaliDrop's evicted part) as its sink logit gives
+the float32 reference's attention, with the gap's slots poisoned with NaN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attention_backends.kernels import compressed_decode as cd
+from attention_backends.kernels import kv_layout as kvl
+from attention_backends.kernels import ops
+from attention_backends.kernels import reference as ref
+from attention_backends.kernels.cpu_paged import decode_partials
+from attention_backends.kernels.reference import lse_merge
+from tests.kernels.kvcache_builder import rel_err
+
+HQ, HKV, D, BS = 4, 2, 64, 32
+SCALE = D ** -0.5
+vllm_ops = pytest.importorskip("vllm._custom_ops")
+
+
+def _slots(blocks: list[int], length: int) -> set[int]:
+    """The first ``length`` slots of ``blocks``, in the kernel's order."""
+    return set([b * BS + j for b in blocks for j in range(BS)][:length])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 12 * BS), st.integers(1, 6 * BS), st.integers(0, 5 * BS))
+def test_bulk_and_rest_are_the_visible_slots(kept_end, gap, decoded):
+    gap_end = kept_end + gap
+    seq_len = gap_end + decoded + 1
+    plan = cd.plan_compressed_decode(seq_len, kept_end, gap_end, BS)
+    visible = set(range(kept_end)) | set(range(gap_end, seq_len))
+    bulk = _slots(plan.bulk_blocks, plan.bulk_len)
+    rest = {s for lo, hi in plan.rest_ranges for s in range(lo, hi)}
+    assert len(bulk) == plan.bulk_len and bulk | rest == visible and not bulk & rest
+    assert len(plan.rest_blocks) <= 2 and all(lo // BS in plan.rest_blocks
+                                              and (hi - 1) // BS in plan.rest_blocks
+                                              for lo, hi in plan.rest_ranges)
+
+
+def test_a_plan_needs_a_query_after_the_gap():
+    with pytest.raises(ValueError, match="kept_end"):
+        cd.plan_compressed_decode(100, 40, 100, BS)
+    with pytest.raises(ValueError, match="kept_end"):
+        cd.plan_compressed_decode(100, 60, 50, BS)
+
+
+def _isa(dtype: torch.dtype) -> str:
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(dtype, BS, D)
+
+
+def _write(isa: str):
+    def write(k, v, cache, slots):
+        nb, h, bs, d2 = cache.shape
+        kc, vc = cache.view(nb, h, 2 * bs, d2 // 2).chunk(2, dim=2)
+        vllm_ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
+    return write
+
+
+# (seq_len, kept_end, gap_end): aligned or not at either end, decode inside the gap's end
+# block or past it, a kept region shorter than a block (no bulk before the gap), a gap inside
+# one block
+ROWS = [
+    (700, 256, 650), (520, 100, 500), (300, 64, 290), (131, 20, 100), (90, 40, 60),
+    (1000, 320, 960), (161, 31, 129),
+]
+
+
+def _kernel(isa, dtype, q, cache, table, length, s_aux):
+    kc, vc = cache.view(cache.shape[0], HKV, 2 * BS, D).chunk(2, dim=2)
+    qsl = torch.tensor([0, 1], dtype=torch.int32)
+    lens = torch.tensor([length], dtype=torch.int32)
+    md = vllm_ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=1, num_heads=q.shape[1], num_kv_heads=HKV, head_dim=D, seq_lens=lens,
+        dtype=dtype, query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa,
+        enable_kv_split=False)
+    out = torch.full_like(q, float("nan"))
+    vllm_ops.cpu_attention_with_kv_cache(
+        query=q, key_cache=kc, value_cache=vc, output=out, query_start_loc=qsl, seq_lens=lens,
+        scale=SCALE, causal=True, alibi_slopes=None, sliding_window=-1, block_table=table,
+        softcap=0.0, scheduler_metadata=md, s_aux=s_aux)
+    return out
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_kernel_with_the_rest_as_sink_logit_is_the_reference(dtype, tol, calibrated):
+    gen = torch.Generator().manual_seed(5)
+    isa = _isa(dtype)
+    layout = kvl.probe("vllm", _write(isa), BS, D, dtype)
+    blocks = [(n + BS - 1) // BS for n, *_ in ROWS]
+    perm = torch.randperm(sum(blocks), generator=gen)
+    cache = torch.zeros(sum(blocks), HKV, BS, 2 * D, dtype=dtype)
+    table = torch.zeros(len(ROWS), max(blocks), dtype=torch.int32)
+    at = 0
+    for s, ((n, kept_end, gap_end), b) in enumerate(zip(ROWS, blocks, strict=True)):
+        table[s, :b] = perm[at:at + b].to(torch.int32)
+        at += b
+        slots = (table[s, :b].long()[:, None] * BS + torch.arange(BS)).flatten()
+        kv = torch.randn(b * BS, HKV, 2 * D, generator=gen).to(dtype)
+        kv[kept_end:gap_end] = float("nan")  # the gap: stale, never to be read
+        # past the sequence, in its last block: not read by a kernel that respects seq_len
+        # (vLLM's may multiply them by a zero weight, so garbage, not NaN)
+        kv[n:] = 1e3
+        _write(isa)(kv[..., :D], kv[..., D:], cache, slots)
+    q = torch.randn(len(ROWS), HQ, D, generator=gen).to(dtype)
+    lens, kept, gaps = (torch.tensor([r[i] for r in ROWS], dtype=torch.int32) for i in range(3))
+    calib = None
+    if calibrated:  # merged at every head (tau -1)
+        calib = ops.Calibration(
+            q_ref=q.clone(), o_e=torch.randn(len(ROWS), HQ, D, generator=gen),
+            lse_e=torch.randn(len(ROWS), HQ, generator=gen) * 3 + 4,
+            enabled=torch.ones(len(ROWS), dtype=torch.bool), tau=-1.0)
+    want, _ = ref.paged_attention_ref(
+        q, cache, table, lens, torch.arange(len(ROWS) + 1, dtype=torch.int32), SCALE,
+        kept_end=kept, gap_end=gaps, calibration=calib, kv_layout=layout)
+
+    for s, (n, kept_end, gap_end) in enumerate(ROWS):
+        plan = cd.plan_compressed_decode(n, kept_end, gap_end, BS)
+        o_x, lse_x = decode_partials(q[s:s + 1], cache, layout, table,
+                                     [(s, plan.rest_blocks, plan.rest_ranges)], SCALE)
+        if calibrated:
+            o_x = lse_merge(o_x, lse_x, calib.o_e[s:s + 1], calib.lse_e[s:s + 1])
+            lse_x = torch.logaddexp(lse_x, calib.lse_e[s:s + 1])
+        got = o_x[0]
+        if plan.bulk_len:
+            bulk_table = table[s].index_select(0, torch.tensor(plan.bulk_blocks))[None]
+            out = _kernel(isa, dtype, cd.duplicate_heads(q[s:s + 1]), cache, bulk_table,
+                          plan.bulk_len, cd.sink_logits(lse_x[0]))
+            got, ok = cd.merge_bulk(out[0], o_x[0])
+            assert bool(ok.all())
+        assert rel_err(got, want[s]) < tol, ROWS[s]
+
+
+def test_a_zero_bulk_output_is_reported():
+    out = torch.zeros(2 * HQ, D)
+    out[2:4] = 1.0  # head 1: o_A = 1, R = 1
+    merged, ok = cd.merge_bulk(out, torch.full((HQ, D), 5.0))
+    assert ok.tolist() == [False, True, False, False]
+    assert torch.equal(merged[1], torch.ones(D))  # w = 1: the bulk alone
