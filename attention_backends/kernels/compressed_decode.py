@@ -34,6 +34,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from attention_backends.kernels.cpu_paged import decode_partials
+from attention_backends.kernels.kv_layout import KVLayout
+from attention_backends.kernels.reference import lse_merge
+
 
 @dataclass(frozen=True)
 class CompressedDecodePlan:
@@ -75,6 +79,53 @@ def plan_compressed_decode(seq_len: int, kept_end: int, gap_end: int,
     return CompressedDecodePlan(bulk, bulk_len, blocks, ranges)
 
 
+def rest_attention(q: Tensor, kv_cache: Tensor, layout: KVLayout, block_row,
+                   ranges: list[tuple[int, int]], scale: float,
+                   evicted: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Attention of one decode query ``q [Hq, D]`` over the slots of ``ranges`` (a plan's
+    ``rest_ranges``: each inside one block), in float32 with its log-sum-exp: ``(o [Hq, D],
+    lse [Hq])``. ``block_row[b]``: the physical block of logical block ``b`` (a block-table
+    row, or any mapping of host ints). ``evicted = (o_E [Hq, D], lse_E [Hq])`` float32 joins
+    as one more key per head, of score ``lse_E`` and value ``o_E`` (CaliDrop's merge;
+    ``lse_E = -inf`` where it does not apply). Affine layouts (vLLM's VEC layout) are read
+    one block at a time, converted whole and viewed; others through
+    ``cpu_paged.decode_partials``. A handful of small ops: on the CPU their count, not their
+    size, is the cost."""
+    hq, d = q.shape
+    bs, hkv = layout.block_size, kv_cache.shape[1]
+    if layout.k_affine is None or layout.v_affine is None:
+        blocks = sorted({lo // bs for lo, _ in ranges})
+        row = torch.tensor([int(block_row[b]) if b in blocks else 0
+                            for b in range(blocks[-1] + 1)])
+        o, lse = decode_partials(q[None], kv_cache, layout, row[None], [(0, blocks, ranges)],
+                                 scale)
+        o, lse = o[0], lse[0]
+        if evicted is not None:
+            o, lse = lse_merge(o, lse, *evicted), torch.logaddexp(lse, evicted[1])
+        return o, lse
+    ks, vs = [], []
+    for lo, hi in ranges:
+        # [Hkv, bs, 2 * D]; a view of the cache when it is float32 already
+        region = kv_cache[int(block_row[lo // bs])].to(torch.float32)
+        start = region.storage_offset()
+        for side, (s_slot, s_dim, base) in ((ks, layout.k_affine), (vs, layout.v_affine)):
+            side.append(torch.as_strided(region, (hkv, hi - lo, d),
+                                         (region.stride(0), s_slot, s_dim),
+                                         start + base + lo % bs * s_slot))
+    k, v = (ks[0], vs[0]) if len(ranges) == 1 else (torch.cat(ks, 1), torch.cat(vs, 1))
+    g = hq // hkv
+    scores = (q.view(hkv, g, d).to(torch.float32) * scale) @ k.transpose(1, 2)  # [Hkv, G, n]
+    if evicted is None:
+        lse = torch.logsumexp(scores, -1, keepdim=True)
+        return (scores.sub_(lse).exp_() @ v).view(hq, d), lse.view(hq)
+    o_e, lse_e = evicted
+    lse_e = lse_e.view(hkv, g, 1)
+    lse = torch.logsumexp(torch.cat([scores, lse_e], -1), -1, keepdim=True)
+    o = scores.sub_(lse).exp_() @ v
+    o.addcmul_(lse_e.sub(lse).exp_(), o_e.view(hkv, g, d))
+    return o.view(hq, d), lse.view(hq)
+
+
 def duplicate_heads(q: Tensor) -> Tensor:
     """``q [T, Hq, D]`` as ``[T, 2 * Hq, D]``, each head twice in a row: head ``2h`` and
     ``2h + 1`` are ``q[:, h]``, and both map to ``h``'s KV head under GQA (``2h // (2G) ==
@@ -85,17 +136,18 @@ def duplicate_heads(q: Tensor) -> Tensor:
 def sink_logits(lse_x: Tensor) -> Tensor:
     """The kernel's ``s_aux [2 * Hq]`` float32 for one row: ``-inf`` on even heads (plain
     attention), ``lse_x [Hq]`` on odd ones."""
-    lse_x = lse_x.to(torch.float32)
-    return torch.stack([torch.full_like(lse_x, float("-inf")), lse_x], dim=1).flatten()
+    out = torch.full((lse_x.shape[0], 2), float("-inf"))
+    out[:, 1] = lse_x
+    return out.view(-1)
 
 
-def merge_bulk(kernel_out: Tensor, o_x: Tensor) -> tuple[Tensor, Tensor]:
+def merge_bulk(kernel_out: Tensor, o_x: Tensor) -> Tensor | None:
     """The merged attention ``[Hq, D]`` float32 from the kernel's output ``[2 * Hq, D]`` (heads
-    as ``duplicate_heads``, logits as ``sink_logits``) and ``o_x [Hq, D]``, and ``[Hq]`` bool:
-    the heads where ``w`` is defined (``o_A`` not zero); elsewhere the result is not valid."""
+    as ``duplicate_heads``, logits as ``sink_logits``) and ``o_x [Hq, D]``; None when ``w`` is
+    undefined at some head (``o_A`` zero there)."""
     r = kernel_out.to(torch.float32).view(-1, 2, kernel_out.shape[-1])
-    o_a, scaled = r[:, 0], r[:, 1]
-    norm = (o_a * o_a).sum(-1)
-    ok = norm > 0
-    w = (scaled * o_a).sum(-1) / torch.where(ok, norm, torch.ones_like(norm))
-    return scaled + (1 - w)[:, None] * o_x.to(torch.float32), ok & torch.isfinite(w)
+    dots = (r * r[:, :1]).sum(-1)  # [Hq, 2]: <o_A, o_A>, <R, o_A>
+    if not float(dots[:, 0].min()) > 0:
+        return None
+    w = dots[:, 1:] / dots[:, :1]
+    return torch.addcmul(r[:, 1], 1 - w, o_x)

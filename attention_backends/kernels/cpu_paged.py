@@ -182,19 +182,24 @@ def decode_partials(q_rows: Tensor, kv_cache: Tensor, layout: KVLayout, block_ta
     return o.reshape(r, hq, d), lse.reshape(r, hq)
 
 
-def calibration_hits(q_rows: Tensor, calibration, sel: Tensor) -> Tensor | None:
+def calibration_hits(q_rows: Tensor, calibration, sel: Tensor | None = None) -> Tensor | None:
     """``[R, Hq]`` bool: where CaliDrop merges its evicted part into decode queries ``q_rows``
-    of the sequences ``sel [R]`` (cosine to ``q_ref`` at least ``tau``, calibration enabled;
-    CaliDrop's test, docs/kv_policies.md); None when no row is calibrated."""
+    of the sequences ``sel [R]`` (None: the calibration's rows, in order) - cosine to
+    ``q_ref`` at least ``tau``, calibration enabled (CaliDrop's test, docs/kv_policies.md);
+    None when no row is calibrated."""
     if calibration is None:
         return None
-    enabled = calibration.enabled.to(torch.bool)[sel]
+    enabled = calibration.enabled
+    if sel is not None:
+        enabled = enabled[sel]
     if not bool(enabled.any()):
         return None
-    tau = calibration.tau
-    tau = tau[sel].to(torch.float32) if isinstance(tau, Tensor) else torch.full(
-        (sel.numel(),), float(tau))
-    return (cosine(q_rows, calibration.q_ref[sel]) >= tau[:, None]) & enabled[:, None]
+    tau, q_ref = calibration.tau, calibration.q_ref
+    if sel is not None:
+        q_ref = q_ref[sel]
+        tau = tau[sel] if isinstance(tau, Tensor) else tau
+    tau = tau.to(torch.float32)[:, None] if isinstance(tau, Tensor) else float(tau)
+    return (cosine(q_rows, q_ref) >= tau) & enabled.to(torch.bool)[:, None]
 
 
 def _decode(q: Tensor, kv_cache: Tensor, layout: KVLayout, block_table: Tensor, qsl: list[int],

@@ -119,20 +119,23 @@ class RowSplit:
 
     def compressed_plan(self, row: int, impl: CPUAttentionBackendImpl, isa: str,
                         dtype: torch.dtype) -> tuple:
-        """``(plan, bulk block table [1, n] int32, bulk length [1] int32, kernel scheduler
-        metadata)`` of a compressed decode row (``compressed_decode.plan_compressed_decode``;
-        the last three None without a bulk), for the kernel with its heads duplicated."""
+        """``(plan, {logical: physical} of its rest blocks, bulk block table [1, n] int32, bulk
+        length [1] int32, kernel scheduler metadata)`` of a compressed decode row
+        (``compressed_decode.plan_compressed_decode``; the last three None without a bulk),
+        for the kernel with its heads duplicated."""
         hit = self._plans.get(row)
         if hit is not None:
             return hit
         plan = compressed_decode.plan_compressed_decode(
             self.seq_lens[row], self._kept_end[row], self._gap_end[row],
             self._builder.block_size)
+        row_blocks = self._cm.block_table_tensor[row]
+        rest = {b: int(row_blocks[b]) for b in plan.rest_blocks}
         table = md = lens = None
         if plan.bulk_len:
             lens = torch.tensor([plan.bulk_len], dtype=torch.int32)
             logical = torch.tensor(plan.bulk_blocks, dtype=torch.int64)
-            table = self._cm.block_table_tensor[row].index_select(0, logical)[None]
+            table = row_blocks.index_select(0, logical)[None]
             table = table.to(torch.int32).contiguous()
             md = vllm_ops.cpu_attn_get_scheduler_metadata(
                 num_reqs=1, num_heads=2 * impl.num_heads, num_kv_heads=impl.num_kv_heads,
@@ -140,7 +143,7 @@ class RowSplit:
                 dtype=dtype, query_start_loc=_ONE_QUERY, causal=True, sliding_window_size=-1,
                 isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
                 kv_cache_dtype=impl.kv_cache_dtype)
-        hit = (plan, table, lens, md)
+        hit = (plan, rest, table, lens, md)
         self._plans[row] = hit
         return hit
 
@@ -275,61 +278,52 @@ class FluxCPUAttentionImpl(CPUAttentionBackendImpl):
 
     def _compressed_decode(self, layer, query, kv_cache, md, output, rows: list[int],
                            layout: KVLayout) -> None:
-        """Compressed rows decoding one token (``kernels.compressed_decode``): the slots around
-        the gap in float32 with their log-sum-exp, merged with CaliDrop's evicted part where it
-        applies, then vLLM's kernel on the bulk with that as its sink logit."""
+        """Compressed rows decoding one token (``kernels.compressed_decode``), one by one: the
+        slots around the gap in float32 with their log-sum-exp, merged with CaliDrop's evicted
+        part where it applies, then vLLM's kernel on the bulk with that as its sink logit."""
         split: RowSplit = md.split
         li = layer_index(layer)
         qsl = md.step.query_start_loc
         tokens = torch.tensor([qsl[r] for r in rows], dtype=torch.int64)
         q_rows = query.index_select(0, tokens)  # [R, Hq, D]
-        plans = [split.compressed_plan(r, self, layer.isa, query.dtype) for r in rows]
-        block_table = split._cm.block_table_tensor
-        o_x, lse_x = decode_partials(
-            q_rows, kv_cache, layout, block_table,
-            [(r, p[0].rest_blocks, p[0].rest_ranges) for r, p in zip(rows, plans, strict=True)],
-            self.scale)
         rt = get_runtime()
         ids = md.step.routing.req_ids
         live = [ids[r] or "" for r in rows]
-        calib = rt.calibration_for(li, live, query.device) if md.step.eviction.has_plans else None
-        everyone = torch.arange(len(rows))
-        hit = calibration_hits(q_rows, calib, everyone)
+        calib = rt.calibration_for(li, live, query.device)
+        hit = calibration_hits(q_rows, calib)
         if hit is not None:
-            o_e, lse_e = calib.o_e.to(torch.float32), calib.lse_e.to(torch.float32)
-            o_x = torch.where(hit[..., None], lse_merge(o_x, lse_x, o_e, lse_e), o_x)
-            lse_x = torch.where(hit, torch.logaddexp(lse_x, lse_e), lse_x)
             rt.record_hits(li, live, hit)
-        result = o_x
+            calibrated = hit.any(-1).tolist()
+        block_table = split._cm.block_table_tensor
         nb, hkv, bs, _ = kv_cache.shape
         key_cache, value_cache = kv_cache.view(nb, hkv, 2 * bs, -1).chunk(2, dim=2)
-        redo = []
-        for i, (plan, table, lens, scheduler_metadata) in enumerate(plans):
+        result = torch.empty(q_rows.shape, dtype=torch.float32)
+        for i, r in enumerate(rows):
+            plan, rest, table, lens, scheduler_metadata = split.compressed_plan(
+                r, self, layer.isa, query.dtype)
+            evicted = None
+            if hit is not None and calibrated[i]:
+                evicted = (calib.o_e[i].to(torch.float32), torch.where(
+                    hit[i], calib.lse_e[i].to(torch.float32), float("-inf")))
+            o_x, lse_x = compressed_decode.rest_attention(
+                q_rows[i], kv_cache, layout, rest, plan.rest_ranges, self.scale, evicted)
             if not plan.bulk_len:
+                result[i] = o_x
                 continue
             out = q_rows.new_empty((1, 2 * q_rows.shape[1], q_rows.shape[2]))
             vllm_ops.cpu_attention_with_kv_cache(
                 query=compressed_decode.duplicate_heads(q_rows[i:i + 1]), key_cache=key_cache,
-                value_cache=value_cache, output=out, query_start_loc=_ONE_QUERY,
-                seq_lens=lens, scale=self.scale, causal=True,
-                alibi_slopes=None, sliding_window=-1, block_table=table, softcap=0.0,
-                scheduler_metadata=scheduler_metadata,
-                s_aux=compressed_decode.sink_logits(lse_x[i]))
-            merged, ok = compressed_decode.merge_bulk(out[0], o_x[i])
+                value_cache=value_cache, output=out, query_start_loc=_ONE_QUERY, seq_lens=lens,
+                scale=self.scale, causal=True, alibi_slopes=None, sliding_window=-1,
+                block_table=table, softcap=0.0, scheduler_metadata=scheduler_metadata,
+                s_aux=compressed_decode.sink_logits(lse_x))
+            merged = compressed_decode.merge_bulk(out[0], o_x)
+            if merged is None:  # the bulk's output is zero (w undefined): all in float32
+                visible = split.visible(r)
+                o, lse = decode_partials(q_rows[i:i + 1], kv_cache, layout, block_table,
+                                         [(r, blocks_of(visible, bs), visible)], self.scale)
+                merged = o[0] if evicted is None else lse_merge(o[0], lse[0], *evicted)
             result[i] = merged
-            if not bool(ok.all()):
-                redo.append(i)
-        if redo:  # the bulk's output is zero (w undefined): every visible slot in float32
-            o, lse = decode_partials(
-                q_rows[redo], kv_cache, layout, block_table,
-                [(rows[i], blocks_of(split.visible(rows[i]), bs), split.visible(rows[i]))
-                 for i in redo], self.scale)
-            if hit is not None:
-                sel = torch.tensor(redo)
-                o = torch.where(hit[sel][..., None],
-                                lse_merge(o, lse, calib.o_e[sel].float(), calib.lse_e[sel].float()),
-                                o)
-            result[redo] = o
         output.index_copy_(0, tokens, result.to(output.dtype))
 
     def _windowed(self, layer, query, kv_cache, output, plans) -> None:

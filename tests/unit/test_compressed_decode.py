@@ -14,8 +14,6 @@ from attention_backends.kernels import compressed_decode as cd
 from attention_backends.kernels import kv_layout as kvl
 from attention_backends.kernels import ops
 from attention_backends.kernels import reference as ref
-from attention_backends.kernels.cpu_paged import decode_partials
-from attention_backends.kernels.reference import lse_merge
 from tests.kernels.kvcache_builder import rel_err
 
 HQ, HKV, D, BS = 4, 2, 64, 32
@@ -124,24 +122,57 @@ def test_kernel_with_the_rest_as_sink_logit_is_the_reference(dtype, tol, calibra
 
     for s, (n, kept_end, gap_end) in enumerate(ROWS):
         plan = cd.plan_compressed_decode(n, kept_end, gap_end, BS)
-        o_x, lse_x = decode_partials(q[s:s + 1], cache, layout, table,
-                                     [(s, plan.rest_blocks, plan.rest_ranges)], SCALE)
-        if calibrated:
-            o_x = lse_merge(o_x, lse_x, calib.o_e[s:s + 1], calib.lse_e[s:s + 1])
-            lse_x = torch.logaddexp(lse_x, calib.lse_e[s:s + 1])
-        got = o_x[0]
+        evicted = (calib.o_e[s], calib.lse_e[s]) if calibrated else None
+        o_x, lse_x = cd.rest_attention(q[s], cache, layout, table[s], plan.rest_ranges, SCALE,
+                                       evicted)
+        got = o_x
         if plan.bulk_len:
             bulk_table = table[s].index_select(0, torch.tensor(plan.bulk_blocks))[None]
             out = _kernel(isa, dtype, cd.duplicate_heads(q[s:s + 1]), cache, bulk_table,
-                          plan.bulk_len, cd.sink_logits(lse_x[0]))
-            got, ok = cd.merge_bulk(out[0], o_x[0])
-            assert bool(ok.all())
+                          plan.bulk_len, cd.sink_logits(lse_x))
+            got = cd.merge_bulk(out[0], o_x)
+            assert got is not None
         assert rel_err(got, want[s]) < tol, ROWS[s]
 
 
 def test_a_zero_bulk_output_is_reported():
-    out = torch.zeros(2 * HQ, D)
-    out[2:4] = 1.0  # head 1: o_A = 1, R = 1
-    merged, ok = cd.merge_bulk(out, torch.full((HQ, D), 5.0))
-    assert ok.tolist() == [False, True, False, False]
-    assert torch.equal(merged[1], torch.ones(D))  # w = 1: the bulk alone
+    out = torch.ones(2 * HQ, D)
+    merged = cd.merge_bulk(out, torch.full((HQ, D), 5.0))
+    assert torch.equal(merged, torch.ones(HQ, D))  # w = 1 at every head: the bulk alone
+    out[2] = 0.0  # head 1: o_A = 0, w undefined
+    assert cd.merge_bulk(out, torch.full((HQ, D), 5.0)) is None
+
+
+def test_the_rest_reads_any_layout():
+    """Through strided views (affine layouts) or the offset tables (others): the same result."""
+    gen = torch.Generator().manual_seed(9)
+    cache = torch.randn(6, HKV, BS, 2 * D, generator=gen)
+    perm = torch.randperm(2 * BS * D, generator=gen)
+    permuted = kvl.from_offsets("permuted", perm[:BS * D].reshape(BS, D),
+                                perm[BS * D:].reshape(BS, D))
+    same = torch.zeros_like(cache)
+    b, h, j = torch.meshgrid(torch.arange(6), torch.arange(HKV), torch.arange(BS),
+                             indexing="ij")
+    kvl.write_slots(same, permuted, b, h, j, cache[..., :D], cache[..., D:])
+    row = torch.tensor([4, 0, 5, 2], dtype=torch.int32)
+    q = torch.randn(HQ, D, generator=gen)
+    ranges = [(40, 64), (70, 90)]  # two blocks: the kept end, the gap's end
+    want = cd.rest_attention(q, cache, kvl.slot_major(BS, D), row, ranges, SCALE)
+    got = cd.rest_attention(q, same, permuted, row, ranges, SCALE)
+    for a, b_ in zip(got, want, strict=True):
+        assert torch.allclose(a, b_, atol=1e-5)
+    # the evicted part as one more key, where it applies (head 1 not)
+    o_e, lse_e = torch.randn(HQ, D, generator=gen), torch.tensor([1.0, float("-inf"), 3.0, 0.5])
+    merged = [cd.rest_attention(q, c, lay, row, ranges, SCALE, (o_e, lse_e))
+              for c, lay in ((cache, kvl.slot_major(BS, D)), (same, permuted))]
+    expect = ref.lse_merge(want[0], want[1], o_e, lse_e), torch.logaddexp(want[1], lse_e)
+    for o, lse in merged:
+        assert torch.allclose(o, expect[0], atol=1e-5) and torch.allclose(lse, expect[1])
+        assert torch.equal(o[1], want[0][1])
+    slots = torch.cat([torch.arange(lo, hi) for lo, hi in ranges])
+    phys = row.long()[slots // BS]
+    k, v = cache[phys, :, slots % BS, :D], cache[phys, :, slots % BS, D:]  # [n, Hkv, D]
+    scores = torch.einsum("hgd,nhd->hgn", q.view(HKV, HQ // HKV, D), k) * SCALE
+    o = torch.einsum("hgn,nhd->hgd", scores.softmax(-1), v).reshape(HQ, D)
+    assert torch.allclose(want[0], o, atol=1e-5)
+    assert torch.allclose(want[1], scores.logsumexp(-1).reshape(HQ), atol=1e-5)
