@@ -151,3 +151,27 @@ def merge_bulk(kernel_out: Tensor, o_x: Tensor) -> Tensor | None:
         return None
     w = dots[:, 1:] / dots[:, :1]
     return torch.addcmul(r[:, 1], 1 - w, o_x)
+
+
+def check_sink_logit(attend, head_size: int, dtype: torch.dtype) -> None:
+    """Check, on a small random case, that a kernel treats ``s_aux`` as this module assumes: one
+    extra logit per query head whose value is zero, i.e. ``sum_i e^{s_i} v_i / (sum_i e^{s_i}
+    + e^{s_aux})``, ``-inf`` meaning none. ``attend(q [1, Hq, D], k [n, Hkv, D], v, s_aux
+    [Hq] float32) -> [1, Hq, D]`` runs the kernel on one decode query over ``n`` keys.
+    Raises ``RuntimeError`` when it does not (a vLLM whose sinks mean something else)."""
+    gen = torch.Generator().manual_seed(0)
+    hkv, g, n = 2, 2, 40
+    q = torch.randn(1, hkv * g, head_size, generator=gen).to(dtype)
+    k, v = (torch.randn(n, hkv, head_size, generator=gen).to(dtype) for _ in range(2))
+    s_aux = torch.tensor([float("-inf"), 0.5, 2.0, -1.0])
+    scale = head_size ** -0.5
+    scores = torch.einsum("hgd,nhd->hgn", q[0].float().view(hkv, g, -1), k.float()) * scale
+    lse = torch.logsumexp(scores, -1)
+    o = torch.einsum("hgn,nhd->hgd", torch.exp(scores - lse[..., None]), v.float())
+    want = (o * torch.sigmoid(lse - s_aux.view(hkv, g))[..., None]).reshape(hkv * g, -1)
+    got = attend(q, k, v, s_aux)[0].float()
+    err = float((got - want).norm() / want.norm())
+    if not err < 2e-2:
+        raise RuntimeError(
+            "vLLM's CPU attention kernel does not treat s_aux as a zero-valued extra logit per "
+            f"query head (relative error {err:.3g}): compressed decode rows cannot use it")

@@ -220,6 +220,7 @@ class FluxCPUMetadataBuilder(CPUAttentionMetadataBuilder):
 
 
 _LAYOUTS: dict[tuple, KVLayout] = {}
+_SINKS_CHECKED: set[tuple] = set()
 
 
 class FluxCPUAttentionImpl(CPUAttentionBackendImpl):
@@ -235,6 +236,35 @@ class FluxCPUAttentionImpl(CPUAttentionBackendImpl):
             layout = kv_layout.probe(f"vLLM CPU ({key[0]})", write, bs, d, kv_cache.dtype)
             _LAYOUTS[key] = layout
         return layout
+
+    def check_sink_logit(self, isa: str, dtype: torch.dtype) -> None:
+        """``compressed_decode.check_sink_logit`` on vLLM's kernel, once per ISA and dtype."""
+        key = (isa, dtype, self.head_size)
+        if key in _SINKS_CHECKED:
+            return
+        bs = 32
+
+        def attend(q, k, v, s_aux):
+            n, hkv, d = k.shape
+            nb = -(-n // bs)
+            cache = torch.zeros(nb, hkv, bs, 2 * d, dtype=dtype)
+            kc, vc = cache.view(nb, hkv, 2 * bs, d).chunk(2, dim=2)
+            vllm_ops.cpu_attn_reshape_and_cache(k, v, kc, vc, torch.arange(n), isa)
+            lens = torch.tensor([n], dtype=torch.int32)
+            md = vllm_ops.cpu_attn_get_scheduler_metadata(
+                num_reqs=1, num_heads=q.shape[1], num_kv_heads=hkv, head_dim=d, seq_lens=lens,
+                dtype=dtype, query_start_loc=_ONE_QUERY, causal=True, sliding_window_size=-1,
+                isa=isa, enable_kv_split=False)
+            out = torch.empty_like(q)
+            vllm_ops.cpu_attention_with_kv_cache(
+                query=q, key_cache=kc, value_cache=vc, output=out, query_start_loc=_ONE_QUERY,
+                seq_lens=lens, scale=d ** -0.5, causal=True, alibi_slopes=None,
+                sliding_window=-1, block_table=torch.arange(nb, dtype=torch.int32)[None],
+                softcap=0.0, scheduler_metadata=md, s_aux=s_aux)
+            return out
+
+        compressed_decode.check_sink_logit(attend, self.head_size, dtype)
+        _SINKS_CHECKED.add(key)
 
     def _check_supported(self) -> None:
         if self.alibi_slopes is not None or self.sliding_window > 0 or self.logits_soft_cap \
@@ -281,6 +311,7 @@ class FluxCPUAttentionImpl(CPUAttentionBackendImpl):
         """Compressed rows decoding one token (``kernels.compressed_decode``), one by one: the
         slots around the gap in float32 with their log-sum-exp, merged with CaliDrop's evicted
         part where it applies, then vLLM's kernel on the bulk with that as its sink logit."""
+        self.check_sink_logit(layer.isa, query.dtype)
         split: RowSplit = md.split
         li = layer_index(layer)
         qsl = md.step.query_start_loc

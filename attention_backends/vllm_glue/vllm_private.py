@@ -51,7 +51,9 @@ unchanged:
   _set_isa_to_layers`` (sets ``layer.isa``, the ISA whose layout the cache holds), and vLLM's
   CPU attention ops ``vllm._custom_ops.cpu_attn_get_scheduler_metadata`` /
   ``cpu_attention_with_kv_cache`` (called for sparse rows with a sliding window over virtual
-  block tables, ``kernels.sink_window``).
+  block tables, ``kernels.sink_window``, and for compressed decode rows with their heads doubled
+  and ``s_aux`` as a zero-valued extra logit, ``kernels.compressed_decode``, whose meaning the
+  backend checks on a small case before first use).
 
 The model runner is only imported by worker processes (it costs seconds), so hooks are installed
 right after the module that defines them is imported (``_AfterImport``), never by importing it.
@@ -191,7 +193,8 @@ PRIVATE_HOOKS: tuple[PrivateHook, ...] = (
                 ("query", "key_cache", "value_cache", "output", "query_start_loc", "seq_lens",
                  "scale", "causal", "alibi_slopes", "sliding_window", "block_table", "softcap",
                  "scheduler_metadata", "s_aux"),
-                "called by the CPU backend: sparse rows as sliding-window attention"),
+                "called by the CPU backend: sparse rows as sliding-window attention, compressed "
+                "decode rows with a sink logit"),
 )
 
 

@@ -176,3 +176,30 @@ def test_the_rest_reads_any_layout():
     o = torch.einsum("hgn,nhd->hgd", scores.softmax(-1), v).reshape(HQ, D)
     assert torch.allclose(want[0], o, atol=1e-5)
     assert torch.allclose(want[1], scores.logsumexp(-1).reshape(HQ), atol=1e-5)
+
+
+def _torch_sinks(ignore_s_aux: bool):
+    def attend(q, k, v, s_aux):
+        hkv, d = k.shape[1], k.shape[2]
+        scores = torch.einsum("hgd,nhd->hgn", q[0].float().view(hkv, -1, d), k.float()) * d ** -.5
+        scores = scores.reshape(q.shape[1], -1)
+        if not ignore_s_aux:
+            scores = torch.cat([scores, s_aux[:, None]], 1)
+        p = scores.softmax(-1)[:, :k.shape[0]].view(hkv, -1, k.shape[0])
+        return torch.einsum("hgn,nhd->hgd", p, v.float()).reshape(1, q.shape[1], d).to(q.dtype)
+    return attend
+
+
+def test_the_sink_logit_meaning_is_checked():
+    cd.check_sink_logit(_torch_sinks(False), D, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="s_aux"):
+        cd.check_sink_logit(_torch_sinks(True), D, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vllms_kernel_passes_the_sink_logit_check(dtype):
+    from attention_backends.vllm_glue.backend_cpu import FluxCPUAttentionImpl
+
+    impl = FluxCPUAttentionImpl.__new__(FluxCPUAttentionImpl)
+    impl.head_size = D
+    impl.check_sink_logit(_isa(dtype), dtype)  # raises if vLLM's sinks meant something else
