@@ -29,12 +29,13 @@ No vLLM import: the plan is index arithmetic and the merge is torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from attention_backends.kernels.cpu_paged import decode_partials
+from attention_backends.kernels.cpu_paged import blocks_of, decode_partials
 from attention_backends.kernels.kv_layout import KVLayout
 from attention_backends.kernels.reference import lse_merge
 
@@ -45,13 +46,15 @@ class CompressedDecodePlan:
 
     ``bulk_blocks``: logical blocks the kernel reads, in order, ``bulk_len`` slots of them
     (every slot visible; 0: no kernel call); ``rest_blocks`` / ``rest_ranges``: the logical
-    blocks and visible slot ranges (half-open, ascending) computed in float32.
+    blocks and visible slot ranges (half-open, ascending) computed in float32; ``visible``:
+    all the slots the query sees, as ranges.
     """
 
     bulk_blocks: list[int]
     bulk_len: int
     rest_blocks: list[int]
     rest_ranges: list[tuple[int, int]]
+    visible: list[tuple[int, int]]
 
 
 def plan_compressed_decode(seq_len: int, kept_end: int, gap_end: int,
@@ -76,7 +79,8 @@ def plan_compressed_decode(seq_len: int, kept_end: int, gap_end: int,
         ranges.append((kept_blocks * bs, kept_end))
     ranges.append((gap_end, min(seq_len, after)))
     blocks = sorted({lo // bs for lo, _ in ranges})
-    return CompressedDecodePlan(bulk, bulk_len, blocks, ranges)
+    visible = [(0, kept_end), (gap_end, seq_len)] if kept_end else [(gap_end, seq_len)]
+    return CompressedDecodePlan(bulk, bulk_len, blocks, ranges, visible)
 
 
 def rest_attention(q: Tensor, kv_cache: Tensor, layout: KVLayout, block_row,
@@ -151,6 +155,30 @@ def merge_bulk(kernel_out: Tensor, o_x: Tensor) -> Tensor | None:
         return None
     w = dots[:, 1:] / dots[:, :1]
     return torch.addcmul(r[:, 1], 1 - w, o_x)
+
+
+def decode_row(q: Tensor, kv_cache: Tensor, layout: KVLayout, block_row: Tensor,
+               plan: CompressedDecodePlan, scale: float,
+               evicted: tuple[Tensor, Tensor] | None,
+               bulk: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """The attention ``[Hq, D]`` float32 of one compressed row's decode query ``q [Hq, D]``
+    (cache dtype) over its visible slots, CaliDrop's ``evicted = (o_E [Hq, D], lse_E [Hq])``
+    float32 merged in (``lse_E = -inf`` at heads where it does not apply; None: nowhere).
+
+    ``block_row``: the row's block-table row; ``bulk(q2 [1, 2 * Hq, D], s_aux [2 * Hq])``
+    runs the kernel on ``plan.bulk_blocks`` and returns its output ``[1, 2 * Hq, D]``. When
+    the bulk's output is zero at some head (``merge_bulk``), the whole row is computed in
+    float32 instead (``cpu_paged.decode_partials``)."""
+    o_x, lse_x = rest_attention(q, kv_cache, layout, block_row, plan.rest_ranges, scale, evicted)
+    if not plan.bulk_len:
+        return o_x
+    merged = merge_bulk(bulk(duplicate_heads(q[None]), sink_logits(lse_x))[0], o_x)
+    if merged is not None:
+        return merged
+    o, lse = decode_partials(q[None], kv_cache, layout, block_row[None],
+                             [(0, blocks_of(plan.visible, layout.block_size), plan.visible)],
+                             scale)
+    return o[0] if evicted is None else lse_merge(o[0], lse[0], *evicted)
 
 
 def check_sink_logit(attend, head_size: int, dtype: torch.dtype) -> None:

@@ -41,14 +41,8 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from attention_backends.kernels import compressed_decode, kv_layout, sink_window
-from attention_backends.kernels.cpu_paged import (
-    blocks_of,
-    calibration_hits,
-    decode_partials,
-    visible_ranges,
-)
+from attention_backends.kernels.cpu_paged import calibration_hits
 from attention_backends.kernels.kv_layout import KVLayout
-from attention_backends.kernels.reference import lse_merge
 from attention_backends.vllm_glue.attention import (
     attend,
     compress_completed,
@@ -111,18 +105,11 @@ class RowSplit:
                 masked.append(r)
         return dense, windowed, compressed, masked
 
-    def visible(self, row: int) -> list[tuple[int, int]]:
-        """The slots a compressed row's decode query sees, as ascending half-open ranges."""
-        seq_len = self.seq_lens[row]
-        return visible_ranges(seq_len - 1, seq_len, 0, 0, self._kept_end[row],
-                              self._gap_end[row])
-
     def compressed_plan(self, row: int, impl: CPUAttentionBackendImpl, isa: str,
                         dtype: torch.dtype) -> tuple:
-        """``(plan, {logical: physical} of its rest blocks, bulk block table [1, n] int32, bulk
-        length [1] int32, kernel scheduler metadata)`` of a compressed decode row
-        (``compressed_decode.plan_compressed_decode``; the last three None without a bulk),
-        for the kernel with its heads duplicated."""
+        """``(plan, bulk block table [1, n] int32, bulk length [1] int32, kernel scheduler
+        metadata)`` of a compressed decode row (``compressed_decode.plan_compressed_decode``;
+        the last three None without a bulk), for the kernel with its heads duplicated."""
         hit = self._plans.get(row)
         if hit is not None:
             return hit
@@ -130,7 +117,6 @@ class RowSplit:
             self.seq_lens[row], self._kept_end[row], self._gap_end[row],
             self._builder.block_size)
         row_blocks = self._cm.block_table_tensor[row]
-        rest = {b: int(row_blocks[b]) for b in plan.rest_blocks}
         table = md = lens = None
         if plan.bulk_len:
             lens = torch.tensor([plan.bulk_len], dtype=torch.int32)
@@ -143,7 +129,7 @@ class RowSplit:
                 dtype=dtype, query_start_loc=_ONE_QUERY, causal=True, sliding_window_size=-1,
                 isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
                 kv_cache_dtype=impl.kv_cache_dtype)
-        hit = (plan, rest, table, lens, md)
+        hit = (plan, table, lens, md)
         self._plans[row] = hit
         return hit
 
@@ -330,31 +316,24 @@ class FluxCPUAttentionImpl(CPUAttentionBackendImpl):
         key_cache, value_cache = kv_cache.view(nb, hkv, 2 * bs, -1).chunk(2, dim=2)
         result = torch.empty(q_rows.shape, dtype=torch.float32)
         for i, r in enumerate(rows):
-            plan, rest, table, lens, scheduler_metadata = split.compressed_plan(
+            plan, table, lens, scheduler_metadata = split.compressed_plan(
                 r, self, layer.isa, query.dtype)
             evicted = None
             if hit is not None and calibrated[i]:
                 evicted = (calib.o_e[i].to(torch.float32), torch.where(
                     hit[i], calib.lse_e[i].to(torch.float32), float("-inf")))
-            o_x, lse_x = compressed_decode.rest_attention(
-                q_rows[i], kv_cache, layout, rest, plan.rest_ranges, self.scale, evicted)
-            if not plan.bulk_len:
-                result[i] = o_x
-                continue
-            out = q_rows.new_empty((1, 2 * q_rows.shape[1], q_rows.shape[2]))
-            vllm_ops.cpu_attention_with_kv_cache(
-                query=compressed_decode.duplicate_heads(q_rows[i:i + 1]), key_cache=key_cache,
-                value_cache=value_cache, output=out, query_start_loc=_ONE_QUERY, seq_lens=lens,
-                scale=self.scale, causal=True, alibi_slopes=None, sliding_window=-1,
-                block_table=table, softcap=0.0, scheduler_metadata=scheduler_metadata,
-                s_aux=compressed_decode.sink_logits(lse_x))
-            merged = compressed_decode.merge_bulk(out[0], o_x)
-            if merged is None:  # the bulk's output is zero (w undefined): all in float32
-                visible = split.visible(r)
-                o, lse = decode_partials(q_rows[i:i + 1], kv_cache, layout, block_table,
-                                         [(r, blocks_of(visible, bs), visible)], self.scale)
-                merged = o[0] if evicted is None else lse_merge(o[0], lse[0], *evicted)
-            result[i] = merged
+
+            def bulk(q2, s_aux, table=table, lens=lens, scheduler_metadata=scheduler_metadata):
+                out = q2.new_empty(q2.shape)
+                vllm_ops.cpu_attention_with_kv_cache(
+                    query=q2, key_cache=key_cache, value_cache=value_cache, output=out,
+                    query_start_loc=_ONE_QUERY, seq_lens=lens, scale=self.scale, causal=True,
+                    alibi_slopes=None, sliding_window=-1, block_table=table, softcap=0.0,
+                    scheduler_metadata=scheduler_metadata, s_aux=s_aux)
+                return out
+
+            result[i] = compressed_decode.decode_row(
+                q_rows[i], kv_cache, layout, block_table[r], plan, self.scale, evicted, bulk)
         output.index_copy_(0, tokens, result.to(output.dtype))
 
     def _windowed(self, layer, query, kv_cache, output, plans) -> None:

@@ -36,6 +36,7 @@ def test_bulk_and_rest_are_the_visible_slots(kept_end, gap, decoded):
     bulk = _slots(plan.bulk_blocks, plan.bulk_len)
     rest = {s for lo, hi in plan.rest_ranges for s in range(lo, hi)}
     assert len(bulk) == plan.bulk_len and bulk | rest == visible and not bulk & rest
+    assert {s for lo, hi in plan.visible for s in range(lo, hi)} == visible
     assert len(plan.rest_blocks) <= 2 and all(lo // BS in plan.rest_blocks
                                               and (hi - 1) // BS in plan.rest_blocks
                                               for lo, hi in plan.rest_ranges)
@@ -68,6 +69,7 @@ def _write(isa: str):
 ROWS = [
     (700, 256, 650), (520, 100, 500), (300, 64, 290), (131, 20, 100), (90, 40, 60),
     (1000, 320, 960), (161, 31, 129),
+    (110, 20, 100),  # no whole block anywhere: no kernel call
 ]
 
 
@@ -123,16 +125,20 @@ def test_kernel_with_the_rest_as_sink_logit_is_the_reference(dtype, tol, calibra
     for s, (n, kept_end, gap_end) in enumerate(ROWS):
         plan = cd.plan_compressed_decode(n, kept_end, gap_end, BS)
         evicted = (calib.o_e[s], calib.lse_e[s]) if calibrated else None
-        o_x, lse_x = cd.rest_attention(q[s], cache, layout, table[s], plan.rest_ranges, SCALE,
-                                       evicted)
-        got = o_x
-        if plan.bulk_len:
-            bulk_table = table[s].index_select(0, torch.tensor(plan.bulk_blocks))[None]
-            out = _kernel(isa, dtype, cd.duplicate_heads(q[s:s + 1]), cache, bulk_table,
-                          plan.bulk_len, cd.sink_logits(lse_x))
-            got = cd.merge_bulk(out[0], o_x)
-            assert got is not None
+        bulk_table = table[s].index_select(0, torch.tensor(plan.bulk_blocks, dtype=torch.int64))
+        calls = []
+
+        def bulk(q2, s_aux, plan=plan, bulk_table=bulk_table, calls=calls):
+            calls.append(q2.shape)
+            return _kernel(isa, dtype, q2, cache, bulk_table[None], plan.bulk_len, s_aux)
+
+        got = cd.decode_row(q[s], cache, layout, table[s], plan, SCALE, evicted, bulk)
+        assert calls == ([(1, 2 * HQ, D)] if plan.bulk_len else []), ROWS[s]
         assert rel_err(got, want[s]) < tol, ROWS[s]
+        if plan.bulk_len:  # a zero bulk output (w undefined): the whole row in float32
+            zero = cd.decode_row(q[s], cache, layout, table[s], plan, SCALE, evicted,
+                                 lambda q2, s_aux: torch.zeros_like(q2))
+            assert rel_err(zero, want[s]) < tol, ROWS[s]
 
 
 def test_a_zero_bulk_output_is_reported():
