@@ -12,8 +12,8 @@ a key of score ``s_aux`` and value 0), which is enough for one merge:
   up to ``seq_len``);
 - the rest, ``X``, is at most two blocks' worth of slots (the kept region's last partial block
   and the live end of ``gap_end``'s block), computed in float32 with its log-sum-exp
-  (``cpu_paged.decode_partials``), and merged with CaliDrop's evicted part where the row's
-  calibration applies;
+  (``rest_attention``), CaliDrop's evicted part joining it where the row's calibration
+  applies;
 - with ``s_aux = lse_X``, the kernel returns ``R = w * o_A``, where ``o_A`` is the bulk's
   attention and ``w = exp(lse_A) / (exp(lse_A) + exp(lse_X))``, so the merged attention
   ``w * o_A + (1 - w) * o_X`` (the split-KV combine of flash-decoding, and CaliDrop's merge
@@ -21,10 +21,11 @@ a key of score ``s_aux`` and value 0), which is enough for one merge:
   (``duplicate_heads``): once with ``s_aux = -inf`` (``o_A``), once with ``lse_X`` (``R``),
   and ``w = <R, o_A> / <o_A, o_A>`` (``merge_bulk``).
 
-Both kernel outputs are rounded to the query dtype (bf16: 8 bits), so ``w`` carries a relative
-error of a few 1e-4 (averaged over the head dimension), well under the rounding of the output
-itself. A row whose ``o_A`` is zero (``w`` undefined) is the caller's to compute otherwise.
-No vLLM import: the plan is index arithmetic and the merge is torch.
+Both kernel outputs are rounded to the query dtype (bf16: 8 bits), so ``w`` is known to that
+precision or better (the dot products average over the head dimension), not worse than the
+rounding of the output itself. A row whose ``o_A`` is zero (``w`` undefined) is computed in
+float32 instead (``decode_row``). No vLLM import: the plan is index arithmetic and the merge
+is torch.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torch import Tensor
 
 from attention_backends.kernels.cpu_paged import blocks_of, decode_partials
 from attention_backends.kernels.kv_layout import KVLayout
-from attention_backends.kernels.reference import lse_merge
+from attention_backends.kernels.reference import lse_merge, masked_softmax_attention
 
 
 @dataclass(frozen=True)
@@ -83,26 +84,22 @@ def plan_compressed_decode(seq_len: int, kept_end: int, gap_end: int,
     return CompressedDecodePlan(bulk, bulk_len, blocks, ranges, visible)
 
 
-def rest_attention(q: Tensor, kv_cache: Tensor, layout: KVLayout, block_row,
+def rest_attention(q: Tensor, kv_cache: Tensor, layout: KVLayout, block_row: Tensor,
                    ranges: list[tuple[int, int]], scale: float,
                    evicted: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Attention of one decode query ``q [Hq, D]`` over the slots of ``ranges`` (a plan's
     ``rest_ranges``: each inside one block), in float32 with its log-sum-exp: ``(o [Hq, D],
-    lse [Hq])``. ``block_row[b]``: the physical block of logical block ``b`` (a block-table
-    row, or any mapping of host ints). ``evicted = (o_E [Hq, D], lse_E [Hq])`` float32 joins
-    as one more key per head, of score ``lse_E`` and value ``o_E`` (CaliDrop's merge;
-    ``lse_E = -inf`` where it does not apply). Affine layouts (vLLM's VEC layout) are read
-    one block at a time, converted whole and viewed; others through
+    lse [Hq])``. ``block_row``: the row's block-table row (host). ``evicted = (o_E [Hq, D],
+    lse_E [Hq])`` float32 joins as one more key per head, of score ``lse_E`` and value ``o_E``
+    (CaliDrop's merge; ``lse_E = -inf`` where it does not apply). Affine layouts (vLLM's VEC
+    layout) are read one block at a time, converted whole and viewed; others through
     ``cpu_paged.decode_partials``. A handful of small ops: on the CPU their count, not their
     size, is the cost."""
     hq, d = q.shape
     bs, hkv = layout.block_size, kv_cache.shape[1]
     if layout.k_affine is None or layout.v_affine is None:
-        blocks = sorted({lo // bs for lo, _ in ranges})
-        row = torch.tensor([int(block_row[b]) if b in blocks else 0
-                            for b in range(blocks[-1] + 1)])
-        o, lse = decode_partials(q[None], kv_cache, layout, row[None], [(0, blocks, ranges)],
-                                 scale)
+        o, lse = decode_partials(q[None], kv_cache, layout, block_row[None],
+                                 [(0, blocks_of(ranges, bs), ranges)], scale)
         o, lse = o[0], lse[0]
         if evicted is not None:
             o, lse = lse_merge(o, lse, *evicted), torch.logaddexp(lse, evicted[1])
@@ -193,9 +190,8 @@ def check_sink_logit(attend, head_size: int, dtype: torch.dtype) -> None:
     k, v = (torch.randn(n, hkv, head_size, generator=gen).to(dtype) for _ in range(2))
     s_aux = torch.tensor([float("-inf"), 0.5, 2.0, -1.0])
     scale = head_size ** -0.5
-    scores = torch.einsum("hgd,nhd->hgn", q[0].float().view(hkv, g, -1), k.float()) * scale
-    lse = torch.logsumexp(scores, -1)
-    o = torch.einsum("hgn,nhd->hgd", torch.exp(scores - lse[..., None]), v.float())
+    scores = q[0].float().view(hkv, g, -1) @ k.float().permute(1, 2, 0) * scale  # [Hkv, G, n]
+    o, lse = masked_softmax_attention(scores, None, v.float().transpose(0, 1))
     want = (o * torch.sigmoid(lse - s_aux.view(hkv, g))[..., None]).reshape(hkv * g, -1)
     got = attend(q, k, v, s_aux)[0].float()
     err = float((got - want).norm() / want.norm())

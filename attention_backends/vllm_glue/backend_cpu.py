@@ -311,7 +311,7 @@ class FluxCPUAttentionImpl(CPUAttentionBackendImpl):
         if hit is not None:
             rt.record_hits(li, live, hit)
             calibrated = hit.any(-1).tolist()
-        block_table = split._cm.block_table_tensor
+        block_table = md.block_table
         nb, hkv, bs, _ = kv_cache.shape
         key_cache, value_cache = kv_cache.view(nb, hkv, 2 * bs, -1).chunk(2, dim=2)
         result = torch.empty(q_rows.shape, dtype=torch.float32)

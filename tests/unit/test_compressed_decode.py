@@ -15,6 +15,7 @@ from attention_backends.kernels import kv_layout as kvl
 from attention_backends.kernels import ops
 from attention_backends.kernels import reference as ref
 from tests.kernels.kvcache_builder import rel_err
+from tests.unit.vllm_cpu_cache import isa_for, writer
 
 HQ, HKV, D, BS = 4, 2, 64, 32
 SCALE = D ** -0.5
@@ -50,17 +51,7 @@ def test_a_plan_needs_a_query_after_the_gap():
 
 
 def _isa(dtype: torch.dtype) -> str:
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
-    return _get_attn_isa(dtype, BS, D)
-
-
-def _write(isa: str):
-    def write(k, v, cache, slots):
-        nb, h, bs, d2 = cache.shape
-        kc, vc = cache.view(nb, h, 2 * bs, d2 // 2).chunk(2, dim=2)
-        vllm_ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
-    return write
+    return isa_for(dtype, BS, D)
 
 
 # (seq_len, kept_end, gap_end): aligned or not at either end, decode inside the gap's end
@@ -94,7 +85,7 @@ def _kernel(isa, dtype, q, cache, table, length, s_aux):
 def test_kernel_with_the_rest_as_sink_logit_is_the_reference(dtype, tol, calibrated):
     gen = torch.Generator().manual_seed(5)
     isa = _isa(dtype)
-    layout = kvl.probe("vllm", _write(isa), BS, D, dtype)
+    layout = kvl.probe("vllm", writer(isa), BS, D, dtype)
     blocks = [(n + BS - 1) // BS for n, *_ in ROWS]
     perm = torch.randperm(sum(blocks), generator=gen)
     cache = torch.zeros(sum(blocks), HKV, BS, 2 * D, dtype=dtype)
@@ -109,7 +100,7 @@ def test_kernel_with_the_rest_as_sink_logit_is_the_reference(dtype, tol, calibra
         # past the sequence, in its last block: not read by a kernel that respects seq_len
         # (vLLM's may multiply them by a zero weight, so garbage, not NaN)
         kv[n:] = 1e3
-        _write(isa)(kv[..., :D], kv[..., D:], cache, slots)
+        writer(isa)(kv[..., :D], kv[..., D:], cache, slots)
     q = torch.randn(len(ROWS), HQ, D, generator=gen).to(dtype)
     lens, kept, gaps = (torch.tensor([r[i] for r in ROWS], dtype=torch.int32) for i in range(3))
     calib = None

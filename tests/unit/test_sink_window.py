@@ -11,23 +11,14 @@ from attention_backends.kernels import kv_layout as kvl
 from attention_backends.kernels import reference as ref
 from attention_backends.kernels import sink_window as sw
 from tests.kernels.kvcache_builder import rel_err
+from tests.unit.vllm_cpu_cache import isa_for, writer
 
 HQ, HKV, D, BS = 4, 2, 64, 32
 vllm_ops = pytest.importorskip("vllm._custom_ops")
 
 
 def _isa(dtype: torch.dtype) -> str:
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
-    return _get_attn_isa(dtype, BS, D)
-
-
-def _write(isa: str):
-    def write(k, v, cache, slots):
-        nb, h, bs, d2 = cache.shape
-        kc, vc = cache.view(nb, h, 2 * bs, d2 // 2).chunk(2, dim=2)
-        vllm_ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
-    return write
+    return isa_for(dtype, BS, D)
 
 
 # (seq_len, q_len, sink, window)
@@ -51,7 +42,7 @@ def test_only_whole_sink_blocks_and_windows_of_a_block_are_planned():
 def test_vllm_kernel_on_the_plan_is_sparse_attention(dtype, tol):
     gen = torch.Generator().manual_seed(31)
     isa = _isa(dtype)
-    layout = kvl.probe("vllm", _write(isa), BS, D, dtype)
+    layout = kvl.probe("vllm", writer(isa), BS, D, dtype)
     blocks = [(n + BS - 1) // BS for n, *_ in ROWS]
     perm = torch.randperm(sum(blocks) + 4, generator=gen)
     cache = torch.zeros(sum(blocks) + 4, HKV, BS, 2 * D, dtype=dtype)
@@ -62,7 +53,7 @@ def test_vllm_kernel_on_the_plan_is_sparse_attention(dtype, tol):
         at += b
         slots = table[s, :b].long()[:, None] * BS + torch.arange(BS)
         kv = torch.randn(n, HKV, 2 * D, generator=gen).to(dtype)
-        _write(isa)(kv[..., :D], kv[..., D:], cache, slots.flatten()[:n])
+        writer(isa)(kv[..., :D], kv[..., D:], cache, slots.flatten()[:n])
     q_lens = [r[1] for r in ROWS]
     q = torch.randn(sum(q_lens), HQ, D, generator=gen).to(dtype)
     qsl = [0, *torch.tensor(q_lens).cumsum(0).tolist()]
