@@ -12,7 +12,8 @@ CPU smoke run of the script logic (tiny shapes, Triton interpreter)::
 
 Floors: bytes / 4.28 TB/s (measured device copy bandwidth) and FLOPs / 707 TFLOP/s (measured bf16
 GEMM), whichever is larger. Timings: ``triton.testing.do_bench`` median (L2 flushed before every
-run, eager launches) and, for decode, a CUDA-graph replay median with the same L2 flush.
+run, eager launches; it zeroes a buffer) and, for decode, a CUDA-graph replay median with the L2
+emptied by ``timing.flush_l2`` (a read, since v11).
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def make_calibration(q, batch, g):
         o_e=torch.randn(batch, HQ, D, device=S.dev, generator=g),
         lse_e=torch.randn(batch, HQ, device=S.dev, generator=g) + 5.0,
         enabled=torch.ones(batch, dtype=torch.bool, device=S.dev),
-        tau=0.9,
+        tau=torch.full((batch,), 0.9, device=S.dev),  # a tensor, as serving passes it
     )
 
 

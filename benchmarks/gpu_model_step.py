@@ -85,7 +85,8 @@ def decode(model: Model, batch: int, ctx: int) -> dict:
     calib = ops.Calibration(
         q_ref=torch.randn(batch, HQ, D, device=dev, dtype=torch.bfloat16),
         o_e=torch.randn(batch, HQ, D, device=dev), lse_e=torch.randn(batch, HQ, device=dev),
-        enabled=torch.ones(batch, dtype=torch.bool, device=dev), tau=0.5)
+        enabled=torch.ones(batch, dtype=torch.bool, device=dev),
+        tau=torch.full((batch,), 0.5, device=dev))  # a tensor, as serving passes it
     out = torch.empty(batch, HQ, D, device=dev, dtype=torch.bfloat16)
 
     def ours(sparse_layers: set[int], compressed: bool):

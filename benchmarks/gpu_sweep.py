@@ -30,7 +30,12 @@ with block_size 16, blocks in random physical order, one all-NaN block standing 
    varlen (bottom-right causal), and the sparse chunk;
 4. decode over compressed KV (CaliDrop, budget 2048 of a 32K prompt, calibration on) and over
    sink + window, B = 1 / 8 / 32, every config of ``DECODE_CONFIGS`` (CUDA-graph replay, L2
-   flushed), against SDPA over the pre-gathered visible keys and the byte floor.
+   flushed), against SDPA over the pre-gathered visible keys, the byte floor and a device copy
+   of the same bytes; ``--ab-kernel`` adds an earlier kernel file, timed on the same inputs.
+
+The L2 is emptied before every timed run by reading a large buffer (``--flush read``, the
+default; ``timing.flush_l2``) or, as before v11, by zeroing it (``--flush write``), which leaves
+dirty lines whose write-back lands in the timed run.
 
 Where vLLM is importable (its FlashAttention-3 on Hopper), each section also times our
 ``kernels.flash_varlen`` paths, registered as the vLLM glue registers them: the sink + window
@@ -70,10 +75,11 @@ import sys
 import time
 import traceback
 
+import timing
 import torch
 import torch.nn.functional as F
 from kernel_cases import contiguous_kv, paged_kv_cache, prefill_flops, rel_err
-from timing import cuda_graph_us
+from timing import cuda_graph_us, flush_l2
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -115,8 +121,16 @@ DECODE_CONFIGS = [
     {"block_n": 128, "num_warps": 4, "num_stages": 5, "waves": 1},
     {"block_n": 32, "num_warps": 2, "num_stages": 7, "waves": 4},
     {"block_n": 64, "num_warps": 4, "num_stages": 5, "waves": 3},
+    # calibration inputs loaded before the KV loop (compressed decode only; 6 is 1 with it)
+    {"block_n": 64, "num_warps": 4, "num_stages": 5, "waves": 2, "calib_early": True},
+    {"block_n": 64, "num_warps": 4, "num_stages": 4, "waves": 2},
+    {"block_n": 64, "num_warps": 4, "num_stages": 4, "waves": 2, "calib_early": True},
+    {"block_n": 64, "num_warps": 4, "num_stages": 5, "waves": 4, "calib_early": True},
+    {"block_n": 32, "num_warps": 4, "num_stages": 7, "waves": 2, "calib_early": True},
+    {"block_n": 128, "num_warps": 8, "num_stages": 3, "waves": 2, "calib_early": True},
 ]
 DECODE_CONFIGS = [dict(c, fused_max_splits=16) for c in DECODE_CONFIGS]
+AB_KERNEL = None  # --ab-kernel: an earlier paged_attention.py, timed beside ours
 
 PIECES_GLUE = "ours: cudnn pieces from this step's K/V (glue path)"
 FLASH_SW = "ours: flash window + sink merge (paged)"
@@ -209,7 +223,7 @@ def bench(fn, target_ms: float = 60.0, max_reps: int = 40) -> float:
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
           for _ in range(reps)]
     for a, b in ev:
-        FLUSH.zero_()
+        flush_l2(FLUSH)
         a.record()
         fn()
         b.record()
@@ -235,7 +249,8 @@ def measure_ceilings() -> None:
     t = bench(lambda: a @ b, target_ms=50)
     CEIL["peak"] = 2 * 8192 ** 3 / (t * 1e-6)
     CEIL["measured"] = True
-    record(kind="ceilings", copy_TBps=CEIL["bw"] / 1e12, gemm_TFLOPs=CEIL["peak"] / 1e12)
+    record(kind="ceilings", copy_TBps=CEIL["bw"] / 1e12, gemm_TFLOPs=CEIL["peak"] / 1e12,
+           flush=timing.FLUSH_MODE)
 
 
 def empty_cache():
@@ -748,19 +763,22 @@ def _decode_one(mode, batch, length, cfg_ids, tuned):
     nbytes = batch * ntok * KV_TOKEN_BYTES + batch * HQ * D * 2 * 2
     fl = floors(nbytes, 4.0 * batch * HQ * D * ntok)
 
-    def inputs(salt):
+    def inputs(salt, float_tau=False):
         g = torch.Generator(device=DEV).manual_seed(batch * 1000 + salt)
         q = torch.randn(batch, HQ, D, device=DEV, dtype=DT, generator=g)
         calib = None
         if mode == "compressed":
+            # a float32 [B] threshold, as serving passes it (graph_inputs, calidrop.stack); a
+            # float costs a fill kernel on every call
+            tau = 0.9 if float_tau else torch.full((batch,), 0.9, device=DEV)
             calib = ops.Calibration(
                 q_ref=q.clone(), o_e=torch.randn(batch, HQ, D, device=DEV, generator=g),
                 lse_e=torch.randn(batch, HQ, device=DEV, generator=g) + 5.0,
-                enabled=torch.ones(batch, dtype=torch.bool, device=DEV), tau=0.9)
+                enabled=torch.ones(batch, dtype=torch.bool, device=DEV), tau=tau)
         return q, calib
 
-    def run_variant(name, cfg, salt, cfg_id):
-        q, calib = inputs(salt)
+    def run_variant(name, cfg, salt, cfg_id, float_tau=False, kernel=None):
+        q, calib = inputs(salt, float_tau)
         out = torch.full_like(q, float("nan"))
 
         # host copies of the sink and window, as the glue passes them (the flash path needs
@@ -769,6 +787,11 @@ def _decode_one(mode, batch, length, cfg_ids, tuned):
                  if mode == "sparse" else {})
 
         def fn():
+            if kernel is not None:  # an earlier kernel module (--ab-kernel), called directly
+                return kernel.paged_attention_triton(
+                    q, kv, bt, seq_lens, qsl, SCALE, masks.get("sink"), masks.get("window"),
+                    masks.get("kept_end"), masks.get("gap_end"), calib, out, max_query_len=1,
+                    max_seq_len=length, max_kv_tokens=ntok, decode_config=cfg, **hints)
             return ops.paged_attention(q, kv, bt, seq_lens, qsl, SCALE, calibration=calib,
                                        out=out, max_query_len=1, max_seq_len=length,
                                        max_kv_tokens=ntok, decode_config=cfg, **masks, **hints)
@@ -807,6 +830,15 @@ def _decode_one(mode, batch, length, cfg_ids, tuned):
                 40, best[1])
         tuned["decode"][mode][str(batch)] = win
         log(f"decode {mode} B{batch}: winner cfg{best[1]} {best[0]:.1f} us")
+        if mode == "compressed":
+            guarded(f"decode {mode} B{batch} float tau", run_variant,
+                    f"ours cfg{best[1]}, float tau (a fill kernel per call)", win, best[1],
+                    best[1], True)
+        if AB_KERNEL is not None:
+            # the earlier kernel with the config it shipped with (cfg1) and with ours
+            for i in sorted({1, best[1]}):
+                guarded(f"decode {mode} B{batch} earlier kernel cfg{i}", run_variant,
+                        f"earlier kernel cfg{i}", DECODE_CONFIGS[i], i, i, False, AB_KERNEL)
     if FLASH_ON and mode != "compressed":
         r = guarded(f"decode {mode} B{batch} flash", run_variant, "ours: flash varlen",
                     dict(DECODE_CONFIGS[0], backend="flash"), 41, "flash")
@@ -825,6 +857,16 @@ def _decode_one(mode, batch, length, cfg_ids, tuned):
     guarded(f"sdpa decode {mode} B{batch}", lambda: record(
         kind="decode", case=mode, B=batch, L=length, variant="sdpa pre-gathered",
         us=bench_graph(lambda: sdpa(qg, k, v, False)), MB=nbytes / 1e6, **fl))
+    k = v = None
+    if mode == "compressed" and not SMOKE:
+        # a device copy moving the same bytes (half read, half written), timed the same way:
+        # the fixed costs of a run this short, which the large-copy ceiling does not see
+        src = torch.randint(-9999, 9999, (int(nbytes) // 4,), dtype=torch.int16, device=DEV)
+        dst = torch.empty_like(src)
+        guarded(f"copy same bytes B{batch}", lambda: record(
+            kind="decode", case=mode, B=batch, L=length, variant="device copy, same bytes",
+            us=bench_graph(lambda: dst.copy_(src)), MB=nbytes / 1e6, **fl))
+        src = dst = None
     save(tuned)
 
 
@@ -868,6 +910,7 @@ def _best(kind, case, L, prefix, ctx=0, B=None):
     rs = [r for r in RESULTS if r.get("kind") == kind and r.get("case") == case
           and r.get("variant", "").startswith(prefix) and "masked" not in r["variant"]
           and "no host" not in r["variant"] and "separate" not in r["variant"]
+          and "float tau" not in r["variant"]
           and (kind != "prefill" or (r["L"] == L and r["ctx"] == ctx))
           and (kind != "decode" or (r["B"] == B and r["L"] == L))]
     return min(rs, key=lambda r: r["us"]) if rs else None
@@ -960,6 +1003,22 @@ def summary():
                      f"{fmt(us(s), 9, 1)} {fmt(o['floor_us'], 8, 1)} "
                      f"{fmt(o['floor_meas_us'], 8, 1)} {'-':>7s} {ratio(s, o, 2)} "
                      f"cfg{o.get('cfg', '')}  {o['pct_copy_bw']:.0f}% of copy bw")
+            cp = _get("decode", mode, DEC_L, "device copy, same bytes", B=B)
+            if cp and tri:
+                emit(f"{'  (device copy, same bytes)':34s} {fmt(cp['us'], 9, 1)} {'':9s} "
+                     f"{'':9s} {'':8s} {'':8s} {'':7s} {'':7s} ours at "
+                     f"{100 * cp['us'] / tri['us']:.0f}% of its rate")
+            # same-run comparisons: the earlier kernel (--ab-kernel), a float tau
+            for prefix, tag in (("earlier kernel cfg", "earlier kernel"),
+                                ("ours cfg", "float tau")):
+                rs = [r for r in RESULTS if r.get("kind") == "decode" and r.get("case") == mode
+                      and r.get("B") == B and r.get("variant", "").startswith(prefix)
+                      and (tag != "float tau" or "float tau" in r["variant"])]
+                if rs and tri:
+                    a = min(rs, key=lambda r: r["us"])
+                    emit(f"{'  (' + tag + ')':34s} {fmt(a['us'], 9, 1)} {'':9s} {'':9s} "
+                         f"{'':8s} {'':8s} {'':7s} {'':7s} cfg{a.get('cfg', '')}  ours "
+                         f"{a['us'] / tri['us']:.3f}x faster")
     for r in RESULTS:
         if r.get("kind") == "cold":
             emit(f"cold call {r['backend']} {r['env']} L={r['L']}: first {r['first_ms']:.1f} ms, "
@@ -1005,7 +1064,7 @@ def register_flash() -> bool:
 def main():
     global OUT, BUDGET_S, FLUSH, DEV, SMOKE, SINK, WINDOW, BUDGET, PREFILL_CONFIGS
     global DECODE_CONFIGS, SPARSE_LENGTHS, DENSE_LENGTHS, CHUNK, DEC_L
-    global HQ, HKV, D, G, SCALE, KV_TOKEN_BYTES
+    global HQ, HKV, D, G, SCALE, KV_TOKEN_BYTES, AB_KERNEL
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--budget-s", type=float, default=300.0,
@@ -1017,6 +1076,12 @@ def main():
                          "tiny shapes: exercises the script's logic, not a benchmark")
     ap.add_argument("--table-from", metavar="JSON",
                     help="print the ratio table of a saved gpu_sweep.json and exit")
+    ap.add_argument("--flush", choices=timing.FLUSH_MODES, default=timing.FLUSH_MODE,
+                    help="how the L2 is emptied before each timed run (timing.flush_l2), the "
+                         "copy ceiling's runs included")
+    ap.add_argument("--ab-kernel", metavar="PY",
+                    help="an earlier attention_backends/kernels/paged_attention.py (e.g. from "
+                         "`git show REV:PATH`): its decode is timed beside ours, same inputs")
     args = ap.parse_args()
     if args.table_from:
         with open(args.table_from) as f:
@@ -1026,6 +1091,7 @@ def main():
         summary()
         return
     OUT, BUDGET_S = args.out, args.budget_s
+    timing.FLUSH_MODE = args.flush
     skip = set(filter(None, args.skip.split(",")))
     import signal
 
@@ -1045,6 +1111,15 @@ def main():
     paged_attention.TUNED_FILE = ""
     paged_attention._tuned_table.cache_clear()
     paged_attention.tuned_config.cache_clear()
+    if args.ab_kernel:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("paged_attention_ab", args.ab_kernel)
+        AB_KERNEL = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(AB_KERNEL)
+        AB_KERNEL.TUNED_FILE = ""
+        AB_KERNEL._tuned_table.cache_clear()
+        AB_KERNEL.tuned_config.cache_clear()
     if args.smoke:
         os.environ["FLUXSERVE_FORCE_TRITON"] = "1"
         DEV, SMOKE = "cpu", True
@@ -1082,7 +1157,7 @@ def main():
         guarded("decode section", section_decode, [
             ("compressed", 32, DEC_L, n_dec),
             ("compressed", 8, DEC_L, n_dec),
-            ("compressed", 1, DEC_L, (1, 2) if len(n_dec) > 2 else n_dec),
+            ("compressed", 1, DEC_L, (1, 2, 6) if len(n_dec) > 6 else n_dec),
             ("sparse", 32, DEC_L, (0, 1, 2, 5) if len(n_dec) > 5 else n_dec),
             ("sparse", 8, DEC_L, (1, 2) if len(n_dec) > 2 else n_dec),
             ("dense", 8, DEC_L, (0, 1, 2) if len(n_dec) > 2 else n_dec),

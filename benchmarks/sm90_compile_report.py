@@ -96,7 +96,7 @@ def decode_variant(cfg: dict, has_sw: bool, has_gap: bool, calib: bool, final: b
                 num_splits=6, q_thr=16)
     consts = dict(HQ=HQ, G=G, D=D, PAGE=PAGE, BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
                   HAS_CALIB=calib, FINAL=final, MAXQ=1, HAS_SW=has_sw, HAS_GAP=has_gap,
-                  FUSED_REDUCE=fused)
+                  FUSED_REDUCE=fused, CALIB_EARLY=bool(cfg.get("calib_early", False)))
     return _compile(pa._decode_kernel, args, consts, cfg["num_warps"], cfg["num_stages"])
 
 

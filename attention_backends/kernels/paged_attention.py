@@ -167,42 +167,53 @@ def _attend_tile(q, k, v, offs_n, jvalid, pos, m_i, l_i, acc, sink, window, scal
 
 
 @triton.jit
-def _calib_weights(qf, qref, lse2, lse_e2, tau_ptr, en_ptr, s, AXIS: tl.constexpr):
-    """The calibration merge of ``_finish`` / ``_finish_row``, for rows of ``q`` (``AXIS = 1``:
-    ``qf``, ``qref`` ``[rows, D]``, ``lse2``, ``lse_e2`` ``[rows]``) or one row (``AXIS = 0``).
-
-    Returns ``hit`` (cos(q, q_ref) >= tau[s] on an enabled sequence ``s``) and the LSE-merge
-    weights ``w1`` (kept keys, log2 ``lse2``), ``w2`` (evicted set, log2 ``lse_e2``) and their
-    sum ``den2`` (1 where both are empty): merged = ``(o * w1 + o_e * w2) / den2``.
-    """
+def _calib_hit(qf, qref, tau_ptr, en_ptr, s, AXIS: tl.constexpr):
+    """cos(q, q_ref) >= tau[s] on an enabled sequence ``s`` (CaliDrop's reuse test), for rows
+    of ``q`` (``AXIS = 1``: ``qf``, ``qref`` float32 ``[rows, D]``) or one row (``AXIS = 0``)."""
     num = tl.sum(qf * qref, AXIS)
     den = tl.sqrt(tl.sum(qf * qf, AXIS) * tl.sum(qref * qref, AXIS))
     cos = num / tl.maximum(den, 1e-12)
-    hit = (cos >= tl.load(tau_ptr + s)) & (tl.load(en_ptr + s) != 0)
+    return (cos >= tl.load(tau_ptr + s)) & (tl.load(en_ptr + s) != 0)
+
+
+@triton.jit
+def _calib_weights(lse2, lse_e2):
+    """LSE-merge weights of the kept keys (log2 ``lse2``) and the evicted set (log2
+    ``lse_e2``), elementwise: ``(w1, w2, den2)``, merged = ``(o * w1 + o_e * w2) / den2``
+    (``den2`` 1 where both are empty)."""
     mm = tl.maximum(lse2, lse_e2)
     mm = tl.where(mm == float("-inf"), 0.0, mm)
     w1 = tl.exp2(lse2 - mm)
     w2 = tl.exp2(lse_e2 - mm)
     den2 = w1 + w2
-    return hit, w1, w2, tl.where(den2 > 0, den2, 1.0)
+    return w1, w2, tl.where(den2 > 0, den2, 1.0)
 
 
 @triton.jit
-def _finish(o, lse2, q, s, t_abs, h_r, row_ok, out_ptr, hits_ptr, stride_ot, stride_oh,
-            qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau_ptr, HQ: tl.constexpr, D: tl.constexpr,
-            HAS_CALIB: tl.constexpr):
-    """Optional calibration merge, then store the rows (o normalised, lse2 in log2 units)."""
+def _calib_rows(q, s, h_r, row_ok, qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau_ptr,
+                HQ: tl.constexpr, D: tl.constexpr):
+    """Calibration inputs of the rows (q heads ``h_r`` of sequence ``s``, ``q`` their queries):
+    ``(hit [rows] bool, o_e [rows, D] float32, lse_e2 [rows] float32 log2)``. Independent of
+    the KV loop, so a kernel may issue these loads before it (``CALIB_EARLY``)."""
+    offs_d = tl.arange(0, D)
+    cal_off = (s * HQ + h_r).to(tl.int64)
+    qref = tl.load(qref_ptr + cal_off[:, None] * D + offs_d[None, :], mask=row_ok[:, None],
+                   other=0.0).to(tl.float32)
+    lse_e2 = tl.load(lsee_ptr + cal_off, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+    o_e = tl.load(oe_ptr + cal_off[:, None] * D + offs_d[None, :], mask=row_ok[:, None],
+                  other=0.0)
+    hit = _calib_hit(q.to(tl.float32), qref, tau_ptr, en_ptr, s, 1) & row_ok
+    return hit, o_e, lse_e2
+
+
+@triton.jit
+def _finish(o, lse2, hit, o_e, lse_e2, t_abs, h_r, row_ok, out_ptr, hits_ptr, stride_ot,
+            stride_oh, HQ: tl.constexpr, D: tl.constexpr, HAS_CALIB: tl.constexpr):
+    """Optional calibration merge (``_calib_rows``' outputs), then store the rows (o
+    normalised, lse2 in log2 units)."""
     offs_d = tl.arange(0, D)
     if HAS_CALIB:
-        cal_off = (s * HQ + h_r).to(tl.int64)
-        qref = tl.load(qref_ptr + cal_off[:, None] * D + offs_d[None, :], mask=row_ok[:, None],
-                       other=0.0).to(tl.float32)
-        lse_e2 = tl.load(lsee_ptr + cal_off, mask=row_ok, other=float("-inf")) * 1.4426950408889634
-        o_e = tl.load(oe_ptr + cal_off[:, None] * D + offs_d[None, :], mask=row_ok[:, None],
-                      other=0.0)
-        hit, w1, w2, den2 = _calib_weights(q.to(tl.float32), qref, lse2, lse_e2, tau_ptr, en_ptr,
-                                           s, 1)
-        hit = hit & row_ok
+        w1, w2, den2 = _calib_weights(lse2, lse_e2)
         merged = (o * w1[:, None] + o_e * w2[:, None]) / den2[:, None]
         o = tl.where(hit[:, None], merged, o)
         tl.store(hits_ptr + t_abs.to(tl.int64) * HQ + h_r, hit.to(tl.int8), mask=row_ok)
@@ -212,18 +223,32 @@ def _finish(o, lse2, q, s, t_abs, h_r, row_ok, out_ptr, hits_ptr, stride_ot, str
 
 
 @triton.jit
+def _finish_calib(o, lse2, q, s, t_abs, h_r, row_ok, out_ptr, hits_ptr, stride_ot, stride_oh,
+                  qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau_ptr, HQ: tl.constexpr,
+                  D: tl.constexpr, HAS_CALIB: tl.constexpr):
+    """``_finish`` with the calibration inputs loaded here, after the KV loop."""
+    if HAS_CALIB:
+        hit, o_e, lse_e2 = _calib_rows(q, s, h_r, row_ok, qref_ptr, oe_ptr, lsee_ptr, en_ptr,
+                                       tau_ptr, HQ, D)
+    else:
+        hit, o_e, lse_e2 = row_ok, o, lse2  # unused
+    _finish(o, lse2, hit, o_e, lse_e2, t_abs, h_r, row_ok, out_ptr, hits_ptr, stride_ot,
+            stride_oh, HQ, D, HAS_CALIB)
+
+
+@triton.jit
 def _finish_row(o, lse2, q, s, t_abs, h, out_ptr, hits_ptr, stride_ot, stride_oh, qref_ptr,
                 oe_ptr, lsee_ptr, en_ptr, tau_ptr, HQ: tl.constexpr, D: tl.constexpr,
                 HAS_CALIB: tl.constexpr):
-    """``_finish`` for a single (token, head) row: o [D] normalised, lse2 scalar (log2)."""
+    """``_finish_calib`` for a single (token, head) row: o [D] normalised, lse2 scalar (log2)."""
     offs_d = tl.arange(0, D)
     if HAS_CALIB:
         cal_off = (s * HQ + h).to(tl.int64)
         qref = tl.load(qref_ptr + cal_off * D + offs_d).to(tl.float32)
         lse_e2 = tl.load(lsee_ptr + cal_off) * 1.4426950408889634
         o_e = tl.load(oe_ptr + cal_off * D + offs_d)
-        hit, w1, w2, den2 = _calib_weights(q.to(tl.float32), qref, lse2, lse_e2, tau_ptr, en_ptr,
-                                           s, 0)
+        hit = _calib_hit(q.to(tl.float32), qref, tau_ptr, en_ptr, s, 0)
+        w1, w2, den2 = _calib_weights(lse2, lse_e2)
         merged = (o * w1 + o_e * w2) / den2
         o = tl.where(hit, merged, o)
         tl.store(hits_ptr + t_abs.to(tl.int64) * HQ + h, hit.to(tl.int8))
@@ -241,7 +266,7 @@ def _decode_kernel(
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_CALIB: tl.constexpr, FINAL: tl.constexpr,
     MAXQ: tl.constexpr, HAS_SW: tl.constexpr, HAS_GAP: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr, CALIB_EARLY: tl.constexpr,
 ):
     """Split-KV (flash-decoding) attention for sequences with ``q_len <= q_thr``: one program
     per (sequence, KV head, split); its rows are the sequence's query tokens x the G q heads of
@@ -251,18 +276,27 @@ def _decode_kernel(
     with ``FUSED_REDUCE`` the last split of a (sequence, KV head) to finish, found by an atomic
     counter in ``lock_ptr`` (reset to 0 by that program), merges the partials and writes the
     output, so no reduce launch follows; without it ``_decode_reduce_kernel`` does.
+
+    Split ``k`` of ``S`` takes the virtual KV tiles ``k, k + S, k + 2S, ...``: the splits'
+    tile counts differ by at most one.
+
+    ``CALIB_EARLY``: the calibration inputs of a program that may write the output are loaded
+    before the KV loop, so their memory round trip overlaps it instead of following it.
     """
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    # every per-sequence scalar is loaded before the first branch: one memory round trip, not
+    # two, ahead of the block-table load and the first KV tile (all are in bounds: s < seqs)
     q_start = tl.load(qsl_ptr + s)
     q_len = tl.load(qsl_ptr + s + 1) - q_start
-    if (q_len <= 0) | (q_len > q_thr):
-        return
     seq_len = tl.load(seq_lens_ptr + s)
-    ctx = seq_len - q_len
     sink, window, kept_end, gap_end = _seq_masks(sink_ptr, window_ptr, kept_ptr, gap_ptr, s,
                                                  HAS_SW, HAS_GAP)
+    bt_row = bt_ptr + s.to(tl.int64) * stride_bt
+    if (q_len <= 0) | (q_len > q_thr):
+        return
+    ctx = seq_len - q_len
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
@@ -275,19 +309,18 @@ def _decode_kernel(
                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
 
     a1, b1, a2, b2, end = _visible_intervals(ctx, seq_len, sink, window, kept_end, gap_end)
+    if HAS_CALIB and CALIB_EARLY and (FINAL or FUSED_REDUCE):
+        hit, o_e, lse_e2 = _calib_rows(q, s, h_r, row_ok, qref_ptr, oe_ptr, lsee_ptr, en_ptr,
+                                       tau_ptr, HQ, D)
     n1 = _n_tiles(0, a1, BLOCK_N)
     n2 = _n_tiles(b1, a2, BLOCK_N)
     n3 = _n_tiles(b2, end, BLOCK_N)
     n_tot = n1 + n2 + n3
-    per_split = (n_tot + num_splits - 1) // num_splits
-    v_lo = split * per_split
-    v_hi = tl.minimum(v_lo + per_split, n_tot)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    bt_row = bt_ptr + s.to(tl.int64) * stride_bt
-    for vt in range(v_lo, v_hi):
+    for vt in range(split, n_tot, num_splits):
         n0, lo, hi = _tile_at(vt, n1, n2, a1, b1, a2, b2, end, BLOCK_N)
         k, v, offs_n, jvalid = _load_kv_tile(kv_ptr, bt_row, kvh, n0, lo, hi, stride_kb,
                                              stride_kh, stride_ks, BLOCK_N, D, PAGE)
@@ -298,8 +331,13 @@ def _decode_kernel(
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     if FINAL:
-        _finish(o, lse2, q, s, t_abs, h_r, row_ok, out_ptr, hits_ptr, stride_ot, stride_oh,
-                qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau_ptr, HQ, D, HAS_CALIB)
+        if HAS_CALIB and CALIB_EARLY:
+            _finish(o, lse2, hit, o_e, lse_e2, t_abs, h_r, row_ok, out_ptr, hits_ptr,
+                    stride_ot, stride_oh, HQ, D, HAS_CALIB)
+        else:
+            _finish_calib(o, lse2, q, s, t_abs, h_r, row_ok, out_ptr, hits_ptr, stride_ot,
+                          stride_oh, qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau_ptr, HQ, D,
+                          HAS_CALIB)
     else:
         part0 = ((s.to(tl.int64) * MAXQ + t_rel) * HQ + h_r) * num_splits
         part = part0 + split
@@ -331,8 +369,13 @@ def _decode_kernel(
                 has_r = l_r > 0
                 o = acc_r / tl.where(has_r, l_r, 1.0)[:, None]
                 lse2 = tl.where(has_r, m_r + tl.log2(tl.where(has_r, l_r, 1.0)), float("-inf"))
-                _finish(o, lse2, q, s, t_abs, h_r, row_ok, out_ptr, hits_ptr, stride_ot,
-                        stride_oh, qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau_ptr, HQ, D, HAS_CALIB)
+                if HAS_CALIB and CALIB_EARLY:
+                    _finish(o, lse2, hit, o_e, lse_e2, t_abs, h_r, row_ok, out_ptr, hits_ptr,
+                            stride_ot, stride_oh, HQ, D, HAS_CALIB)
+                else:
+                    _finish_calib(o, lse2, q, s, t_abs, h_r, row_ok, out_ptr, hits_ptr,
+                                  stride_ot, stride_oh, qref_ptr, oe_ptr, lsee_ptr, en_ptr,
+                                  tau_ptr, HQ, D, HAS_CALIB)
                 tl.atomic_xchg(lock, 0)
 
 
@@ -533,8 +576,8 @@ def _prefill_kernel(
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    _finish(o, lse2, q, s, t_abs, h_r, row_ok, out_ptr, hits_ptr, stride_ot, stride_oh,
-            qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau_ptr, HQ, D, HAS_CALIB)
+    _finish_calib(o, lse2, q, s, t_abs, h_r, row_ok, out_ptr, hits_ptr, stride_ot, stride_oh,
+                  qref_ptr, oe_ptr, lsee_ptr, en_ptr, tau_ptr, HQ, D, HAS_CALIB)
 
 
 @triton.jit
@@ -683,8 +726,10 @@ def _num_sms(device: torch.device) -> int:
 # num_stages 5: the least that leaves a K/V tile in flight behind the block-table load (one
 # stage goes to that indirect load); 64-key tiles keep two such programs per SM.
 # fused_max_splits: up to this many splits the last split merges them (no reduce launch).
+# calib_early: calibrated rows load their calibration inputs before the KV loop (more
+# registers: 200 against 160 per thread at the default shape; the sweep picks it per batch).
 DEFAULT_DECODE = {"block_n": 64, "num_warps": 4, "num_stages": 5, "waves": 2,
-                  "fused_max_splits": 16}
+                  "fused_max_splits": 16, "calib_early": False}
 # Prefill: full and partial KV tiles in two straight-line loops (mask_mode 0), FlexAttention's
 # Hopper shape (128 x 64 tiles, 8 warps), 5 stages (three K/V buffers), GQA-packed rows.
 # Dense whole prompts through the fused kernels, cuDNN's first (whole_impl); chunks over a
@@ -786,6 +831,7 @@ def _launch_decode(q, kv_cache, block_table, seq_lens, query_start_loc, sink, wi
         scale_log2, *strides, num_splits, q_thr,
         HQ=hq, G=g, D=d, PAGE=page, BLOCK_M=block_m, BLOCK_N=bn, HAS_CALIB=has_calib,
         FINAL=final, MAXQ=max_q_dec, HAS_SW=has_sw, HAS_GAP=has_gap, FUSED_REDUCE=fused,
+        CALIB_EARLY=bool(dcfg.get("calib_early", False)),
         num_warps=dcfg["num_warps"], num_stages=dcfg["num_stages"],
     )
     if not final and not fused:

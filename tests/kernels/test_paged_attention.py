@@ -395,10 +395,12 @@ def _calibration(gen, q, qsl, num_seqs, hq, d, hit_heads, enabled, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("calib_early", [False, True])
 @pytest.mark.parametrize("num_splits", [1, 4, -4])
-def test_calibration(num_splits):
+def test_calibration(num_splits, calib_early):
     """Calibration merge in the epilogue of the decode kernel (one split), of the fused split-K
-    reduce (4) and of the reduce launch (-4: 4 splits, unfused), and of the prefill kernel."""
+    reduce (4) and of the reduce launch (-4: 4 splits, unfused), and of the prefill kernel;
+    with the calibration inputs loaded after the KV loop or before it (``calib_early``)."""
     dtype, hq, hkv, d = torch.bfloat16, 8, 2, 64
     seqs = [(80, 1), (60, 1), (100, 2), (90, 20), (50, 1)]
     kept_end, gap_end = [16, 20, 10, 30, 0], [60, 50, 90, 70, 0]
@@ -411,7 +413,8 @@ def test_calibration(num_splits):
                          [True, False, True, True, True], dtype)
     tuning = {"prefill_config": {"block_m": 16, "block_n": 16},
               "decode_config": {"block_n": 16, "num_splits": abs(num_splits),
-                                "fused_max_splits": 64 if num_splits > 0 else 0}}
+                                "fused_max_splits": 64 if num_splits > 0 else 0,
+                                "calib_early": calib_early}}
     got, hits, want, want_hits = _run_both(paged, q, qsl, 0.125, masks, calib, **tuning)
     _check(got, want, dtype)
     assert hits.dtype == torch.bool and hits.shape == (q.shape[0], hq)
@@ -431,8 +434,9 @@ def test_calibration(num_splits):
 
 
 @needs_triton
+@pytest.mark.parametrize("calib_early", [False, True])
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_calibration_threshold_per_sequence(num_splits):
+def test_calibration_threshold_per_sequence(num_splits, calib_early):
     """Requests of one batch keep their own tau: 2.0 never hits, -2.0 always hits."""
     dtype, hq, hkv, d = torch.float16, 8, 2, 64
     seqs = [(70, 1), (64, 1), (90, 3), (75, 18)]
@@ -444,7 +448,8 @@ def test_calibration_threshold_per_sequence(num_splits):
     calib = _calibration(gen, q, qsl, len(seqs), hq, d, [1, 6], [True] * 4, dtype)
     calib.tau = torch.tensor([0.5, 2.0, -2.0, 0.5])
     tuning = {"prefill_config": {"block_m": 16, "block_n": 16},
-              "decode_config": {"block_n": 16, "num_splits": num_splits}}
+              "decode_config": {"block_n": 16, "num_splits": num_splits,
+                                "calib_early": calib_early}}
     got, hits, want, want_hits = _run_both(paged, q, qsl, 0.125, masks, calib, **tuning)
     _check(got, want, dtype)
     assert torch.equal(hits, want_hits)
