@@ -378,6 +378,51 @@ def time_prefill(case: Prefill, name: str, run, salt: int, check=True, **extra) 
                   pct_floor=100 * fl["floor_us"] / t, **fl, first_call_ms=first_ms, **extra)
 
 
+def time_interleaved(case: Prefill, runs: dict, salt: int) -> dict[str, dict]:
+    """Time several ``run(q, out)`` in turns, the L2 emptied before each: round ``i`` runs
+    every one once, so clock and power drift over the section land on all alike (a reference
+    timed minutes before ours, at other clocks, differed by up to 12 % at 32K). Records each
+    as ``"interleaved: " + name``; median of the rounds (at least 5, about 200 ms per run)."""
+    q = case.fresh_q(salt)
+    outs = {n: torch.full_like(q, float("nan")) for n in runs}
+    for n, run in runs.items():
+        run(q, outs[n])
+    sync()
+    if SMOKE:
+        reps = 1
+    else:
+        st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        st.record()
+        for n, run in runs.items():
+            run(q, outs[n])
+        en.record()
+        sync()
+        reps = max(5, min(30, int(200 * len(runs) / max(st.elapsed_time(en), 1e-3))))
+    times: dict[str, list[float]] = {n: [] for n in runs}
+    for _ in range(reps):
+        for n, run in runs.items():
+            if SMOKE:
+                t = time.perf_counter()
+                run(q, outs[n])
+                times[n].append((time.perf_counter() - t) * 1e3)
+                continue
+            flush_l2(FLUSH)
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            run(q, outs[n])
+            b.record()
+            b.synchronize()
+            times[n].append(a.elapsed_time(b))
+    fl = floors(case.nbytes(), case.flops())
+    out = {}
+    for n, ts in times.items():
+        t = statistics.median(ts) * 1e3
+        out[n] = record(kind="prefill", case=f"{'sparse' if case.sparse else 'dense'}",
+                        L=case.length, ctx=case.ctx, variant="interleaved: " + n, us=t,
+                        TFLOPs=case.flops() / (t * 1e-6) / 1e12, rounds=reps, **fl)
+    return out
+
+
 # ----------------------------------------------------------------------------- sections
 
 
@@ -514,6 +559,15 @@ def _sparse_one(length, tuned, with_flex):
             case, "flex", flex_runner(case), salt=60))
     guarded(f"fa2 window+sink {length}", lambda: time_prefill(
         case, "fa2 window + sink (lse merge)", fa2_window_sink_runner(case), salt=61))
+    # the shipped choice against FlexAttention, in turns
+    pick = tuned["prefill"]["sparse"].get(str(length), {})
+    nk = case.new_kv()  # this step's K/V, as the glue passes them
+    runs = {"ours (shipped choice)":
+            lambda q, out, c=dict(pick): case.ours(q, out, c, new_kv=nk)[0]}
+    if with_flex:
+        runs["flex"] = flex_runner(case)
+    guarded(f"interleaved sparse {length}", time_interleaved, case, runs, 67)
+    nk = None
     save(tuned)
 
 
@@ -589,6 +643,17 @@ def _dense_one(length, tuned):
         case, "ours: cudnn from paged cache, no host lengths (sync)",
         lambda q, out: case.ours(q, out, {"dense_backend": "sdpa", "whole_impl": "cudnn"},
                                  hints=False)[0], salt=73))
+    # ours as shipped (FlashAttention in place where registered, else cuDNN first) against the
+    # SDPA references, in turns
+    ours_cfg = ({"dense_backend": "flash"} if FLASH_ON
+                else {"dense_backend": "sdpa", "whole_impl": "cudnn"})
+    runs = {"ours (shipped choice)": lambda q, out: case.ours(q, out, ours_cfg, new_kv=nk)[0],
+            "sdpa (contiguous K/V)": lambda q, out: sdpa(q.transpose(0, 1)[None], k, v,
+                                                         True)[0].transpose(0, 1)}
+    if not SMOKE:
+        runs["sdpa (contiguous K/V) [cudnn]"] = lambda q, out: sdpa_forced(
+            q.transpose(0, 1)[None], k, v, SDPBackend.CUDNN_ATTENTION)[0].transpose(0, 1)
+    guarded(f"interleaved dense {length}", time_interleaved, case, runs, 77)
     nk = kt = vt = None
     if length == DENSE_LENGTHS[0]:
         guarded("cold calls", cold_calls, length)
@@ -959,6 +1024,20 @@ def summary():
         fa = _get("prefill", "sparse", L, "fa2 window + sink (lse merge)")
         if fa:
             row(f"  (fa2 window + sink {L // 1024}K)", fa, f, s, ps=1)
+    for L in sorted(SPARSE_LENGTHS):
+        o = _get("prefill", "sparse", L, "interleaved: ours (shipped choice)")
+        if o:
+            row(f"SA prefill {L // 1024}K, in turns", o,
+                _get("prefill", "sparse", L, "interleaved: flex"), None, ps=1,
+                tail=f"{o['rounds']} rounds")
+    for L in DENSE_LENGTHS:
+        o = _get("prefill", "dense", L, "interleaved: ours (shipped choice)")
+        refs = [r for r in (_get("prefill", "dense", L, "interleaved: sdpa (contiguous K/V)"),
+                            _get("prefill", "dense", L,
+                                 "interleaved: sdpa (contiguous K/V) [cudnn]")) if r]
+        if o and refs:
+            row(f"dense {L // 1024}K, in turns", o, None, min(refs, key=lambda r: r["us"]),
+                tail=f"{o['rounds']} rounds; sdpa = the faster of its default and cuDNN")
     for L in DENSE_LENGTHS:
         s = _get("prefill", "dense", L, "sdpa (contiguous K/V)")
         if s:
