@@ -20,7 +20,7 @@ Usage (see docs/gpu.md)::
 
     python scripts/gpu_bundle.py download --dest build/gpu-bundle/wheels
     python scripts/gpu_bundle.py pack --wheels build/gpu-bundle/wheels \\
-        --out build/gpu-bundle/pieces --piece-size 58M
+        --out build/gpu-bundle/pieces --piece-size 52M
     # on the GPU host, with the pieces directory copied over:
     python3 gpu_bundle.py install --pieces pieces --target /opt/fluxserve-site
     export PYTHONPATH=/opt/fluxserve-site VLLM_USE_FLASHINFER_SAMPLER=0
@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("pack", help="tar the wheels into pieces with a manifest")
     k.add_argument("--wheels", type=Path, required=True)
     k.add_argument("--out", type=Path, required=True)
-    k.add_argument("--piece-size", type=parse_size, default=parse_size("58M"))
+    k.add_argument("--piece-size", type=parse_size, default=parse_size("52M"))
     k.add_argument("--requirements", type=Path, default=DEFAULT_REQUIREMENTS,
                    help="check the folder against this list first")
     k.set_defaults(func=cmd_pack)
