@@ -10,8 +10,9 @@ layout, bf16, blocks of 128 as vLLM's CPU backend picks). Also timed: the kernel
 compressed path alone (``2 * Hq`` heads over the kept blocks) and the float32 rest alone.
 
 Head shapes: the embedded model's (4 query heads, 2 KV heads, head size 64) and Llama-3.1-8B's
-(32, 8, 128). Median of ``--reps`` calls after a warm-up, one thread of timing at a time: run it
-on a quiet machine; only the ratios mean something across machines.
+(32, 8, 128). Median of ``--reps`` calls after ``reps / 2`` untimed ones, and one untimed case
+per head shape first: run it on a quiet machine; only the ratios mean something across
+machines.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/cpu_compressed_decode.py \
         [--lengths 4096 8192 16384] [--budget 2048] [--reps 200]
@@ -40,7 +41,7 @@ ONE_QUERY = torch.tensor([0, 1], dtype=torch.int32)
 
 
 def median_us(fn, reps: int) -> float:
-    for _ in range(max(5, reps // 10)):
+    for _ in range(max(20, reps // 2)):
         fn()
     times = []
     for _ in range(reps):
@@ -116,6 +117,8 @@ def main() -> None:
     print(f"{'heads':26s} {'L':>6s} {'dense':>8s} {'compr.':>8s} {'2x heads':>8s} "
           f"{'1x heads':>8s} {'rest':>7s}  dense / compressed")
     for name, (hq, hkv, d) in HEADS.items():
+        # one untimed case first: the first one of a process runs slow (allocator, threads)
+        case(hq, hkv, d, min(args.lengths), args.budget, max(20, args.reps // 4))
         for length in args.lengths:
             r = case(hq, hkv, d, length, args.budget, args.reps)
             print(f"{name:26s} {length:6d} {r['dense']:8.1f} {r['compressed']:8.1f} "

@@ -900,7 +900,7 @@ def _decode_one(mode, batch, length, cfg_ids, tuned):
                     f"ours cfg{best[1]}, float tau (a fill kernel per call)", win, best[1],
                     best[1], True)
         if AB_KERNEL is not None:
-            # the earlier kernel with the config it shipped with (cfg1) and with ours
+            # the earlier kernel with cfg1 (the default config) and with this run's winner
             for i in sorted({1, best[1]}):
                 guarded(f"decode {mode} B{batch} earlier kernel cfg{i}", run_variant,
                         f"earlier kernel cfg{i}", DECODE_CONFIGS[i], i, i, False, AB_KERNEL)

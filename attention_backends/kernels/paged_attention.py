@@ -727,7 +727,8 @@ def _num_sms(device: torch.device) -> int:
 # stage goes to that indirect load); 64-key tiles keep two such programs per SM.
 # fused_max_splits: up to this many splits the last split merges them (no reduce launch).
 # calib_early: calibrated rows load their calibration inputs before the KV loop (more
-# registers: 200 against 160 per thread at the default shape; the sweep picks it per batch).
+# registers: 200 against 160 per thread at the default shape; with the fused reduce every split
+# loads them and only the last uses them; the sweep picks it per batch).
 DEFAULT_DECODE = {"block_n": 64, "num_warps": 4, "num_stages": 5, "waves": 2,
                   "fused_max_splits": 16, "calib_early": False}
 # Prefill: full and partial KV tiles in two straight-line loops (mask_mode 0), FlexAttention's

@@ -74,13 +74,11 @@ def test_dense_mixed_batch(case):
 
 
 @needs_triton
-@pytest.mark.parametrize("whole_impl", ["cudnn", "sdpa"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_dense_prefill_through_sdpa(dtype, whole_impl):
+def test_dense_prefill_through_sdpa(dtype):
     """The dense prefill path on torch SDPA: whole prompts, GQA, ragged, sequence ends off
     block boundaries; decode rows are left to the decode kernel; a chunk over a cached prefix
-    sends the batch back to the Triton kernel. Both whole-prompt variants (on the CPU, cuDNN's
-    kernel is never there: torch's order runs)."""
+    sends the batch back to the Triton kernel."""
     from attention_backends.kernels.sdpa_prefill import dense_prefill_sdpa
 
     chunked, q1, qsl1 = _make_inputs(901, dtype, 8, 2, 64, 16, [(70, 70), (100, 37)])
@@ -93,8 +91,7 @@ def test_dense_prefill_through_sdpa(dtype, whole_impl):
                                       0.125)
     out = torch.full_like(q, float("nan"))
     assert dense_prefill_sdpa(q, paged.kv_cache, paged.block_table, paged.seq_lens, qsl, 0.125,
-                              out, q_thr=4, whole_batch=True,
-                              whole_impl=whole_impl) == [0, 1, 3, 4]
+                              out, q_thr=4, whole_batch=True) == [0, 1, 3, 4]
     prefill_rows = torch.ones(q.shape[0], dtype=torch.bool)
     prefill_rows[int(qsl[2]):int(qsl[3])] = False  # the decode row: not this path's job
     assert torch.isnan(out[~prefill_rows]).all()
