@@ -728,7 +728,8 @@ def _num_sms(device: torch.device) -> int:
 # fused_max_splits: up to this many splits the last split merges them (no reduce launch).
 # calib_early: calibrated rows load their calibration inputs before the KV loop (more
 # registers: 200 against 160 per thread at the default shape; with the fused reduce every split
-# loads them and only the last uses them; the sweep picks it per batch).
+# loads them and only the last uses them; the sweep picks it per batch). Programs of more than
+# 32 rows (several queries per sequence) load them late: early, they spill (ptxas, sm_90).
 DEFAULT_DECODE = {"block_n": 64, "num_warps": 4, "num_stages": 5, "waves": 2,
                   "fused_max_splits": 16, "calib_early": False}
 # Prefill: full and partial KV tiles in two straight-line loops (mask_mode 0), FlexAttention's
@@ -832,7 +833,8 @@ def _launch_decode(q, kv_cache, block_table, seq_lens, query_start_loc, sink, wi
         scale_log2, *strides, num_splits, q_thr,
         HQ=hq, G=g, D=d, PAGE=page, BLOCK_M=block_m, BLOCK_N=bn, HAS_CALIB=has_calib,
         FINAL=final, MAXQ=max_q_dec, HAS_SW=has_sw, HAS_GAP=has_gap, FUSED_REDUCE=fused,
-        CALIB_EARLY=bool(dcfg.get("calib_early", False)),
+        # up to 32 rows: at 64 (multi-token decode rows) the early loads spill registers
+        CALIB_EARLY=bool(dcfg.get("calib_early", False)) and block_m <= 32,
         num_warps=dcfg["num_warps"], num_stages=dcfg["num_stages"],
     )
     if not final and not fused:

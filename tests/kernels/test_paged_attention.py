@@ -434,6 +434,30 @@ def test_calibration(num_splits, calib_early):
 
 
 @needs_triton
+@pytest.mark.parametrize("num_splits", [1, 4, -4])
+def test_calibration_inputs_loaded_early(num_splits):
+    """A decode batch of one or two queries per sequence (programs of 16 rows, where
+    ``calib_early`` takes effect): the calibration inputs loaded before the KV loop give the
+    reference's output and hits, on one split, the fused reduce and the reduce launch."""
+    dtype, hq, hkv, d = torch.bfloat16, 8, 2, 64
+    seqs = [(80, 1), (60, 1), (100, 2), (50, 1)]
+    kept_end, gap_end = [16, 20, 10, 0], [60, 50, 90, 0]
+    masks = {"kept_end": _i32(kept_end), "gap_end": _i32(gap_end)}
+    paged, q, qsl = _make_inputs(640 + num_splits, dtype, hq, hkv, d, 16, seqs, kept_end,
+                                 gap_end)
+    gen = torch.Generator().manual_seed(641)
+    calib = _calibration(gen, q, qsl, len(seqs), hq, d, [1, 4, 6], [True, True, False, True],
+                         dtype)
+    for early in (False, True):
+        tuning = {"decode_config": {"block_n": 16, "num_splits": abs(num_splits),
+                                    "fused_max_splits": 64 if num_splits > 0 else 0,
+                                    "calib_early": early}}
+        got, hits, want, want_hits = _run_both(paged, q, qsl, 0.125, masks, calib, **tuning)
+        _check(got, want, dtype)
+        assert torch.equal(hits, want_hits) and hits[:, [1, 4, 6]].any()
+
+
+@needs_triton
 @pytest.mark.parametrize("calib_early", [False, True])
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_calibration_threshold_per_sequence(num_splits, calib_early):
