@@ -394,27 +394,31 @@ def _calibration(gen, q, qsl, num_seqs, hq, d, hit_heads, enabled, dtype):
     )
 
 
-@needs_triton
-@pytest.mark.parametrize("calib_early", [False, True])
-@pytest.mark.parametrize("num_splits", [1, 4, -4])
-def test_calibration(num_splits, calib_early):
-    """Calibration merge in the epilogue of the decode kernel (one split), of the fused split-K
-    reduce (4) and of the reduce launch (-4: 4 splits, unfused), and of the prefill kernel;
-    with the calibration inputs loaded after the KV loop or before it (``calib_early``)."""
-    dtype, hq, hkv, d = torch.bfloat16, 8, 2, 64
-    seqs = [(80, 1), (60, 1), (100, 2), (90, 20), (50, 1)]
-    kept_end, gap_end = [16, 20, 10, 30, 0], [60, 50, 90, 70, 0]
+def _calibrated_batch(seed, calib_seed, dtype, seqs, kept_end, gap_end, hit_heads, enabled,
+                      hq=8, hkv=2, d=64):
+    """``(paged, q, qsl, masks, calibration)``: a compressed batch (``_make_inputs`` with
+    ``seed``, blocks of 16) and ``_calibration`` on it (generator seeded ``calib_seed``)."""
     masks = {"kept_end": _i32(kept_end), "gap_end": _i32(gap_end)}
-    paged, q, qsl = _make_inputs(610 + num_splits, dtype, hq, hkv, d, 16, seqs, kept_end,
-                                 gap_end)
-    gen = torch.Generator().manual_seed(601)
+    paged, q, qsl = _make_inputs(seed, dtype, hq, hkv, d, 16, seqs, kept_end, gap_end)
+    gen = torch.Generator().manual_seed(calib_seed)
+    calib = _calibration(gen, q, qsl, len(seqs), hq, d, hit_heads, enabled, dtype)
+    return paged, q, qsl, masks, calib
+
+
+@needs_triton
+@pytest.mark.parametrize("num_splits", [1, 4, -4])
+def test_calibration(num_splits):
+    """Calibration merge in the epilogue of the decode kernel (one split), of the fused split-K
+    reduce (4) and of the reduce launch (-4: 4 splits, unfused), and of the prefill kernel."""
+    dtype, hq = torch.bfloat16, 8
+    seqs = [(80, 1), (60, 1), (100, 2), (90, 20), (50, 1)]
     hit_heads = [0, 3, 5]
-    calib = _calibration(gen, q, qsl, len(seqs), hq, d, hit_heads,
-                         [True, False, True, True, True], dtype)
+    paged, q, qsl, masks, calib = _calibrated_batch(
+        610 + num_splits, 601, dtype, seqs, [16, 20, 10, 30, 0], [60, 50, 90, 70, 0],
+        hit_heads, [True, False, True, True, True])
     tuning = {"prefill_config": {"block_m": 16, "block_n": 16},
               "decode_config": {"block_n": 16, "num_splits": abs(num_splits),
-                                "fused_max_splits": 64 if num_splits > 0 else 0,
-                                "calib_early": calib_early}}
+                                "fused_max_splits": 64 if num_splits > 0 else 0}}
     got, hits, want, want_hits = _run_both(paged, q, qsl, 0.125, masks, calib, **tuning)
     _check(got, want, dtype)
     assert hits.dtype == torch.bool and hits.shape == (q.shape[0], hq)
@@ -439,15 +443,10 @@ def test_calibration_inputs_loaded_early(num_splits):
     """A decode batch of one or two queries per sequence (programs of 16 rows, where
     ``calib_early`` takes effect): the calibration inputs loaded before the KV loop give the
     reference's output and hits, on one split, the fused reduce and the reduce launch."""
-    dtype, hq, hkv, d = torch.bfloat16, 8, 2, 64
-    seqs = [(80, 1), (60, 1), (100, 2), (50, 1)]
-    kept_end, gap_end = [16, 20, 10, 0], [60, 50, 90, 0]
-    masks = {"kept_end": _i32(kept_end), "gap_end": _i32(gap_end)}
-    paged, q, qsl = _make_inputs(640 + num_splits, dtype, hq, hkv, d, 16, seqs, kept_end,
-                                 gap_end)
-    gen = torch.Generator().manual_seed(641)
-    calib = _calibration(gen, q, qsl, len(seqs), hq, d, [1, 4, 6], [True, True, False, True],
-                         dtype)
+    dtype = torch.bfloat16
+    paged, q, qsl, masks, calib = _calibrated_batch(
+        640 + num_splits, 641, dtype, [(80, 1), (60, 1), (100, 2), (50, 1)], [16, 20, 10, 0],
+        [60, 50, 90, 0], [1, 4, 6], [True, True, False, True])
     for early in (False, True):
         tuning = {"decode_config": {"block_n": 16, "num_splits": abs(num_splits),
                                     "fused_max_splits": 64 if num_splits > 0 else 0,
@@ -458,22 +457,17 @@ def test_calibration_inputs_loaded_early(num_splits):
 
 
 @needs_triton
-@pytest.mark.parametrize("calib_early", [False, True])
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_calibration_threshold_per_sequence(num_splits, calib_early):
+def test_calibration_threshold_per_sequence(num_splits):
     """Requests of one batch keep their own tau: 2.0 never hits, -2.0 always hits."""
-    dtype, hq, hkv, d = torch.float16, 8, 2, 64
+    dtype = torch.float16
     seqs = [(70, 1), (64, 1), (90, 3), (75, 18)]
-    kept_end, gap_end = [16, 20, 10, 30], [60, 50, 80, 70]
-    masks = {"kept_end": _i32(kept_end), "gap_end": _i32(gap_end)}
-    paged, q, qsl = _make_inputs(700 + num_splits, dtype, hq, hkv, d, 16, seqs, kept_end,
-                                 gap_end)
-    gen = torch.Generator().manual_seed(701)
-    calib = _calibration(gen, q, qsl, len(seqs), hq, d, [1, 6], [True] * 4, dtype)
+    paged, q, qsl, masks, calib = _calibrated_batch(
+        700 + num_splits, 701, dtype, seqs, [16, 20, 10, 30], [60, 50, 80, 70], [1, 6],
+        [True] * 4)
     calib.tau = torch.tensor([0.5, 2.0, -2.0, 0.5])
     tuning = {"prefill_config": {"block_m": 16, "block_n": 16},
-              "decode_config": {"block_n": 16, "num_splits": num_splits,
-                                "calib_early": calib_early}}
+              "decode_config": {"block_n": 16, "num_splits": num_splits}}
     got, hits, want, want_hits = _run_both(paged, q, qsl, 0.125, masks, calib, **tuning)
     _check(got, want, dtype)
     assert torch.equal(hits, want_hits)
